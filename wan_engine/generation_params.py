@@ -1,0 +1,159 @@
+"""Resolve and validate the parameters of one generation.
+
+Precedence: `BUILTIN_DEFAULTS` < the preset's settings < the caller's params (a `None` param counts
+as not given). Every error names the parameter, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from wan_engine.errors import InvalidRequestError
+from wan_engine.presets import Preset
+
+BUILTIN_DEFAULTS: dict[str, Any] = {
+    "negative_prompt": "",
+    "resolution": "832x480",
+    "video_length": 81,
+    "num_inference_steps": 30,
+    "guidance_scale": 5.0,
+    "guidance2_scale": None,  # None: the low-noise expert uses guidance_scale
+    "flow_shift": 5.0,
+    "switch_threshold": 875,  # Wan 2.2 T2V A14B boundary (timestep out of 1000)
+    "seed": -1,
+    "fps": 16,
+}
+# Accepted but not acted on by the T2V path here (the worker/queue layers consume them).
+PASS_THROUGH_KEYS = frozenset({"model", "memory_profile"})
+LORA_KEYS = frozenset({"lora_names", "lora_multipliers"})
+
+MIN_SIDE_PX, MAX_SIDE_PX, SIDE_MULTIPLE = 16, 4096, 16
+MAX_VIDEO_LENGTH = 1001
+MAX_STEPS = 1000
+MAX_GUIDANCE = 100.0
+MAX_FLOW_SHIFT = 100.0
+MAX_SEED = 2**63 - 1
+MAX_FPS = 240
+_RESOLUTION = re.compile(r"^(\d+)x(\d+)$")
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Fully resolved, validated parameters of one text-to-video call."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    video_length: int
+    num_inference_steps: int
+    guidance_scale: float
+    guidance2_scale: float
+    flow_shift: float
+    switch_threshold: float
+    seed: int
+    seed_was_random: bool
+    fps: int
+    video_length_adjusted_from: int | None = None
+    memory_profile_requested: Any = None
+
+
+def _bad(name: str, value: Any, allowed: str) -> InvalidRequestError:
+    return InvalidRequestError(f"Invalid {name}: {value!r}; {allowed}.")
+
+
+def _int(name: str, value: Any, low: int, high: int) -> int:
+    """An integer in [low, high]; integral floats (e.g. 30.0 from JSON) are accepted."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(name, value, f"must be an integer from {low} to {high}")
+    if isinstance(value, float) and not value.is_integer():
+        raise _bad(name, value, f"must be an integer from {low} to {high}")
+    if not low <= int(value) <= high:
+        raise _bad(name, value, f"must be an integer from {low} to {high}")
+    return int(value)
+
+
+def _float(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(name, value, f"must be a number from {low} to {high}")
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high:
+        bound = f"greater than {low}" if low_open else f"from {low}"
+        raise _bad(name, value, f"must be a number {bound} up to {high}")
+    return float(value)
+
+
+def parse_resolution(value: Any) -> tuple[int, int]:
+    """`"WxH"` -> (width, height): both multiples of 16 within 16..4096."""
+    match = _RESOLUTION.match(value.strip()) if isinstance(value, str) else None
+    allowed = (
+        f'must be "WIDTHxHEIGHT" (e.g. "832x480") with both sides multiples of {SIDE_MULTIPLE} '
+        f"from {MIN_SIDE_PX} to {MAX_SIDE_PX}"
+    )
+    if match is None:
+        raise _bad("resolution", value, allowed)
+    width, height = int(match.group(1)), int(match.group(2))
+    for side in (width, height):
+        if side % SIDE_MULTIPLE or not MIN_SIDE_PX <= side <= MAX_SIDE_PX:
+            raise _bad("resolution", value, allowed)
+    return width, height
+
+
+def align_video_length(frames: int) -> int:
+    """Round up to the next 4N+1 frame count (the VAE compresses time 4x after the first frame)."""
+    return frames if (frames - 1) % 4 == 0 else ((frames - 1) // 4 + 1) * 4 + 1
+
+
+def random_seed() -> int:
+    """A fresh seed from the OS entropy pool (32 bits: short enough to read and retype)."""
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def resolve_params(preset: Preset, prompt: Any, params: dict[str, Any]) -> GenerationParams:
+    """Merge defaults < preset < params and validate every value."""
+    known = set(BUILTIN_DEFAULTS) | PASS_THROUGH_KEYS | LORA_KEYS
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise InvalidRequestError(f"Unknown parameter(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}.")
+    if params.get("model") not in (None, preset.key):
+        raise _bad("model", params["model"], f"this call runs the resident model {preset.key!r}")
+    if params.get("lora_names"):
+        # Honest refusal rather than silently generating without the requested LoRAs.
+        raise _bad("lora_names", params["lora_names"], "LoRAs are not supported by this engine yet")
+    merged = {**BUILTIN_DEFAULTS, **preset.settings.as_params()}
+    merged.update({k: v for k, v in params.items() if v is not None and k in BUILTIN_DEFAULTS})
+
+    if not isinstance(prompt, str):
+        raise _bad("prompt", prompt, "must be a string")
+    if not isinstance(merged["negative_prompt"], str):
+        raise _bad("negative_prompt", merged["negative_prompt"], "must be a string")
+    width, height = parse_resolution(merged["resolution"])
+    requested_length = _int("video_length", merged["video_length"], 1, MAX_VIDEO_LENGTH)
+    video_length = align_video_length(requested_length)
+    if video_length > MAX_VIDEO_LENGTH:
+        raise _bad("video_length", requested_length, f"must be at most {MAX_VIDEO_LENGTH} frames (4N+1)")
+    guidance = _float("guidance_scale", merged["guidance_scale"], 0.0, MAX_GUIDANCE)
+    guidance2 = merged["guidance2_scale"]
+    guidance2 = guidance if guidance2 is None else _float("guidance2_scale", guidance2, 0.0, MAX_GUIDANCE)
+    seed = _int("seed", merged["seed"], -1, MAX_SEED)
+    return GenerationParams(
+        prompt=prompt,
+        negative_prompt=merged["negative_prompt"],
+        width=width,
+        height=height,
+        video_length=video_length,
+        num_inference_steps=_int("num_inference_steps", merged["num_inference_steps"], 1, MAX_STEPS),
+        guidance_scale=guidance,
+        guidance2_scale=guidance2,
+        flow_shift=_float("flow_shift", merged["flow_shift"], 0.0, MAX_FLOW_SHIFT, low_open=True),
+        switch_threshold=_float("switch_threshold", merged["switch_threshold"], 0.0, 1000.0),
+        seed=random_seed() if seed == -1 else seed,
+        seed_was_random=seed == -1,
+        fps=_int("fps", merged["fps"], 1, MAX_FPS),
+        video_length_adjusted_from=requested_length if video_length != requested_length else None,
+        memory_profile_requested=params.get("memory_profile"),
+    )

@@ -1,0 +1,202 @@
+"""Loading a preset's diffusers pipeline and the per-call adjustments made to it.
+
+Kept apart from the orchestrator so each piece (load, scheduler shift, expert hooks, VAE decode)
+can be read and tested on its own. All weights are loaded from safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wan_engine.errors import ModelUnavailableError
+from wan_engine.model_sources import ModelCheck
+from wan_engine.presets import Preset
+
+# Which diffusers pipeline classes serve each preset architecture.
+PIPELINE_CLASSES: dict[str, tuple[str, ...]] = {
+    "t2v": ("WanPipeline",),
+    "ti2v": ("WanPipeline",),
+    "vace": ("WanVACEPipeline",),
+    "i2v": ("WanImageToVideoPipeline",),
+    "flf2v": ("WanImageToVideoPipeline",),
+}
+DEFAULT_BOUNDARY_RATIO = 0.875  # used only when URLs2 adds an expert to a folder that has no boundary
+
+
+@dataclass
+class LoadedModel:
+    """A resident pipeline and what is needed to restore it after each call."""
+
+    preset: Preset
+    pipe: Any  # a diffusers DiffusionPipeline
+    base_scheduler: Any
+    device: torch.device
+    dtype: torch.dtype
+    source: Path
+    default_boundary_ratio: float | None = None
+    hooks: list[Any] = field(default_factory=list)
+
+    @property
+    def is_dual_expert(self) -> bool:
+        """True when the loaded pipeline really holds a second (low-noise) transformer."""
+        return getattr(self.pipe, "transformer_2", None) is not None
+
+
+def _pipeline_class_name(folder: Path) -> str:
+    return str(json.loads((folder / "model_index.json").read_text()).get("_class_name", ""))
+
+
+def _load_expert(path2: Path, transformer_cls: Any, dtype: torch.dtype) -> Any:
+    """The low-noise expert named by URLs2: a transformer folder, or a pipeline folder's transformer."""
+    subfolder = "transformer" if (path2 / "model_index.json").is_file() else None
+    return transformer_cls.from_pretrained(path2, subfolder=subfolder, dtype=dtype, use_safetensors=True)
+
+
+def load_pipeline(preset: Preset, check: ModelCheck, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Load the preset's pipeline from a checked folder onto `device` (VAE kept in float32)."""
+    import diffusers
+
+    assert check.path is not None, "load_pipeline needs a present ModelCheck"
+    class_name = _pipeline_class_name(check.path)
+    expected = PIPELINE_CLASSES[preset.model.architecture]
+    if class_name not in expected:
+        raise ModelUnavailableError(
+            f"Model {preset.key!r}: {check.path} holds a {class_name or 'unknown'} pipeline, but the "
+            f"preset's architecture {preset.model.architecture!r} needs {' or '.join(expected)}; "
+            "fix the preset's URLs."
+        )
+    # Wan's VAE is numerically sensitive: decode in float32 even when the transformers run in bf16.
+    vae = diffusers.AutoencoderKLWan.from_pretrained(
+        check.path, subfolder="vae", dtype=torch.float32, use_safetensors=True
+    )
+    kwargs: dict[str, Any] = {"vae": vae, "dtype": dtype, "use_safetensors": True}
+    if check.path2 is not None:
+        is_vace = class_name == "WanVACEPipeline"
+        transformer_cls = diffusers.WanVACETransformer3DModel if is_vace else diffusers.WanTransformer3DModel
+        kwargs["transformer_2"] = _load_expert(check.path2, transformer_cls, dtype)
+    pipe = getattr(diffusers, class_name).from_pretrained(check.path, **kwargs)
+    if check.path2 is not None and pipe.config.boundary_ratio is None:
+        pipe.register_to_config(boundary_ratio=DEFAULT_BOUNDARY_RATIO)
+    pipe.set_progress_bar_config(disable=True)  # progress is reported as events, not a log bar
+    pipe.to(device)
+    return LoadedModel(
+        preset=preset,
+        pipe=pipe,
+        base_scheduler=pipe.scheduler,
+        device=device,
+        dtype=dtype,
+        source=check.path,
+        default_boundary_ratio=pipe.config.boundary_ratio,
+    )
+
+
+def scheduler_with_shift(base_scheduler: Any, flow_shift: float) -> Any:
+    """A fresh scheduler of the same class and config, with the requested flow shift."""
+    config = base_scheduler.config
+    if "flow_shift" in config:  # UniPC / DPM-Solver with flow sigmas (the Wan repos' default)
+        return type(base_scheduler).from_config(config, flow_shift=flow_shift)
+    if "shift" in config:  # FlowMatchEulerDiscreteScheduler
+        return type(base_scheduler).from_config(config, shift=flow_shift)
+    raise ModelUnavailableError(
+        f"scheduler {type(base_scheduler).__name__} has no flow shift setting; use a flow-matching scheduler"
+    )
+
+
+@contextmanager
+def scheduled(loaded: LoadedModel, flow_shift: float, boundary_ratio: float | None) -> Iterator[Any]:
+    """Apply a call's flow shift (and expert boundary) to the pipeline; restore both afterwards."""
+    pipe = loaded.pipe
+    pipe.scheduler = scheduler_with_shift(loaded.base_scheduler, flow_shift)
+    if loaded.is_dual_expert:
+        pipe.register_to_config(boundary_ratio=boundary_ratio)
+    try:
+        yield pipe
+    finally:
+        pipe.scheduler = loaded.base_scheduler
+        if loaded.is_dual_expert:
+            pipe.register_to_config(boundary_ratio=loaded.default_boundary_ratio)
+
+
+class ExpertRecorder:
+    """Counts transformer calls per denoising step with forward pre-hooks (proof of which expert ran)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.calls: list[tuple[int, str]] = []  # (step index, "high" | "low")
+
+    def _hook(self, name: str) -> Any:
+        def record(_module: Any, _args: Any) -> None:
+            self.calls.append((self.step, name))
+
+        return record
+
+    @contextmanager
+    def attached(self, pipe: Any) -> Iterator[ExpertRecorder]:
+        """Hook `transformer` as the high-noise expert and `transformer_2` as the low-noise one."""
+        handles = []
+        for attr, name in (("transformer", "high"), ("transformer_2", "low")):
+            module = getattr(pipe, attr, None)
+            if module is not None:
+                handles.append(module.register_forward_pre_hook(self._hook(name)))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def experts_per_step(self, num_steps: int) -> tuple[str, ...]:
+        """The expert that ran each step; "mixed" would reveal a step served by both (never expected)."""
+        per_step: list[set[str]] = [set() for _ in range(num_steps)]
+        for step, name in self.calls:
+            if step < num_steps:
+                per_step[step].add(name)
+        return tuple(next(iter(s)) if len(s) == 1 else ("mixed" if s else "none") for s in per_step)
+
+    def calls_per_step(self, num_steps: int) -> tuple[int, ...]:
+        """Transformer forward calls in each step (2 with classifier-free guidance, 1 without)."""
+        counts = [0] * num_steps
+        for step, _name in self.calls:
+            if step < num_steps:
+                counts[step] += 1
+        return tuple(counts)
+
+
+@torch.no_grad()
+def encode_prompts(
+    pipe: Any, prompt: str, negative_prompt: str, *, do_cfg: bool, device: torch.device, max_length: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """UMT5 embeddings of the prompt (and of the negative prompt when CFG is on).
+
+    Uses WanPipeline's implementation for every Wan pipeline class: the VACE / I2V modules of
+    diffusers 0.42 call `ftfy` unconditionally and fail when it is not installed, while
+    WanPipeline's copy of the same code checks for it. The text encoder is shared, so the
+    embeddings are identical.
+    """
+    from diffusers import WanPipeline
+
+    def embed(text: str) -> torch.Tensor:
+        encode = WanPipeline._get_t5_prompt_embeds
+        return encode(pipe, prompt=text, max_sequence_length=max_length, device=device)
+
+    return embed(prompt), embed(negative_prompt) if do_cfg else None
+
+
+@torch.no_grad()
+def decode_latents(pipe: Any, latents: torch.Tensor, num_reference_images: int = 0) -> np.ndarray:
+    """Decode Wan latents to frames (F, H, W, 3) float in [0, 1], as the diffusers pipelines do."""
+    vae = pipe.vae
+    latents = latents[:, :, num_reference_images:].to(next(vae.parameters()).device, vae.dtype)
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+    video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
+    frames = pipe.video_processor.postprocess_video(video, output_type="np")
+    return np.asarray(frames[0])

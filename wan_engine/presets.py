@@ -1,0 +1,215 @@
+"""Model presets: Wan2GP-style JSON files `defaults/<key>.json`, validated with pydantic.
+
+A preset file holds a `model` object (which weights, which architecture) plus default generation
+settings. Built-in presets live in the repository's `defaults/`; a user directory may override
+any property of a built-in (the `model` object is merged key by key) or add new presets.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from wan_engine.errors import PresetError, UnknownModelError
+
+BUILTIN_PRESETS_DIR = Path(__file__).resolve().parent.parent / "defaults"
+
+Architecture = Literal["t2v", "vace", "i2v", "flf2v", "ti2v"]
+Group = Literal["wan", "wan2_2"]
+
+_RESOLUTION_PATTERN = r"^\d+x\d+$"
+
+
+def _as_tuple(value: Any) -> Any:
+    """Accept one source as a string or several as a list (Wan2GP lists quantization variants)."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+class ModelSpec(BaseModel):
+    """The `model` object of a preset: which weights to load and how to treat them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str
+    architecture: Architecture
+    urls: tuple[str, ...] = Field(alias="URLs", min_length=1)
+    urls2: tuple[str, ...] | None = Field(default=None, alias="URLs2", min_length=1)
+    group: Group = "wan"
+    description: str | None = None
+    loras: tuple[str, ...] = ()
+    loras_multipliers: tuple[float | str, ...] = ()
+
+    @field_validator("urls", "urls2", "loras", "loras_multipliers", mode="before")
+    @classmethod
+    def _normalize_sources(cls, value: Any) -> Any:
+        return _as_tuple(value)
+
+
+class PresetSettings(BaseModel):
+    """Default generation settings of a preset; a task's params override each one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_inference_steps: int | None = Field(default=None, ge=1, le=1000)
+    guidance_scale: float | None = Field(default=None, ge=0)
+    guidance2_scale: float | None = Field(default=None, ge=0)
+    flow_shift: float | None = Field(default=None, gt=0)
+    switch_threshold: float | None = Field(default=None, ge=0, le=1000)
+    video_length: int | None = Field(default=None, ge=1)
+    resolution: str | None = Field(default=None, pattern=_RESOLUTION_PATTERN)
+    fps: int | None = Field(default=None, ge=1)
+    negative_prompt: str | None = None
+
+    def as_params(self) -> dict[str, Any]:
+        """The settings this preset sets, as generation parameters (unset ones left out)."""
+        return self.model_dump(exclude_none=True)
+
+
+class Preset(BaseModel):
+    """One model preset: its key (the file stem), the model to load and its default settings."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    model: ModelSpec
+    settings: PresetSettings
+    source_files: tuple[Path, ...] = ()
+
+    @property
+    def is_dual_expert(self) -> bool:
+        """True for Wan 2.2 A14B-style models: a high-noise and a low-noise transformer.
+
+        Either `URLs2` names the low-noise expert, or the Wan 2.2 diffusers folder holds both
+        (`transformer` + `transformer_2`); the TI2V-5B model of the same group is a single one.
+        """
+        if self.model.urls2:
+            return True
+        return self.model.group == "wan2_2" and self.model.architecture != "ti2v"
+
+
+# A preset file on its own may be partial (a user override), so every field is optional here;
+# the merged result is validated again with the complete models above.
+class _PartialModelSpec(ModelSpec):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str | None = None  # type: ignore[assignment]
+    architecture: Architecture | None = None  # type: ignore[assignment]
+    urls: tuple[str, ...] | None = Field(default=None, alias="URLs", min_length=1)  # type: ignore[assignment]
+
+
+class _PresetFile(PresetSettings):
+    model: _PartialModelSpec | None = None
+
+
+class _CompletePresetFile(PresetSettings):
+    model: ModelSpec
+
+
+class PresetRegistry:
+    """The presets known to this process, looked up by key."""
+
+    def __init__(self, presets: Mapping[str, Preset]) -> None:
+        self._presets = dict(sorted(presets.items()))
+
+    def get(self, key: str) -> Preset:
+        """The preset named `key`; `UnknownModelError` lists the known keys when there is none."""
+        try:
+            return self._presets[key]
+        except KeyError:
+            known = ", ".join(self._presets) or "(none)"
+            raise UnknownModelError(f"Unknown model {key!r}: known models are {known}.") from None
+
+    def __getitem__(self, key: str) -> Preset:
+        return self.get(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._presets)
+
+    def __len__(self) -> int:
+        return len(self._presets)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._presets
+
+    def keys(self) -> list[str]:
+        """The known preset keys, sorted."""
+        return list(self._presets)
+
+
+def _format_validation_error(path: Path | str, error: ValidationError) -> str:
+    """One line per problem: the file, the dotted field name, what is wrong and the bad value."""
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(file)"
+        value = item.get("input")
+        shown = f" (got {value!r})" if item["type"] != "missing" else ""
+        lines.append(f"{path}: field {field!r}: {item['msg']}{shown}")
+    return "Invalid preset: " + "; ".join(lines)
+
+
+def _read_preset_file(path: Path) -> dict[str, Any]:
+    """Parse and check one preset file on its own; errors name the file and the field."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PresetError(f"Invalid preset: {path}: not valid JSON ({exc})") from exc
+    except OSError as exc:
+        raise PresetError(f"Invalid preset: {path}: cannot be read ({exc})") from exc
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise PresetError(f"Invalid preset: {path}: the file must hold a JSON object, got {kind}")
+    try:
+        _PresetFile.model_validate(data)
+    except ValidationError as exc:
+        raise PresetError(_format_validation_error(path, exc)) from exc
+    return data
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Property-by-property override; the `model` object is merged key by key."""
+    merged = dict(base)
+    for name, value in override.items():
+        if name == "model" and isinstance(value, dict) and isinstance(base.get("model"), dict):
+            merged["model"] = {**base["model"], **value}
+        else:
+            merged[name] = value
+    return merged
+
+
+def _build_preset(key: str, data: dict[str, Any], files: list[Path]) -> Preset:
+    """Validate a (possibly merged) preset dict into a complete `Preset`."""
+    try:
+        parsed = _CompletePresetFile.model_validate(data)
+    except ValidationError as exc:
+        # A merged preset may come from two files: name both, the user's last.
+        raise PresetError(_format_validation_error(" + ".join(str(f) for f in files), exc)) from exc
+    settings = PresetSettings.model_validate(parsed.model_dump(exclude={"model"}))
+    return Preset(key=key, model=parsed.model, settings=settings, source_files=tuple(files))
+
+
+def _preset_files(directory: Path | None) -> dict[str, Path]:
+    if directory is None or not Path(directory).is_dir():
+        return {}
+    return {path.stem: path for path in sorted(Path(directory).glob("*.json"))}
+
+
+def load_presets(builtin_dir: Path = BUILTIN_PRESETS_DIR, user_dir: Path | None = None) -> PresetRegistry:
+    """Load built-in presets, then apply the user's files (overrides and new keys) on top."""
+    raw: dict[str, dict[str, Any]] = {}
+    files: dict[str, list[Path]] = {}
+    for key, path in _preset_files(builtin_dir).items():
+        raw[key] = _read_preset_file(path)
+        files[key] = [path]
+    for key, path in _preset_files(user_dir).items():
+        data = _read_preset_file(path)
+        raw[key] = _merge(raw.get(key, {}), data)
+        files.setdefault(key, []).append(path)
+    return PresetRegistry({key: _build_preset(key, data, files[key]) for key, data in raw.items()})

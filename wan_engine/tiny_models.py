@@ -1,0 +1,178 @@
+"""Builder of tiny random-weight Wan pipelines in diffusers layout.
+
+Tests and the demo run the *real* loading and generation code on these models on a CPU. The
+component sizes follow diffusers' own Wan tests (`get_dummy_components`), so every code path of
+the full-size pipelines (text encoder, VAE, one or two transformers, VACE blocks) is exercised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+# Preset key -> folder name under the models dir (the presets' `URLs` name these folders).
+TINY_MODEL_DIRS: dict[str, str] = {
+    "tiny_t2v": "tiny-wan2.1-t2v",
+    "tiny_t2v_2_2": "tiny-wan2.2-t2v",
+    "tiny_vace": "tiny-wan2.1-vace",
+}
+
+TINY_TEXT_DIM = 32  # UMT5 d_model; the transformers' text_dim must match it
+TINY_BOUNDARY_RATIO = 0.875  # Wan 2.2 T2V A14B ships with 0.875
+_BASE_SEED = 0  # every component is seeded from this so two builds are byte-identical
+
+# Transformer settings shared by all tiny models (diffusers tests/pipelines/wan/test_wan.py).
+_TRANSFORMER_KWARGS: dict[str, object] = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 2,
+    "attention_head_dim": 12,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": TINY_TEXT_DIM,
+    "freq_dim": 256,
+    "ffn_dim": 32,
+    "num_layers": 2,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 32,
+}
+
+
+def _tokenizer():
+    """A Unigram T5 tokenizer over letters and digits, built without any download."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    pieces += [("▁", -2.0)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def _text_encoder(vocab_size: int):
+    """A two-layer UMT5 encoder whose hidden size is `TINY_TEXT_DIM`."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=TINY_TEXT_DIM,
+        d_kv=8,
+        d_ff=32,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return UMT5EncoderModel(config).eval()
+
+
+def _vae():
+    """The smallest Wan VAE that keeps the real 8x spatial / 4x temporal compression."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(
+        base_dim=3,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    ).eval()
+
+
+def _scheduler():
+    """UniPC with flow sigmas, as the real Wan diffusers repos ship (flow_shift is changed per call)."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=3.0,
+        num_train_timesteps=1000,
+    )
+
+
+def _seeded(offset: int, factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Build a module under a fixed seed so its random weights never change between builds."""
+    torch.manual_seed(_BASE_SEED + offset)
+    return factory()
+
+
+def _build_pipeline(kind: str):
+    """Assemble one tiny pipeline: `t2v_21`, `t2v_22` (two experts) or `vace_21`."""
+    from diffusers import WanPipeline, WanTransformer3DModel, WanVACEPipeline, WanVACETransformer3DModel
+
+    tokenizer = _tokenizer()
+    common = {
+        "tokenizer": tokenizer,
+        "text_encoder": _seeded(1, lambda: _text_encoder(len(tokenizer))),
+        "vae": _seeded(2, _vae),
+        "scheduler": _scheduler(),
+    }
+    if kind == "t2v_21":
+        transformer = _seeded(3, lambda: WanTransformer3DModel(**_TRANSFORMER_KWARGS))
+        return WanPipeline(transformer=transformer, transformer_2=None, boundary_ratio=None, **common)
+    if kind == "t2v_22":
+        # Two differently seeded experts, so a test can tell which one denoised a step.
+        high = _seeded(3, lambda: WanTransformer3DModel(**_TRANSFORMER_KWARGS))
+        low = _seeded(4, lambda: WanTransformer3DModel(**_TRANSFORMER_KWARGS))
+        return WanPipeline(transformer=high, transformer_2=low, boundary_ratio=TINY_BOUNDARY_RATIO, **common)
+    if kind == "vace_21":
+        # vace_in_channels = 2 * z_dim (inactive + reactive latents) + 8 * 8 mask channels.
+        transformer = _seeded(
+            5,
+            lambda: WanVACETransformer3DModel(**_TRANSFORMER_KWARGS, vace_layers=[0, 1], vace_in_channels=96),
+        )
+        return WanVACEPipeline(transformer=transformer, transformer_2=None, boundary_ratio=None, **common)
+    raise ValueError(f"unknown tiny model kind {kind!r}")
+
+
+_KINDS: dict[str, str] = {"tiny_t2v": "t2v_21", "tiny_t2v_2_2": "t2v_22", "tiny_vace": "vace_21"}
+
+
+def is_complete_model_dir(folder: Path) -> bool:
+    """True when `folder` holds a readable model_index.json whose listed components all exist."""
+    index = folder / "model_index.json"
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return False
+    for name, value in data.items():
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        if not (folder / name).is_dir():
+            return False
+    return True
+
+
+def build_tiny_models(models_dir: Path) -> dict[str, Path]:
+    """Write the three tiny pipelines under `models_dir`; return preset key -> model folder.
+
+    Idempotent: a model whose folder is already complete is left alone. Each model is written to
+    a temporary folder and renamed into place, so a crash never leaves a half-written model.
+    """
+    models_dir = Path(models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    built: dict[str, Path] = {}
+    for key, folder_name in TINY_MODEL_DIRS.items():
+        target = models_dir / folder_name
+        built[key] = target
+        if is_complete_model_dir(target):
+            continue
+        tmp = models_dir / f".{folder_name}.{os.getpid()}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            pipe = _build_pipeline(_KINDS[key])
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            if target.exists():
+                shutil.rmtree(target)  # an incomplete leftover
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return built

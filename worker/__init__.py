@@ -1,0 +1,1 @@
+"""The wan-worker daemon: database, claim/lease, the worker loop, signals and the CLI."""

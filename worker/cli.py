@@ -1,0 +1,291 @@
+"""The `wan-worker` command line: run the daemon, manage the table, list models, build tiny models, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from worker.config import (
+    ENV_VARS,
+    LEASE_S,
+    WorkerSettings,
+    default_worker_id,
+    env_default,
+    parse_input_roots,
+)
+from worker.db import DEFAULT_DB_URL, create_db_engine, redact_url
+from worker.logs import configure_logging
+from worker.task import TaskStatus
+
+log = logging.getLogger("worker.cli")
+
+
+def _add_db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        default=env_default("db_url", DEFAULT_DB_URL),
+        help=f"SQLAlchemy URL (env {ENV_VARS['db_url']}; default {DEFAULT_DB_URL})",
+    )
+
+
+def _add_model_dirs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=Path(env_default("models_dir", "models") or "models"),
+        help=f"where model folders live (env {ENV_VARS['models_dir']})",
+    )
+    parser.add_argument(
+        "--presets-dir",
+        type=Path,
+        default=_optional_path(env_default("presets_dir")),
+        help=f"extra/overriding preset JSON files (env {ENV_VARS['presets_dir']})",
+    )
+
+
+def _optional_path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wan-worker", description="Headless Wan video-generation worker.")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="serve tasks from the table until SIGTERM/SIGINT")
+    _add_db(run)
+    _add_model_dirs(run)
+    run.add_argument(
+        "--outputs-dir",
+        type=Path,
+        default=Path(env_default("outputs_dir", "outputs") or "outputs"),
+        help=f"where videos are written (env {ENV_VARS['outputs_dir']})",
+    )
+    run.add_argument(
+        "--input-roots",
+        default=env_default("input_roots"),
+        help=f"directories inputs may be read from, ':' or ',' separated (env {ENV_VARS['input_roots']};"
+        " default: the working directory)",
+    )
+    run.add_argument("--lease-seconds", type=float, default=float(env_default("lease_s", str(LEASE_S)) or LEASE_S))
+    run.add_argument("--worker-id", default=env_default("worker_id"))
+    run.add_argument("--preload-model", default=env_default("preload_model"))
+
+    init_db = commands.add_parser("init-db", help="create or upgrade the database schema")
+    _add_db(init_db)
+
+    submit = commands.add_parser("submit", help="queue a task; prints its id")
+    _add_db(submit)
+    submit.add_argument("--presets-dir", type=Path, default=_optional_path(env_default("presets_dir")))
+    submit.add_argument("--model", required=True)
+    submit.add_argument("--prompt", required=True)
+    submit.add_argument("--task-type", default=None, help="default: the model's architecture")
+    submit.add_argument("--params", default="{}", help="extra parameters as a JSON object")
+    submit.add_argument("--priority", type=int, default=0)
+    submit.add_argument("--dependant-on", default=None)
+    submit.add_argument("--wait", action="store_true", help="wait until the task ends and print its row")
+
+    status = commands.add_parser("status", help="print a task's row as JSON")
+    _add_db(status)
+    status.add_argument("task_id")
+
+    listing = commands.add_parser("list", help="list recent tasks")
+    _add_db(listing)
+    listing.add_argument("--status", choices=[s.value for s in TaskStatus])
+    listing.add_argument("--limit", type=int, default=50)
+
+    cancel = commands.add_parser("cancel", help="cancel a queued or running task")
+    _add_db(cancel)
+    cancel.add_argument("task_id")
+
+    models = commands.add_parser("models", help="list presets and whether their weights are present")
+    _add_model_dirs(models)
+    models.add_argument("--json", action="store_true")
+
+    tiny = commands.add_parser("make-tiny-models", help="write tiny random-weight Wan models (tests, demo)")
+    tiny.add_argument("directory", type=Path)
+
+    demo = commands.add_parser("demo", help="build tiny models, queue tasks, run a worker, print the results")
+    demo.add_argument("--dir", type=Path, default=Path("demo_run"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, json_lines=args.log_json)
+    handler = _COMMANDS[args.command]
+    try:
+        return handler(args)
+    except (ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+# ---- commands ------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from headless_model_management import HeadlessTaskQueue
+
+    settings = WorkerSettings(
+        db_url=args.db,
+        models_dir=args.models_dir,
+        outputs_dir=args.outputs_dir,
+        presets_dir=args.presets_dir,
+        input_roots=parse_input_roots(args.input_roots),
+        lease_s=args.lease_seconds,
+        worker_id=args.worker_id or default_worker_id(),
+        preload_model=args.preload_model,
+    )
+    log.info("starting worker on %s", redact_url(settings.db_url), extra={"worker_id": settings.worker_id})
+    queue = HeadlessTaskQueue(settings=settings)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # Only sets events: safe inside a signal handler. First = finish the task, second = re-queue it.
+        aborting = queue.worker is not None and queue.worker.stop_requested.is_set()
+        log.warning(
+            "%s: %s",
+            signal.Signals(signum).name,
+            "aborting the current task" if aborting else "stopping after the current task (send again to abort it)",
+            extra={"worker_id": settings.worker_id},
+        )
+        queue.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        queue.run_forever()
+    finally:
+        queue.engine.dispose()
+    return 0
+
+
+def cmd_init_db(args: argparse.Namespace) -> int:
+    from worker.migrate import upgrade_to_head
+
+    engine = create_db_engine(args.db)
+    upgrade_to_head(engine)
+    engine.dispose()
+    print(f"database ready: {redact_url(args.db)}")
+    return 0
+
+
+def _repository(db_url: str) -> Any:
+    from worker.migrate import upgrade_to_head
+    from worker.repository import SqlTaskRepository
+
+    engine = create_db_engine(db_url)
+    upgrade_to_head(engine)
+    return SqlTaskRepository(engine)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from headless_model_management import GenerationTask, HeadlessTaskQueue
+    from worker.params import parse_params_text
+
+    queue = HeadlessTaskQueue(args.db, presets_dir=args.presets_dir)
+    task = GenerationTask(
+        model=args.model,
+        prompt=args.prompt,
+        parameters=parse_params_text(args.params),
+        task_type=args.task_type,
+        priority=args.priority,
+        dependant_on=args.dependant_on,
+    )
+    task_id = queue.submit_task(task)
+    print(task_id)
+    if args.wait:
+        info = queue.wait_for_completion(task_id)
+        print(json.dumps(_row(queue.repository.get(task_id)), indent=2, default=str))
+        return 0 if info.status is TaskStatus.COMPLETE else 1
+    return 0
+
+
+def _row(task: Any) -> dict[str, Any]:
+    data = dict(task.__dict__)
+    data["status"] = task.status.value
+    data["params"] = data.pop("params_text")
+    return data
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    task = _repository(args.db).get(args.task_id)
+    if task is None:
+        print(f"error: no task with id {args.task_id!r}", file=sys.stderr)
+        return 1
+    print(json.dumps(_row(task), indent=2, default=str))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = _repository(args.db).list_tasks(args.status, args.limit)
+    print(f"{'id':34} {'status':12} {'pri':>4} {'type':10} {'att':>3}  output / error")
+    for task in rows:
+        detail = task.output_location or task.error_message or ""
+        print(
+            f"{task.id:34} {task.status.value:12} {task.priority:>4} {task.task_type:10} {task.attempts:>3}  "
+            f"{detail[:100]}"
+        )
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    repository = _repository(args.db)
+    if repository.cancel(args.task_id):
+        print(f"cancelled {args.task_id}")
+        return 0
+    task = repository.get(args.task_id)
+    state = f"already {task.status.value}" if task else "not found"
+    print(f"error: task {args.task_id} not cancelled ({state})", file=sys.stderr)
+    return 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from wan_engine.model_sources import check_model
+    from wan_engine.presets import BUILTIN_PRESETS_DIR, load_presets
+
+    presets = load_presets(BUILTIN_PRESETS_DIR, args.presets_dir)
+    checks = [check_model(presets.get(key), args.models_dir) for key in presets]
+    if args.json:
+        print(json.dumps([check.to_dict() for check in checks], indent=2))
+        return 0
+    print(f"{'model':28} {'architecture':12} {'status':9} detail")
+    for key, check in zip(presets, checks, strict=True):
+        preset = presets.get(key)
+        detail = str(check.path) if check.status == "present" else "; ".join(check.problems)[:160]
+        print(f"{key:28} {preset.model.architecture:12} {check.status:9} {detail}")
+    return 0
+
+
+def cmd_make_tiny_models(args: argparse.Namespace) -> int:
+    from wan_engine.tiny_models import build_tiny_models
+
+    for name, folder in build_tiny_models(args.directory).items():
+        print(f"{name:16} {folder}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    return run_demo(args.dir)
+
+
+_COMMANDS = {
+    "run": cmd_run,
+    "init-db": cmd_init_db,
+    "submit": cmd_submit,
+    "status": cmd_status,
+    "list": cmd_list,
+    "cancel": cmd_cancel,
+    "models": cmd_models,
+    "make-tiny-models": cmd_make_tiny_models,
+    "demo": cmd_demo,
+}

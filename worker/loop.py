@@ -1,0 +1,281 @@
+"""The worker loop: check stop, claim, execute with a lease keeper, persist the outcome. No SQL here.
+
+It reads top to bottom like rq's SimpleWorker: tasks run in this process (the model stays resident),
+one `except` per way out, cleanup in `finally`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from worker.config import DB_RETRY_MAX_S, WorkerSettings
+from worker.lease import LeaseKeeper
+from worker.repository import TaskRepository
+from worker.retry import RetryPolicy, describe
+from worker.scheduling import ModelAffinity
+from worker.task import Task, TaskOutcome, TaskStatus
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class TaskCancelled(Exception):
+    """The row was set to Cancelled (by a user) while it ran."""
+
+
+class LeaseLost(Exception):
+    """The row is no longer ours (lease expired and another worker took it)."""
+
+
+class ShutdownAbort(Exception):
+    """A second stop signal arrived: abandon the task and give it back to the queue."""
+
+
+@dataclass
+class RunContext:
+    """What a runner gets besides the task: progress reporting and the stop/cancel checks."""
+
+    task: Task
+    worker_id: str
+    lease: LeaseKeeper
+    abort: threading.Event
+
+    def report(self, stage: str, step: int = 0, total_steps: int = 0, **extra: Any) -> None:
+        """Record progress (written by the lease keeper, at most once per interval) and check for stops."""
+        percent = round(100.0 * step / total_steps, 1) if total_steps else None
+        self.lease.set_progress({"stage": stage, "step": step, "total_steps": total_steps, "percent": percent, **extra})
+        self.check()
+
+    def check(self) -> None:
+        """Raise if the task must stop now: cancelled, lease lost, or shutdown abort."""
+        if self.lease.lost.is_set():
+            if self.lease.lost_status is TaskStatus.CANCELLED:
+                raise TaskCancelled(f"task {self.task.id} was cancelled")
+            raise LeaseLost(f"task {self.task.id} is no longer held by this worker ({self.lease.lost_status})")
+        if self.abort.is_set():
+            raise ShutdownAbort("second stop signal: abandoning the task")
+
+
+class TaskRunner(Protocol):
+    """Executes tasks; owns the resident model (headless_model_management.GenerationRunner)."""
+
+    def resident_model(self) -> str | None: ...
+    def model_for(self, task: Task) -> str | None: ...
+    def run(self, task: Task, context: RunContext) -> TaskOutcome: ...
+
+
+class Worker:
+    """Claims and executes tasks until asked to stop. `request_stop` is safe from a signal handler."""
+
+    def __init__(
+        self,
+        repository: TaskRepository,
+        runner: TaskRunner,
+        settings: WorkerSettings,
+        policy: RetryPolicy | None = None,
+        affinity: ModelAffinity | None = None,
+    ) -> None:
+        self.repository = repository
+        self.runner = runner
+        self.settings = settings
+        self.policy = policy or RetryPolicy()
+        self.affinity = affinity or ModelAffinity()
+        self.stop_requested = threading.Event()
+        self.abort_requested = threading.Event()
+        self.current_task: Task | None = None
+        self.executed = 0
+        self._next_sweep = 0.0
+        self._log_extra = {"worker_id": settings.worker_id}
+
+    # ---- control ----------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """First call: finish the current task, then exit. Second call: abandon it (re-queued)."""
+        if self.stop_requested.is_set():
+            self.abort_requested.set()
+        self.stop_requested.set()
+
+    # ---- the loop -----------------------------------------------------------------------------------
+
+    def run_forever(self, until_idle: bool = False) -> None:
+        """Serve tasks until stopped (or, with until_idle, until no task is ready)."""
+        self._with_db_retry(lambda: self.repository.register_worker(self.settings.worker_id, _gpu_name()))
+        log.info("worker started", extra=self._log_extra)
+        try:
+            while not self.stop_requested.is_set():
+                ran = self.run_once()
+                if not ran:
+                    if until_idle:
+                        break
+                    self.stop_requested.wait(self.settings.poll_interval_s)
+        finally:
+            self._best_effort(lambda: self.repository.update_worker(self.settings.worker_id, "stopped", None))
+            log.info("worker stopped after %d task(s)", self.executed, extra=self._log_extra)
+
+    def run_once(self) -> bool:
+        """Sweep if due, claim one task and execute it. False when nothing was ready."""
+        self._sweep_if_due()
+        try:
+            task = self.repository.claim_next(self.settings.worker_id, self.settings.lease_s, self._choose)
+        except SQLAlchemyError as exc:
+            log.warning("claim failed, database unreachable? %s", exc.__class__.__name__, extra=self._log_extra)
+            self.stop_requested.wait(self._backoff())
+            return True
+        self._db_failures = 0
+        if task is None:
+            return False
+        self._execute(task)
+        return True
+
+    def _choose(self, candidates: list[Task]) -> Task | None:
+        return self.affinity.choose(candidates, self.runner.resident_model(), self.runner.model_for)
+
+    def _sweep_if_due(self) -> None:
+        if time.monotonic() < self._next_sweep:
+            return
+        # A short lease (tests, impatient users) gets a sweep at least twice per lease.
+        interval = min(self.settings.stale_sweep_interval_s, self.settings.lease_s / 2)
+        self._next_sweep = time.monotonic() + interval
+        try:
+            recovered = self.repository.requeue_stale()
+            blocked = self.repository.fail_blocked()
+        except SQLAlchemyError as exc:
+            log.warning("stale sweep failed: %s", exc.__class__.__name__, extra=self._log_extra)
+            return
+        for task_id in recovered.requeued:
+            log.warning("re-queued task whose lease expired", extra={**self._log_extra, "task_id": task_id})
+        for task_id in recovered.failed:
+            log.error("failed task that exhausted its attempts", extra={**self._log_extra, "task_id": task_id})
+        for task_id in blocked:
+            log.info(
+                "failed task whose prerequisite cannot complete",
+                extra={**self._log_extra, "task_id": task_id},
+            )
+
+    # ---- one task -----------------------------------------------------------------------------------
+
+    def _execute(self, task: Task) -> None:
+        extra = {**self._log_extra, "task_id": task.id, "attempt": task.attempts}
+        log.info("claimed %s task (priority %d)", task.task_type, task.priority, extra=extra)
+        self.current_task = task
+        lease = LeaseKeeper(
+            self.repository,
+            task.id,
+            self.settings.worker_id,
+            self.settings.lease_s,
+            self.settings.heartbeat_interval_s,
+        ).start()
+        self._best_effort(
+            lambda: self.repository.update_worker(self.settings.worker_id, "busy", self.runner.resident_model())
+        )
+        context = RunContext(task, self.settings.worker_id, lease, self.abort_requested)
+        try:
+            outcome = self.runner.run(task, context)
+        except TaskCancelled:
+            log.info("task cancelled; stopped at %s", _progress_text(task, lease), extra=extra)
+        except LeaseLost as exc:
+            log.warning("%s; result discarded", exc, extra=extra)
+        except ShutdownAbort:
+            released = self._with_db_retry(lambda: self.repository.release(task.id, self.settings.worker_id))
+            log.warning("shutdown abort: task re-queued" if released else "shutdown abort", extra=extra)
+        except Exception as exc:
+            self._persist_failure(task, exc, extra)
+        else:
+            self._persist_success(task, lease, outcome, extra)
+        finally:
+            lease.stop()
+            self.current_task = None
+            self.executed += 1
+            self._best_effort(
+                lambda: self.repository.update_worker(self.settings.worker_id, "idle", self.runner.resident_model())
+            )
+
+    def _persist_success(self, task: Task, lease: LeaseKeeper, outcome: TaskOutcome, extra: dict[str, Any]) -> None:
+        lease.flush()
+        done = self._with_db_retry(
+            lambda: self.repository.mark_complete(
+                task.id, self.settings.worker_id, outcome.output_location, outcome.result_data
+            )
+        )
+        if done:
+            log.info("task complete: %s", outcome.output_location, extra=extra)
+            return
+        if done is None:
+            # Database unreachable for a whole lease: the row will be re-queued by a stale sweep.
+            log.error("could not record the result; output kept: %s", outcome.output_location, extra=extra)
+            return
+        # Cancelled (or taken over) while finishing: the output must not outlive the cancel.
+        status = self._with_db_retry(lambda: self.repository.get_status(task.id))
+        if status is TaskStatus.CANCELLED and outcome.output_location:
+            Path(outcome.output_location).unlink(missing_ok=True)
+        log.info("task ended %s before its result was recorded; output discarded", status, extra=extra)
+
+    def _persist_failure(self, task: Task, exc: Exception, extra: dict[str, Any]) -> None:
+        decision = self.policy.decide(exc, task)
+        worker_id = self.settings.worker_id
+        if decision.retry:
+            log.warning(decision.message, extra=extra, exc_info=not _is_expected(exc))
+            self._with_db_retry(
+                lambda: self.repository.retry_later(task.id, worker_id, decision.message, decision.delay_s)
+            )
+        else:
+            log.error("task failed: %s", decision.message, extra=extra, exc_info=not _is_expected(exc))
+            self._with_db_retry(lambda: self.repository.mark_failed(task.id, worker_id, decision.message))
+
+    # ---- database resilience ------------------------------------------------------------------------
+
+    _db_failures = 0
+
+    def _backoff(self) -> float:
+        self._db_failures += 1
+        return min(DB_RETRY_MAX_S, 0.5 * 2 ** min(self._db_failures, 8)) * random.uniform(0.8, 1.2)
+
+    def _with_db_retry(self, operation: Callable[[], T]) -> T | None:
+        """Retry a write while the database is unreachable, up to one lease (after that the row is
+        re-queued by someone else's sweep anyway, so giving up loses nothing)."""
+        deadline = time.monotonic() + self.settings.lease_s
+        while True:
+            try:
+                result = operation()
+                self._db_failures = 0
+                return result
+            except SQLAlchemyError as exc:
+                if time.monotonic() > deadline:
+                    log.error("database unreachable, giving up on a write: %s", describe(exc), extra=self._log_extra)
+                    return None
+                log.warning("database write failed, retrying: %s", exc.__class__.__name__, extra=self._log_extra)
+                time.sleep(self._backoff())
+
+    def _best_effort(self, operation: Callable[[], object]) -> None:
+        try:
+            operation()
+        except SQLAlchemyError as exc:
+            log.debug("best-effort write skipped: %s", exc.__class__.__name__, extra=self._log_extra)
+
+
+def _is_expected(exc: BaseException) -> bool:
+    return bool(getattr(exc, "permanent", False)) or isinstance(exc, ValueError)
+
+
+def _progress_text(task: Task, lease: LeaseKeeper) -> str:
+    progress = lease.progress or {}
+    return f"stage {progress.get('stage', 'start')} step {progress.get('step', 0)}/{progress.get('total_steps', 0)}"
+
+
+def _gpu_name() -> str | None:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except Exception:
+        return None

@@ -1,0 +1,140 @@
+"""Task parameter validation (pydantic), run before anything loads.
+
+Unknown keys, wrong types and out-of-range values are rejected with a message that names the key,
+the value and what is allowed. Defaults that depend on the model (steps, resolution...) are left as
+None here: the preset fills them (built-in defaults < preset < task params).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_PROMPT_CHARS = 10_000
+MAX_PARAMS_BYTES = 256 * 1024
+
+# task_type -> model used when params name none (DESIGN.md: aliases map to a default model).
+TASK_TYPE_DEFAULT_MODELS: dict[str, str] = {
+    "t2v": "t2v_1.3B",
+    "t2v_21": "t2v_1.3B",
+    "t2v_22": "t2v_2_2",
+}
+# What each task_type runs; the orchestrator method is chosen from this.
+TASK_TYPE_MODES: dict[str, str] = {"t2v": "t2v", "t2v_21": "t2v", "t2v_22": "t2v"}
+SUPPORTED_TASK_TYPES = tuple(sorted(TASK_TYPE_MODES))
+
+_RESOLUTION = re.compile(r"^(\d{2,5})x(\d{2,5})$")
+
+
+class InvalidTaskError(ValueError):
+    """The task's row cannot run as written; permanent (the task ends Failed at once)."""
+
+    permanent = True
+
+
+class GenerationParams(BaseModel):
+    """Parameters common to every generation task (DESIGN.md, "Parameters")."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    model: str | None = Field(default=None, min_length=1, max_length=128)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    resolution: str | None = None
+    video_length: int | None = Field(default=None, ge=1, le=1001)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=1000)
+    guidance_scale: float | None = Field(default=None, ge=0, le=50)
+    guidance2_scale: float | None = Field(default=None, ge=0, le=50)
+    flow_shift: float | None = Field(default=None, gt=0, le=100)
+    switch_threshold: float | None = Field(default=None, ge=0, le=1000)
+    seed: int = Field(default=-1, ge=-1, le=2**63 - 1)
+    fps: int | None = Field(default=None, ge=1, le=120)
+    memory_profile: Literal["auto", "gpu", "cpu"] | None = None
+
+    @field_validator("prompt", "negative_prompt", "model")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL bytes")
+        return value
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        match = _RESOLUTION.match(value)
+        if not match:
+            raise ValueError("must look like '832x480' (width x height)")
+        width, height = int(match.group(1)), int(match.group(2))
+        if width % 16 or height % 16 or not (16 <= width <= 4096 and 16 <= height <= 4096):
+            raise ValueError("width and height must be multiples of 16 between 16 and 4096")
+        return value
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """The non-None generation settings, without model and prompt."""
+        return self.model_dump(exclude_none=True, exclude={"model", "prompt"})
+
+
+def parse_params_text(params_text: str) -> dict[str, Any]:
+    """Decode the row's JSON params; the error names what is wrong."""
+    if len(params_text.encode("utf-8", "replace")) > MAX_PARAMS_BYTES:
+        raise InvalidTaskError(f"params is {len(params_text)} characters; at most {MAX_PARAMS_BYTES} bytes allowed")
+    try:
+        params = json.loads(params_text)
+    except json.JSONDecodeError as exc:
+        raise InvalidTaskError(
+            f"params is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): {params_text[:80]!r}"
+        ) from None
+    if not isinstance(params, dict):
+        raise InvalidTaskError(f"params must be a JSON object, got {type(params).__name__}: {params_text[:80]!r}")
+    return params
+
+
+def validate_params(task_type: str, params: dict[str, Any]) -> GenerationParams:
+    """Validate a task's params for its type and fill the model from the task_type alias."""
+    if task_type not in TASK_TYPE_MODES:
+        raise InvalidTaskError(f"unknown task_type {task_type!r}; supported: {', '.join(SUPPORTED_TASK_TYPES)}")
+    try:
+        validated = GenerationParams.model_validate(params)
+    except ValidationError as exc:
+        raise InvalidTaskError(describe_validation_error(exc, params)) from None
+    if validated.model is None:
+        validated = validated.model_copy(update={"model": TASK_TYPE_DEFAULT_MODELS[task_type]})
+    return validated
+
+
+def describe_validation_error(exc: ValidationError, params: dict[str, Any]) -> str:
+    """One readable sentence per problem: key, value, what is allowed."""
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "params"
+        if error["type"] == "extra_forbidden":
+            allowed = ", ".join(GenerationParams.model_fields)
+            problems.append(f"unknown key {key!r} (value {error['input']!r}); allowed keys: {allowed}")
+        elif error["type"] == "missing":
+            problems.append(f"missing required key {key!r}")
+        else:
+            value = params.get(error["loc"][0]) if error["loc"] else params
+            problems.append(f"{key} = {_short(value)}: {error['msg']}")
+    return "invalid params: " + "; ".join(problems)
+
+
+def model_key_for(task_type: str, params_text: str) -> str | None:
+    """The model a queued row will need, cheaply and without raising (None when it cannot tell)."""
+    try:
+        params = json.loads(params_text)
+    except (ValueError, TypeError):
+        return None
+    model = params.get("model") if isinstance(params, dict) else None
+    if isinstance(model, str):
+        return model
+    return TASK_TYPE_DEFAULT_MODELS.get(task_type)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

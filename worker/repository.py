@@ -1,0 +1,420 @@
+"""All SQL of the project: the task repository over SQLite or Postgres.
+
+The worker loop, the queue API and the CLI call these named operations; nothing else builds SQL.
+Where the two backends must differ (claiming, the database clock) the difference is isolated here:
+Postgres claims with `FOR UPDATE SKIP LOCKED`; SQLite with `BEGIN IMMEDIATE` (see worker.db) and a
+conditional update. Every status write by a worker is guarded by (status='In Progress', worker_id),
+so a user's `Cancelled` is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from worker.db import is_sqlite, tasks, workers
+from worker.task import FINAL_STATUSES, NewTask, Task, TaskStatus
+
+log = logging.getLogger(__name__)
+
+CLAIM_CANDIDATES = 50  # rows examined per claim, enough for the resident-model preference
+
+Chooser = Callable[[list[Task]], Task | None]
+
+_Q = TaskStatus.QUEUED.value
+_P = TaskStatus.IN_PROGRESS.value
+_C = TaskStatus.COMPLETE.value
+_F = TaskStatus.FAILED.value
+_X = TaskStatus.CANCELLED.value
+
+
+@dataclass(frozen=True)
+class StaleRecovery:
+    """What `requeue_stale` did."""
+
+    requeued: list[str]
+    failed: list[str]
+
+
+class TaskRepository(Protocol):
+    """The operations the worker loop needs; implemented over SQL here and in memory by unit tests."""
+
+    def claim_next(self, worker_id: str, lease_s: float, choose: Chooser) -> Task | None: ...
+    def heartbeat(self, task_id: str, worker_id: str, lease_s: float, progress: dict[str, Any] | None) -> bool: ...
+    def get_status(self, task_id: str) -> TaskStatus | None: ...
+    def mark_complete(self, task_id: str, worker_id: str, output: str | None, result: dict[str, Any]) -> bool: ...
+    def mark_failed(self, task_id: str, worker_id: str, message: str, result: dict[str, Any] | None = None) -> bool: ...
+    def retry_later(self, task_id: str, worker_id: str, message: str, delay_s: float) -> bool: ...
+    def release(self, task_id: str, worker_id: str) -> bool: ...
+    def requeue_stale(self) -> StaleRecovery: ...
+    def fail_blocked(self) -> list[str]: ...
+    def register_worker(self, worker_id: str, gpu: str | None) -> None: ...
+    def update_worker(self, worker_id: str, status: str, current_model: str | None) -> None: ...
+
+
+def new_task_id() -> str:
+    """Random hex, the same shape as the database default."""
+    return uuid.uuid4().hex
+
+
+class SqlTaskRepository:
+    """TaskRepository over a SQLAlchemy engine (SQLite file or Postgres)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sqlite = is_sqlite(engine)
+
+    # ---- the database clock -------------------------------------------------------------------
+
+    def _now(self, plus_s: float = 0.0) -> sa.ColumnElement[Any]:
+        """Current UTC time (+ seconds) from the database, so all machines share one clock."""
+        if self._sqlite:
+            return sa.func.strftime("%Y-%m-%d %H:%M:%f000", "now", f"{plus_s:+.3f} seconds")
+        now = sa.func.timezone("utc", sa.func.clock_timestamp())
+        return now + sa.func.make_interval(0, 0, 0, 0, 0, 0, plus_s) if plus_s else now
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as connection:
+            yield connection
+
+    # ---- submitting and reading (queue API, CLI) ----------------------------------------------
+
+    def insert(self, task: NewTask) -> str:
+        """Queue a task; returns its id."""
+        task_id = task.id or new_task_id()
+        with self._tx() as conn:
+            conn.execute(
+                tasks.insert().values(
+                    id=task_id,
+                    task_type=task.task_type,
+                    params=json.dumps(task.params),
+                    status=_Q,
+                    priority=task.priority,
+                    dependant_on=task.dependant_on,
+                    parent_task_id=task.parent_task_id,
+                    attempts=0,
+                    max_attempts=task.max_attempts,
+                    created_at=self._now(),
+                    updated_at=self._now(),
+                )
+            )
+        return task_id
+
+    def get(self, task_id: str) -> Task | None:
+        with self._tx() as conn:
+            row = conn.execute(sa.select(tasks).where(tasks.c.id == task_id)).mappings().first()
+        return _to_task(row) if row else None
+
+    def get_status(self, task_id: str) -> TaskStatus | None:
+        with self._tx() as conn:
+            status = conn.execute(sa.select(tasks.c.status).where(tasks.c.id == task_id)).scalar()
+        return TaskStatus(status) if status else None
+
+    def list_tasks(self, status: str | None = None, limit: int = 100) -> list[Task]:
+        query = sa.select(tasks).order_by(tasks.c.created_at.desc(), tasks.c.id).limit(limit)
+        if status is not None:
+            query = query.where(tasks.c.status == status)
+        with self._tx() as conn:
+            return [_to_task(row) for row in conn.execute(query).mappings()]
+
+    def counts_by_status(self) -> dict[str, int]:
+        with self._tx() as conn:
+            rows = conn.execute(sa.select(tasks.c.status, sa.func.count()).group_by(tasks.c.status)).all()
+        return {status: count for status, count in rows}
+
+    def queued_by_priority(self) -> dict[int, int]:
+        query = (
+            sa.select(tasks.c.priority, sa.func.count())
+            .where(tasks.c.status == _Q)
+            .group_by(tasks.c.priority)
+            .order_by(tasks.c.priority.desc())
+        )
+        with self._tx() as conn:
+            return {priority: count for priority, count in conn.execute(query).all()}
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a queued or running task (the worker notices at its next step)."""
+        with self._tx() as conn:
+            result = conn.execute(
+                tasks.update()
+                .where(tasks.c.id == task_id, tasks.c.status.in_([_Q, _P]))
+                .values(status=_X, updated_at=self._now(), error_message="cancelled by request")
+            )
+        return result.rowcount == 1
+
+    # ---- claiming -----------------------------------------------------------------------------
+
+    def _ready(self) -> sa.Select[Any]:
+        prerequisite = tasks.alias("prerequisite")
+        prerequisite_done = (
+            sa.select(prerequisite.c.id)
+            .where(prerequisite.c.id == tasks.c.dependant_on, prerequisite.c.status == _C)
+            .exists()
+        )
+        order = [tasks.c.priority.desc(), tasks.c.created_at]
+        order.append(sa.literal_column("tasks.rowid") if self._sqlite else tasks.c.id)
+        return (
+            sa.select(tasks)
+            .where(
+                tasks.c.status == _Q,
+                sa.or_(tasks.c.run_after.is_(None), tasks.c.run_after <= self._now()),
+                sa.or_(tasks.c.dependant_on.is_(None), prerequisite_done),
+            )
+            .order_by(*order)
+            .limit(CLAIM_CANDIDATES)
+        )
+
+    def claim_next(self, worker_id: str, lease_s: float, choose: Chooser) -> Task | None:
+        """Atomically move one ready task to In Progress for this worker (attempts + 1)."""
+        query = self._ready()
+        if not self._sqlite:
+            query = query.with_for_update(skip_locked=True, of=tasks)
+        with self._tx() as conn:
+            candidates = [_to_task(row) for row in conn.execute(query).mappings()]
+            chosen = choose(candidates)
+            if chosen is None:
+                return None
+            claimed = (
+                conn.execute(
+                    tasks.update()
+                    .where(tasks.c.id == chosen.id, tasks.c.status == _Q)
+                    .values(
+                        status=_P,
+                        worker_id=worker_id,
+                        attempts=tasks.c.attempts + 1,
+                        lease_expires_at=self._now(lease_s),
+                        run_after=None,
+                        progress=None,
+                        generation_started_at=self._now(),
+                        updated_at=self._now(),
+                    )
+                    .returning(*tasks.c)
+                )
+                .mappings()
+                .first()
+            )
+        return _to_task(claimed) if claimed else None
+
+    # ---- a worker's guarded writes --------------------------------------------------------------
+
+    def _guarded(self, task_id: str, worker_id: str) -> sa.Update:
+        return tasks.update().where(tasks.c.id == task_id, tasks.c.status == _P, tasks.c.worker_id == worker_id)
+
+    def _write(self, statement: sa.Update) -> bool:
+        with self._tx() as conn:
+            return conn.execute(statement).rowcount == 1
+
+    def heartbeat(self, task_id: str, worker_id: str, lease_s: float, progress: dict[str, Any] | None) -> bool:
+        """Renew the lease (and store progress); False when the task is no longer ours (cancelled...)."""
+        values: dict[str, Any] = {"lease_expires_at": self._now(lease_s), "updated_at": self._now()}
+        if progress is not None:
+            values["progress"] = progress
+        return self._write(self._guarded(task_id, worker_id).values(**values))
+
+    def mark_complete(self, task_id: str, worker_id: str, output: str | None, result: dict[str, Any]) -> bool:
+        return self._write(
+            self._guarded(task_id, worker_id).values(
+                status=_C,
+                output_location=output,
+                result_data=result,
+                error_message=None,
+                lease_expires_at=None,
+                generation_processed_at=self._now(),
+                updated_at=self._now(),
+            )
+        )
+
+    def mark_failed(self, task_id: str, worker_id: str, message: str, result: dict[str, Any] | None = None) -> bool:
+        return self._write(
+            self._guarded(task_id, worker_id).values(
+                status=_F,
+                error_message=message,
+                result_data=result,
+                lease_expires_at=None,
+                generation_processed_at=self._now(),
+                updated_at=self._now(),
+            )
+        )
+
+    def retry_later(self, task_id: str, worker_id: str, message: str, delay_s: float) -> bool:
+        return self._write(
+            self._guarded(task_id, worker_id).values(
+                status=_Q,
+                worker_id=None,
+                lease_expires_at=None,
+                run_after=self._now(delay_s),
+                error_message=message,
+                updated_at=self._now(),
+            )
+        )
+
+    def release(self, task_id: str, worker_id: str) -> bool:
+        """Give a task back untouched (shutdown abort): the attempt does not count against it."""
+        return self._write(
+            self._guarded(task_id, worker_id).values(
+                status=_Q,
+                worker_id=None,
+                lease_expires_at=None,
+                attempts=sa.case((tasks.c.attempts > 0, tasks.c.attempts - 1), else_=0),
+                progress=None,
+                updated_at=self._now(),
+            )
+        )
+
+    # ---- sweeps ---------------------------------------------------------------------------------
+
+    def requeue_stale(self) -> StaleRecovery:
+        """Rows In Progress whose lease expired: re-queue, or fail once attempts reach max_attempts."""
+        stale = sa.and_(tasks.c.status == _P, tasks.c.lease_expires_at < self._now())
+        with self._tx() as conn:
+            failed = (
+                conn.execute(
+                    tasks.update()
+                    .where(stale, tasks.c.attempts >= tasks.c.max_attempts)
+                    .values(
+                        status=_F,
+                        error_message=sa.literal("the worker running this task stopped responding (lease expired) on ")
+                        + sa.cast(tasks.c.attempts, sa.Text)
+                        + sa.literal(" of max_attempts ")
+                        + sa.cast(tasks.c.max_attempts, sa.Text)
+                        + sa.literal(" attempts; last worker: ")
+                        + sa.func.coalesce(tasks.c.worker_id, "unknown"),
+                        lease_expires_at=None,
+                        updated_at=self._now(),
+                    )
+                    .returning(tasks.c.id)
+                )
+                .scalars()
+                .all()
+            )
+            requeued = (
+                conn.execute(
+                    tasks.update()
+                    .where(stale)
+                    .values(
+                        status=_Q,
+                        worker_id=None,
+                        lease_expires_at=None,
+                        error_message=sa.literal("re-queued: lease of worker ")
+                        + sa.func.coalesce(tasks.c.worker_id, "unknown")
+                        + sa.literal(" expired"),
+                        updated_at=self._now(),
+                    )
+                    .returning(tasks.c.id)
+                )
+                .scalars()
+                .all()
+            )
+        return StaleRecovery(requeued=list(requeued), failed=list(failed))
+
+    def fail_blocked(self) -> list[str]:
+        """Queued tasks whose prerequisite ended Failed/Cancelled, or does not exist, end Failed."""
+        prerequisite = tasks.alias("prerequisite")
+        prerequisite_status = (
+            sa.select(prerequisite.c.status).where(prerequisite.c.id == tasks.c.dependant_on).scalar_subquery()
+        )
+        prerequisite_exists = sa.select(prerequisite.c.id).where(prerequisite.c.id == tasks.c.dependant_on).exists()
+        with self._tx() as conn:
+            ended = (
+                conn.execute(
+                    tasks.update()
+                    .where(tasks.c.status == _Q, prerequisite_status.in_([_F, _X]))
+                    .values(
+                        status=_F,
+                        error_message=sa.literal("prerequisite task ")
+                        + tasks.c.dependant_on
+                        + sa.literal(" ended ")
+                        + prerequisite_status
+                        + sa.literal(", so this task cannot run"),
+                        updated_at=self._now(),
+                    )
+                    .returning(tasks.c.id)
+                )
+                .scalars()
+                .all()
+            )
+            missing = (
+                conn.execute(
+                    tasks.update()
+                    .where(tasks.c.status == _Q, tasks.c.dependant_on.is_not(None), ~prerequisite_exists)
+                    .values(
+                        status=_F,
+                        error_message=sa.literal("prerequisite task ")
+                        + tasks.c.dependant_on
+                        + sa.literal(" does not exist (dependant_on must name an existing task id)"),
+                        updated_at=self._now(),
+                    )
+                    .returning(tasks.c.id)
+                )
+                .scalars()
+                .all()
+            )
+        return [*ended, *missing]
+
+    # ---- workers table ----------------------------------------------------------------------------
+
+    def register_worker(self, worker_id: str, gpu: str | None) -> None:
+        with self._tx() as conn:
+            conn.execute(workers.delete().where(workers.c.id == worker_id))
+            conn.execute(
+                workers.insert().values(
+                    id=worker_id,
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    gpu=gpu,
+                    status="idle",
+                    last_heartbeat=self._now(),
+                    started_at=self._now(),
+                )
+            )
+
+    def update_worker(self, worker_id: str, status: str, current_model: str | None) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                workers.update()
+                .where(workers.c.id == worker_id)
+                .values(status=status, current_model=current_model, last_heartbeat=self._now())
+            )
+
+    def list_workers(self) -> list[dict[str, Any]]:
+        with self._tx() as conn:
+            return [dict(row) for row in conn.execute(sa.select(workers).order_by(workers.c.id)).mappings()]
+
+
+def _to_task(row: Any) -> Task:
+    return Task(
+        id=row["id"],
+        task_type=row["task_type"],
+        params_text=row["params"],
+        status=TaskStatus(row["status"]),
+        priority=row["priority"],
+        dependant_on=row["dependant_on"],
+        parent_task_id=row["parent_task_id"],
+        attempts=row["attempts"],
+        max_attempts=row["max_attempts"],
+        worker_id=row["worker_id"],
+        output_location=row["output_location"],
+        result_data=row["result_data"],
+        error_message=row["error_message"],
+        progress=row["progress"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        generation_started_at=row["generation_started_at"],
+        generation_processed_at=row["generation_processed_at"],
+        lease_expires_at=row["lease_expires_at"],
+        run_after=row["run_after"],
+    )
+
+
+__all__ = ["FINAL_STATUSES", "SqlTaskRepository", "StaleRecovery", "TaskRepository", "new_task_id"]
