@@ -20,7 +20,7 @@ from worker.config import (
     parse_input_roots,
 )
 from worker.db import DEFAULT_DB_URL, create_db_engine, redact_url
-from worker.logs import configure_logging
+from worker.logs import configure_logging, quiet_progress_bars
 from worker.task import TaskStatus
 
 log = logging.getLogger("worker.cli")
@@ -134,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from headless_model_management import HeadlessTaskQueue
 
+    quiet_progress_bars()
     settings = WorkerSettings(
         db_url=args.db,
         models_dir=args.models_dir,
@@ -275,6 +276,7 @@ def cmd_make_tiny_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
+    quiet_progress_bars()
     return run_demo(args.dir)
 
 

@@ -107,14 +107,14 @@ class FakeRepository:
 
     # ---- TaskRepository -------------------------------------------------------------------------
 
-    def __getattribute__(self, name: str) -> Any:
-        attribute = object.__getattribute__(self, name)
-        if name in _REPOSITORY_METHODS and time.monotonic() < object.__getattribute__(self, "outage_until"):
+    def _reachable(self) -> None:
+        """Every repository call goes through here: during an outage it fails like a dead database."""
+        if time.monotonic() < self.outage_until:
             raise db_down()
-        return attribute
 
     def claim_next(self, worker_id: str, lease_s: float, choose: Chooser) -> Task | None:
         with self._lock:
+            self._reachable()
             self.claims += 1
             if self.claim_errors:
                 self.claim_errors -= 1
@@ -143,6 +143,7 @@ class FakeRepository:
 
     def heartbeat(self, task_id: str, worker_id: str, lease_s: float, progress: dict[str, Any] | None) -> bool:
         with self._lock:
+            self._reachable()
             if self.heartbeat_errors:
                 self.heartbeat_errors -= 1
                 raise db_down()
@@ -158,11 +159,13 @@ class FakeRepository:
 
     def get_status(self, task_id: str) -> TaskStatus | None:
         with self._lock:
+            self._reachable()
             row = self.rows.get(task_id)
             return row.status if row else None
 
     def mark_complete(self, task_id: str, worker_id: str, output: str | None, result: dict[str, Any]) -> bool:
         with self._lock:
+            self._reachable()
             if self.write_errors:
                 self.write_errors -= 1
                 raise db_down()
@@ -175,6 +178,7 @@ class FakeRepository:
 
     def mark_failed(self, task_id: str, worker_id: str, message: str, result: dict[str, Any] | None = None) -> bool:
         with self._lock:
+            self._reachable()
             row = self._held(task_id, worker_id)
             if row is None:
                 return False
@@ -183,6 +187,7 @@ class FakeRepository:
 
     def retry_later(self, task_id: str, worker_id: str, message: str, delay_s: float) -> bool:
         with self._lock:
+            self._reachable()
             row = self._held(task_id, worker_id)
             if row is None:
                 return False
@@ -193,6 +198,7 @@ class FakeRepository:
 
     def release(self, task_id: str, worker_id: str) -> bool:
         with self._lock:
+            self._reachable()
             row = self._held(task_id, worker_id)
             if row is None:
                 return False
@@ -202,6 +208,7 @@ class FakeRepository:
 
     def requeue_stale(self) -> StaleRecovery:
         with self._lock:
+            self._reachable()
             now, requeued, failed = time.monotonic(), [], []
             for row in self.rows.values():
                 if row.status is P and row.lease_expires_at is not None and row.lease_expires_at < now:
@@ -216,6 +223,7 @@ class FakeRepository:
 
     def fail_blocked(self) -> list[str]:
         with self._lock:
+            self._reachable()
             ended = []
             for row in self.rows.values():
                 if row.status is Q and row.dependant_on is not None:
@@ -227,17 +235,15 @@ class FakeRepository:
 
     def register_worker(self, worker_id: str, gpu: str | None) -> None:
         with self._lock:
+            self._reachable()
             self.workers[worker_id] = {"gpu": gpu, "status": "idle", "current_model": None}
 
     def update_worker(self, worker_id: str, status: str, current_model: str | None) -> None:
         with self._lock:  # like SQL's UPDATE: no row, nothing happens
+            self._reachable()
             if worker_id in self.workers:
                 self.workers[worker_id].update(status=status, current_model=current_model)
 
-
-_REPOSITORY_METHODS = frozenset(
-    name for name in vars(FakeRepository) if not name.startswith("_") and callable(getattr(FakeRepository, name))
-) - {"add", "user_cancel", "row"}
 
 Behaviour = Callable[[Task, RunContext], TaskOutcome]
 
