@@ -122,7 +122,7 @@ class SqlTaskRepository:
         return TaskStatus(status) if status else None
 
     def list_tasks(self, status: str | None = None, limit: int = 100) -> list[Task]:
-        query = sa.select(tasks).order_by(tasks.c.created_at.desc(), tasks.c.id).limit(limit)
+        query = sa.select(tasks).order_by(tasks.c.created_at.desc(), self._tiebreak().desc()).limit(limit)
         if status is not None:
             query = query.where(tasks.c.status == status)
         with self._tx() as conn:
@@ -155,6 +155,10 @@ class SqlTaskRepository:
 
     # ---- claiming -----------------------------------------------------------------------------
 
+    def _tiebreak(self) -> sa.ColumnElement[Any]:
+        # SQLite timestamps have millisecond resolution: insertion order (rowid) breaks ties.
+        return sa.literal_column("tasks.rowid") if self._sqlite else tasks.c.id
+
     def _ready(self) -> sa.Select[Any]:
         prerequisite = tasks.alias("prerequisite")
         prerequisite_done = (
@@ -162,8 +166,7 @@ class SqlTaskRepository:
             .where(prerequisite.c.id == tasks.c.dependant_on, prerequisite.c.status == _C)
             .exists()
         )
-        order = [tasks.c.priority.desc(), tasks.c.created_at]
-        order.append(sa.literal_column("tasks.rowid") if self._sqlite else tasks.c.id)
+        order = [tasks.c.priority.desc(), tasks.c.created_at, self._tiebreak()]
         return (
             sa.select(tasks)
             .where(
@@ -176,35 +179,53 @@ class SqlTaskRepository:
         )
 
     def claim_next(self, worker_id: str, lease_s: float, choose: Chooser) -> Task | None:
-        """Atomically move one ready task to In Progress for this worker (attempts + 1)."""
-        query = self._ready()
-        if not self._sqlite:
-            query = query.with_for_update(skip_locked=True, of=tasks)
+        """Atomically move one ready task to In Progress for this worker (attempts + 1).
+
+        Candidates are read without locks; only the chosen row is locked (Postgres: `FOR UPDATE SKIP
+        LOCKED`, so concurrent workers pass over each other's picks instead of waiting or skipping the
+        whole candidate window). If another worker got there first, the next choice is tried.
+        """
         with self._tx() as conn:
-            candidates = [_to_task(row) for row in conn.execute(query).mappings()]
-            chosen = choose(candidates)
-            if chosen is None:
-                return None
-            claimed = (
-                conn.execute(
-                    tasks.update()
-                    .where(tasks.c.id == chosen.id, tasks.c.status == _Q)
-                    .values(
-                        status=_P,
-                        worker_id=worker_id,
-                        attempts=tasks.c.attempts + 1,
-                        lease_expires_at=self._now(lease_s),
-                        run_after=None,
-                        progress=None,
-                        generation_started_at=self._now(),
-                        updated_at=self._now(),
-                    )
-                    .returning(*tasks.c)
-                )
-                .mappings()
-                .first()
+            candidates = [_to_task(row) for row in conn.execute(self._ready()).mappings()]
+            while candidates:
+                chosen = choose(candidates)
+                if chosen is None:
+                    return None
+                claimed = self._claim_row(conn, chosen.id, worker_id, lease_s)
+                if claimed is not None:
+                    return claimed
+                candidates = [task for task in candidates if task.id != chosen.id]
+        return None
+
+    def _claim_row(self, conn: Connection, task_id: str, worker_id: str, lease_s: float) -> Task | None:
+        if not self._sqlite:  # SQLite already holds the write lock (BEGIN IMMEDIATE)
+            lock = (
+                sa.select(tasks.c.id)
+                .where(tasks.c.id == task_id, tasks.c.status == _Q)
+                .with_for_update(skip_locked=True)
             )
-        return _to_task(claimed) if claimed else None
+            if conn.execute(lock).scalar() is None:
+                return None
+        row = (
+            conn.execute(
+                tasks.update()
+                .where(tasks.c.id == task_id, tasks.c.status == _Q)
+                .values(
+                    status=_P,
+                    worker_id=worker_id,
+                    attempts=tasks.c.attempts + 1,
+                    lease_expires_at=self._now(lease_s),
+                    run_after=None,
+                    progress=None,
+                    generation_started_at=self._now(),
+                    updated_at=self._now(),
+                )
+                .returning(*tasks.c)
+            )
+            .mappings()
+            .first()
+        )
+        return _to_task(row) if row else None
 
     # ---- a worker's guarded writes --------------------------------------------------------------
 
