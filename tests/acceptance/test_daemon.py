@@ -122,6 +122,17 @@ def test_priority_order_and_model_switches(sqlite_stack: Stack) -> None:
     assert loads == [False, False, True, False], "M,N,M,N must cost one switch, not four loads"
 
 
+def test_alternating_models_queued_before_start_cost_two_loads(sqlite_stack: Stack) -> None:
+    stack = sqlite_stack
+    ids = [stack.insert("t2v", tiny(f"alt {i}", model=m)) for i, m in enumerate(["tiny_t2v", "tiny_t2v_2_2"] * 2)]
+    stack.start_worker()
+    rows = [stack.wait_status(task_id, ("Complete", "Failed")) for task_id in ids]
+    assert all(row["status"] == "Complete" for row in rows)
+    assert sum(row["result_data"]["model_loaded"] for row in rows) == 2
+    started = [row["id"] for row in sorted(rows, key=lambda row: row["generation_started_at"])]
+    assert started == [ids[0], ids[2], ids[1], ids[3]]
+
+
 def test_dependencies_wait_for_and_fail_with_their_prerequisite(sqlite_stack: Stack) -> None:
     stack = sqlite_stack
     first = stack.insert("t2v", tiny("first"))
