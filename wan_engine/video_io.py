@@ -170,3 +170,25 @@ def read_video_frames(path: Path) -> np.ndarray:
     finally:
         reader.close()
     return np.stack(frames) if frames else np.zeros((0, height, width, 3), dtype=np.uint8)
+
+
+def iter_video_frames(path: Path) -> Iterator[np.ndarray]:
+    """Yield the frames of an MP4 (or a one-frame PNG) one at a time as (H, W, 3) uint8 arrays.
+
+    Streaming counterpart of `read_video_frames`: only one decoded frame is held at a time. The
+    ffmpeg reader is closed when the generator finishes or is closed early.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".png":
+        with Image.open(path) as image:
+            yield np.asarray(image.convert("RGB"))
+        return
+    reader = imageio_ffmpeg.read_frames(str(path))
+    try:
+        meta = next(reader)
+        width, height = meta["size"]
+        for raw in reader:
+            # Copy: frombuffer over bytes is read-only, and callers may blend in place.
+            yield np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3).copy()
+    finally:
+        reader.close()

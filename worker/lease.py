@@ -28,6 +28,7 @@ class LeaseKeeper:
         self._interval_s = interval_s
         self._progress: dict[str, Any] | None = None
         self._written: dict[str, Any] | None = None
+        self._parent: tuple[str, dict[str, Any]] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.lost = threading.Event()
@@ -53,6 +54,11 @@ class LeaseKeeper:
         with self._lock:
             self._progress = progress
 
+    def set_parent_progress(self, parent_id: str, progress: dict[str, Any]) -> None:
+        """Progress of the orchestrator this task belongs to (written with the next beat)."""
+        with self._lock:
+            self._parent = (parent_id, progress)
+
     def flush(self) -> None:
         """Write the latest progress now (used before the final status write)."""
         self._beat()
@@ -64,7 +70,10 @@ class LeaseKeeper:
     def _beat(self) -> None:
         with self._lock:
             progress = self._progress if self._progress is not self._written else None
+            parent, self._parent = self._parent, None
         try:
+            if parent is not None:
+                self._repository.set_progress(*parent)
             alive = self._repository.heartbeat(self._task_id, self._worker_id, self._lease_s, progress)
             if not alive and not self.lost.is_set():
                 self.lost_status = self._repository.get_status(self._task_id)

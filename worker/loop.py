@@ -22,7 +22,7 @@ from worker.lease import LeaseKeeper
 from worker.repository import TaskRepository
 from worker.retry import RetryPolicy, describe
 from worker.scheduling import ModelAffinity
-from worker.task import Task, TaskOutcome, TaskStatus
+from worker.task import Task, TaskDeferred, TaskOutcome, TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ class RunContext:
         self.lease.set_progress({"stage": stage, "step": step, "total_steps": total_steps, "percent": percent, **extra})
         self.check()
 
+    def report_parent(self, progress: dict[str, Any]) -> None:
+        """Record the progress of this task's orchestrator (segments done + this segment's step)."""
+        if self.task.parent_task_id:
+            self.lease.set_parent_progress(self.task.parent_task_id, progress)
+
     def check(self) -> None:
         """Raise if the task must stop now: cancelled, lease lost, or shutdown abort."""
         if self.lease.lost.is_set():
@@ -71,7 +76,7 @@ class TaskRunner(Protocol):
 
     def resident_model(self) -> str | None: ...
     def model_for(self, task: Task) -> str | None: ...
-    def run(self, task: Task, context: RunContext) -> TaskOutcome: ...
+    def run(self, task: Task, context: RunContext) -> TaskOutcome | TaskDeferred: ...
 
 
 class Worker:
@@ -191,7 +196,10 @@ class Worker:
         except Exception as exc:
             self._persist_failure(task, exc, extra)
         else:
-            self._persist_success(task, lease, outcome, extra)
+            if isinstance(outcome, TaskDeferred):
+                self._persist_deferral(task, outcome, extra)
+            else:
+                self._persist_success(task, lease, outcome, extra)
         finally:
             lease.stop()
             self.current_task = None
@@ -219,6 +227,11 @@ class Worker:
         if status is TaskStatus.CANCELLED and outcome.output_location:
             Path(outcome.output_location).unlink(missing_ok=True)
         log.info("task ended %s before its result was recorded; output discarded", status, extra=extra)
+
+    def _persist_deferral(self, task: Task, deferral: TaskDeferred, extra: dict[str, Any]) -> None:
+        worker_id = self.settings.worker_id
+        self._with_db_retry(lambda: self.repository.defer(task.id, worker_id, deferral.wait_for, deferral.progress))
+        log.info("task waits for %s", deferral.wait_for, extra=extra)
 
     def _persist_failure(self, task: Task, exc: Exception, extra: dict[str, Any]) -> None:
         decision = self.policy.decide(exc, task)

@@ -55,6 +55,8 @@ class TaskRepository(Protocol):
     def mark_complete(self, task_id: str, worker_id: str, output: str | None, result: dict[str, Any]) -> bool: ...
     def mark_failed(self, task_id: str, worker_id: str, message: str, result: dict[str, Any] | None = None) -> bool: ...
     def retry_later(self, task_id: str, worker_id: str, message: str, delay_s: float) -> bool: ...
+    def defer(self, task_id: str, worker_id: str, wait_for: str, progress: dict[str, Any] | None) -> bool: ...
+    def set_progress(self, task_id: str, progress: dict[str, Any]) -> bool: ...
     def release(self, task_id: str, worker_id: str) -> bool: ...
     def requeue_stale(self) -> StaleRecovery: ...
     def fail_blocked(self) -> list[str]: ...
@@ -94,22 +96,23 @@ class SqlTaskRepository:
         """Queue a task; returns its id."""
         task_id = task.id or new_task_id()
         with self._tx() as conn:
-            conn.execute(
-                tasks.insert().values(
-                    id=task_id,
-                    task_type=task.task_type,
-                    params=json.dumps(task.params),
-                    status=_Q,
-                    priority=task.priority,
-                    dependant_on=task.dependant_on,
-                    parent_task_id=task.parent_task_id,
-                    attempts=0,
-                    max_attempts=task.max_attempts,
-                    created_at=self._now(),
-                    updated_at=self._now(),
-                )
-            )
+            conn.execute(self._insert_statement(task, task_id))
         return task_id
+
+    def _insert_statement(self, task: NewTask, task_id: str) -> sa.Insert:
+        return tasks.insert().values(
+            id=task_id,
+            task_type=task.task_type,
+            params=json.dumps(task.params),
+            status=_Q,
+            priority=task.priority,
+            dependant_on=task.dependant_on,
+            parent_task_id=task.parent_task_id,
+            attempts=0,
+            max_attempts=task.max_attempts,
+            created_at=self._now(),
+            updated_at=self._now(),
+        )
 
     def get(self, task_id: str) -> Task | None:
         with self._tx() as conn:
@@ -144,14 +147,45 @@ class SqlTaskRepository:
             return {priority: count for priority, count in conn.execute(query).all()}
 
     def cancel(self, task_id: str) -> bool:
-        """Cancel a queued or running task (the worker notices at its next step)."""
+        """Cancel a queued or running task and its open children (the worker notices at its next step)."""
         with self._tx() as conn:
             result = conn.execute(
                 tasks.update()
                 .where(tasks.c.id == task_id, tasks.c.status.in_([_Q, _P]))
                 .values(status=_X, updated_at=self._now(), error_message="cancelled by request")
             )
+            conn.execute(
+                tasks.update()
+                .where(tasks.c.parent_task_id == task_id, tasks.c.status.in_([_Q, _P]))
+                .values(status=_X, updated_at=self._now(), error_message=f"parent task {task_id} was cancelled")
+            )
         return result.rowcount == 1
+
+    def insert_children(self, children: list[NewTask]) -> list[str]:
+        """Insert an orchestrator's child rows; rows whose id already exists are kept as they are, so a
+        re-run after a crash creates no duplicates and keeps children that already completed."""
+        inserted = []
+        with self._tx() as conn:
+            for child in children:
+                assert child.id is not None, "children need deterministic ids"
+                exists = conn.execute(sa.select(tasks.c.id).where(tasks.c.id == child.id)).scalar()
+                if exists is None:
+                    conn.execute(self._insert_statement(child, child.id))
+                    inserted.append(child.id)
+        return inserted
+
+    def children_of(self, parent_id: str) -> list[Task]:
+        query = sa.select(tasks).where(tasks.c.parent_task_id == parent_id).order_by(tasks.c.id)
+        with self._tx() as conn:
+            return [_to_task(row) for row in conn.execute(query).mappings()]
+
+    def set_progress(self, task_id: str, progress: dict[str, Any]) -> bool:
+        """Progress of a task this worker does not hold (an orchestrator waiting on its children)."""
+        return self._write(
+            tasks.update()
+            .where(tasks.c.id == task_id, tasks.c.status.in_([_Q, _P]))
+            .values(progress=progress, updated_at=self._now())
+        )
 
     # ---- claiming -----------------------------------------------------------------------------
 
@@ -280,6 +314,21 @@ class SqlTaskRepository:
             )
         )
 
+    def defer(self, task_id: str, worker_id: str, wait_for: str, progress: dict[str, Any] | None) -> bool:
+        """Put a task back to wait for another one (an orchestrator waiting for its last child);
+        waiting is not an attempt."""
+        return self._write(
+            self._guarded(task_id, worker_id).values(
+                status=_Q,
+                worker_id=None,
+                lease_expires_at=None,
+                dependant_on=wait_for,
+                attempts=sa.case((tasks.c.attempts > 0, tasks.c.attempts - 1), else_=0),
+                progress=progress,
+                updated_at=self._now(),
+            )
+        )
+
     def release(self, task_id: str, worker_id: str) -> bool:
         """Give a task back untouched (shutdown abort): the attempt does not count against it."""
         return self._write(
@@ -340,48 +389,58 @@ class SqlTaskRepository:
         return StaleRecovery(requeued=list(requeued), failed=list(failed))
 
     def fail_blocked(self) -> list[str]:
-        """Queued tasks whose prerequisite ended Failed/Cancelled, or does not exist, end Failed."""
+        """Queued tasks whose prerequisite ended Failed/Cancelled, or does not exist, end Failed; open
+        children of a Cancelled parent are Cancelled."""
         prerequisite = tasks.alias("prerequisite")
-        prerequisite_status = (
-            sa.select(prerequisite.c.status).where(prerequisite.c.id == tasks.c.dependant_on).scalar_subquery()
-        )
+
+        def prerequisite_column(column: str) -> sa.ScalarSelect[Any]:
+            return sa.select(prerequisite.c[column]).where(prerequisite.c.id == tasks.c.dependant_on).scalar_subquery()
+
         prerequisite_exists = sa.select(prerequisite.c.id).where(prerequisite.c.id == tasks.c.dependant_on).exists()
+        parent = tasks.alias("parent")
+        parent_cancelled = (
+            sa.select(parent.c.id).where(parent.c.id == tasks.c.parent_task_id, parent.c.status == _X).exists()
+        )
+        # The prerequisite's own message is quoted, so a chain of dependants names the root cause.
+        ended_message = (
+            sa.literal("prerequisite task ")
+            + tasks.c.dependant_on
+            + sa.literal(" ended ")
+            + prerequisite_column("status")
+            + sa.literal(", so this task cannot run (")
+            + sa.func.coalesce(prerequisite_column("error_message"), "no message")
+            + sa.literal(")")
+        )
+        missing_message = (
+            sa.literal("prerequisite task ")
+            + tasks.c.dependant_on
+            + sa.literal(" does not exist (dependant_on must name an existing task id)")
+        )
+        sweeps = [
+            (sa.and_(tasks.c.status == _Q, prerequisite_column("status").in_([_F, _X])), _F, ended_message),
+            (
+                sa.and_(tasks.c.status == _Q, tasks.c.dependant_on.is_not(None), ~prerequisite_exists),
+                _F,
+                missing_message,
+            ),
+            # A user's raw `UPDATE ... SET status='Cancelled'` on an orchestrator reaches its children here.
+            (
+                sa.and_(tasks.c.status.in_([_Q, _P]), tasks.c.parent_task_id.is_not(None), parent_cancelled),
+                _X,
+                sa.literal("parent task ") + tasks.c.parent_task_id + sa.literal(" was cancelled"),
+            ),
+        ]
+        changed: list[str] = []
         with self._tx() as conn:
-            ended = (
-                conn.execute(
+            for condition, status, message in sweeps:
+                statement = (
                     tasks.update()
-                    .where(tasks.c.status == _Q, prerequisite_status.in_([_F, _X]))
-                    .values(
-                        status=_F,
-                        error_message=sa.literal("prerequisite task ")
-                        + tasks.c.dependant_on
-                        + sa.literal(" ended ")
-                        + prerequisite_status
-                        + sa.literal(", so this task cannot run"),
-                        updated_at=self._now(),
-                    )
+                    .where(condition)
+                    .values(status=status, error_message=message, updated_at=self._now())
                     .returning(tasks.c.id)
                 )
-                .scalars()
-                .all()
-            )
-            missing = (
-                conn.execute(
-                    tasks.update()
-                    .where(tasks.c.status == _Q, tasks.c.dependant_on.is_not(None), ~prerequisite_exists)
-                    .values(
-                        status=_F,
-                        error_message=sa.literal("prerequisite task ")
-                        + tasks.c.dependant_on
-                        + sa.literal(" does not exist (dependant_on must name an existing task id)"),
-                        updated_at=self._now(),
-                    )
-                    .returning(tasks.c.id)
-                )
-                .scalars()
-                .all()
-            )
-        return [*ended, *missing]
+                changed.extend(conn.execute(statement).scalars().all())
+        return changed
 
     # ---- workers table ----------------------------------------------------------------------------
 

@@ -70,3 +70,11 @@ class TaskOutcome:
 
     output_location: str | None
     result_data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskDeferred:
+    """The task must wait for another one first (an orchestrator for its last child); not an attempt."""
+
+    wait_for: str
+    progress: dict[str, Any] | None = None

@@ -1,0 +1,355 @@
+"""Travel between images: the orchestrator, segment and stitch tasks (persistence side).
+
+`travel_between_images` plans, builds guide/mask frames and stitches (pure); this module turns a
+`travel_orchestrator` row into child rows and runs those children:
+
+- the orchestrator inserts one `travel_segment` row per segment (each depending on the previous one)
+  and one `travel_stitch` row depending on the last segment, with deterministic ids
+  (`<parent>-seg000`, ..., `<parent>-stitch`), so running it again after a crash creates no duplicates
+  and reuses segments already Complete; it then waits (deferred on the stitch row) and, once woken,
+  completes with the stitched video. A failing child fails the stitch and then the orchestrator through
+  the dependency sweep, whose message quotes the failing child's id and error.
+- a segment builds its VACE guide and mask (start/end images, the previous segment's tail) and
+  generates through the runner's `SegmentGenerator`;
+- the stitch cross-fades the segment videos into `<parent>.mp4`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+import travel_between_images as travel
+from wan_engine.video_io import iter_video_frames
+from worker.params import MAX_PROMPT_CHARS, InvalidTaskError, describe_validation_error, parse_params_text
+from worker.paths import output_stem, resolve_input_path
+from worker.task import NewTask, Task, TaskDeferred, TaskOutcome, TaskStatus
+
+DEFAULT_TRAVEL_MODEL = "vace_14B_cocktail_2_2"
+PROGRESS_EVERY_S = 0.5  # stitch progress callbacks come per frame; the row needs far fewer
+
+
+class TravelStore(Protocol):
+    """The repository operations travel needs."""
+
+    def insert_children(self, children: list[NewTask]) -> list[str]: ...
+    def children_of(self, parent_id: str) -> list[Task]: ...
+    def get(self, task_id: str) -> Task | None: ...
+
+
+class SegmentGenerator(Protocol):
+    """Generates one VACE segment from guide/mask frames (the runner's model management behind it)."""
+
+    def __call__(
+        self,
+        params: TravelSegmentParams,
+        guide: np.ndarray,
+        mask: np.ndarray,
+        output_path: Path,
+        progress: Callable[[str, int, int], None],
+    ) -> dict[str, Any]: ...
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class TravelSettings(_Strict):
+    """Generation settings shared by every segment of a travel."""
+
+    model: str = Field(default=DEFAULT_TRAVEL_MODEL, min_length=1, max_length=128)
+    resolution: str | None = None
+    num_inference_steps: int | None = Field(default=None, ge=1, le=1000)
+    guidance_scale: float | None = Field(default=None, ge=0, le=50)
+    guidance2_scale: float | None = Field(default=None, ge=0, le=50)
+    flow_shift: float | None = Field(default=None, gt=0, le=100)
+    switch_threshold: float | None = Field(default=None, ge=0, le=1000)
+    fps: int = Field(default=16, ge=1, le=120)
+    crossfade_sharpen: float = Field(default=0.0, ge=0, le=10)
+
+
+class TravelOrchestratorParams(TravelSettings):
+    """`travel_orchestrator` params (DESIGN.md)."""
+
+    input_images: list[str] = Field(min_length=2, max_length=64)
+    base_prompts: str | list[str]
+    negative_prompts: str | list[str] | None = None
+    segment_frames: int | list[int] = 81
+    frame_overlap: int | list[int] = 8
+    seed_base: int = Field(default=-1, ge=-1, le=travel.MAX_SEED)
+
+
+class TravelSegmentParams(TravelSettings):
+    """A `travel_segment` row, written by the orchestrator."""
+
+    orchestrator: str
+    segment_index: int = Field(ge=0)
+    num_segments: int = Field(ge=1)
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = None
+    seed: int = Field(ge=0)
+    frames: int = Field(ge=1, le=travel.MAX_SEGMENT_FRAMES)
+    overlap_in: int = Field(ge=0)
+    start_image: str | None = None
+    end_image: str
+    previous_segment: str | None = None
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """What the VACE call takes besides guide, mask and prompt."""
+        keys = ("resolution", "num_inference_steps", "guidance_scale", "guidance2_scale", "flow_shift")
+        kwargs = {key: getattr(self, key) for key in (*keys, "switch_threshold") if getattr(self, key) is not None}
+        return {**kwargs, "seed": self.seed, "video_length": self.frames, "fps": self.fps}
+
+
+class TravelStitchParams(_Strict):
+    """A `travel_stitch` row, written by the orchestrator."""
+
+    orchestrator: str
+    segments: list[str] = Field(min_length=1)
+    overlaps: list[int]
+    fps: int = Field(ge=1, le=120)
+    crossfade_sharpen: float = Field(default=0.0, ge=0, le=10)
+
+
+def _validate(model: type[_Strict], task: Task) -> Any:
+    params = parse_params_text(task.params_text)
+    try:
+        return model.model_validate(params)
+    except ValidationError as exc:
+        raise InvalidTaskError(describe_validation_error(exc, params)) from None
+
+
+def segment_id(parent_id: str, index: int) -> str:
+    return f"{parent_id}-seg{index:03d}"
+
+
+def stitch_id(parent_id: str) -> str:
+    return f"{parent_id}-stitch"
+
+
+@dataclass
+class TravelCoordinator:
+    """Runs the three travel task types; one instance per worker."""
+
+    store: TravelStore
+    outputs_dir: Path
+    input_roots: Sequence[Path]
+    generate_segment: SegmentGenerator
+    resolution_for: Callable[[str, str | None], tuple[int, int]]  # (model, resolution param) -> (w, h)
+
+    # ---- travel_orchestrator ----------------------------------------------------------------------
+
+    def run_orchestrator(self, task: Task) -> TaskOutcome | TaskDeferred:
+        params: TravelOrchestratorParams = _validate(TravelOrchestratorParams, task)
+        images = [
+            str(resolve_input_path(path, list(self.input_roots), self.outputs_dir, key=f"input_images[{i}]"))
+            for i, path in enumerate(params.input_images)
+        ]
+        self.resolution_for(params.model, params.resolution)  # unknown model / bad resolution fail here
+        children = self.store.children_of(task.id)
+        if not children:
+            seed_base = params.seed_base if params.seed_base >= 0 else int.from_bytes(os.urandom(4), "little")
+            plan = self._plan(params, len(images), seed_base)
+            self.store.insert_children(self._children(task, params, plan, images))
+            children = self.store.children_of(task.id)
+        stitch = next((child for child in children if child.id == stitch_id(task.id)), None)
+        if stitch is None:
+            raise InvalidTaskError(f"travel {task.id} has children but no stitch task {stitch_id(task.id)}")
+        segments = [child for child in children if child.task_type == "travel_segment"]
+        if stitch.status is TaskStatus.COMPLETE:
+            return TaskOutcome(stitch.output_location, self._summary(segments, stitch))
+        failed = next((c for c in [*segments, stitch] if c.status in (TaskStatus.FAILED, TaskStatus.CANCELLED)), None)
+        if failed is not None:
+            raise InvalidTaskError(
+                f"travel child {failed.id} ({failed.task_type}) ended {failed.status.value}: {failed.error_message}"
+            )
+        done = sum(child.status is TaskStatus.COMPLETE for child in segments)
+        progress = {
+            "stage": "waiting_for_segments",
+            "step": done,
+            "total_steps": len(segments),
+            "percent": round(100.0 * done / len(segments), 1),
+        }
+        return TaskDeferred(wait_for=stitch.id, progress=progress)
+
+    @staticmethod
+    def _plan(params: TravelOrchestratorParams, num_images: int, seed_base: int) -> travel.TravelPlan:
+        try:
+            return travel.plan_travel(
+                num_images,
+                params.segment_frames,
+                params.frame_overlap,
+                params.base_prompts,
+                seed_base,
+                negative_prompts=params.negative_prompts,
+            )
+        except travel.TravelPlanError as exc:
+            raise InvalidTaskError(str(exc)) from None
+
+    def _children(
+        self, task: Task, params: TravelOrchestratorParams, plan: travel.TravelPlan, images: list[str]
+    ) -> list[NewTask]:
+        shared = params.model_dump(include=set(TravelSettings.model_fields), exclude_none=True)
+        children = []
+        for segment in plan.segments:
+            previous = segment_id(task.id, segment.index - 1) if segment.index else None
+            child_params = {
+                **shared,
+                "orchestrator": task.id,
+                "segment_index": segment.index,
+                "num_segments": len(plan.segments),
+                "prompt": segment.prompt,
+                "negative_prompt": segment.negative_prompt,
+                "seed": segment.seed,
+                "frames": segment.frames,
+                "overlap_in": segment.overlap_in,
+                "start_image": images[segment.start_image_index] if segment.index == 0 else None,
+                "end_image": images[segment.end_image_index],
+                "previous_segment": previous,
+            }
+            children.append(
+                self._child(task, segment_id(task.id, segment.index), "travel_segment", child_params, previous)
+            )
+        stitch_params = {
+            "orchestrator": task.id,
+            "segments": [segment_id(task.id, s.index) for s in plan.segments],
+            "overlaps": list(plan.overlaps),
+            "fps": params.fps,
+            "crossfade_sharpen": params.crossfade_sharpen,
+        }
+        last = segment_id(task.id, plan.segments[-1].index)
+        children.append(self._child(task, stitch_id(task.id), "travel_stitch", stitch_params, last))
+        return children
+
+    @staticmethod
+    def _child(task: Task, child_id: str, task_type: str, params: dict[str, Any], after: str | None) -> NewTask:
+        return NewTask(
+            task_type=task_type,
+            params=params,
+            id=child_id,
+            priority=task.priority,
+            dependant_on=after,
+            parent_task_id=task.id,
+            max_attempts=task.max_attempts,
+        )
+
+    @staticmethod
+    def _summary(segments: list[Task], stitch: Task) -> dict[str, Any]:
+        return {
+            **(stitch.result_data or {}),
+            "segments": [
+                {
+                    "id": s.id,
+                    "output": s.output_location,
+                    "seed": (s.result_data or {}).get("seed"),
+                    "frames": (s.result_data or {}).get("frames"),
+                }
+                for s in segments
+            ],
+        }
+
+    # ---- travel_segment -----------------------------------------------------------------------------
+
+    def run_segment(
+        self, task: Task, report: Callable[..., None], report_parent: Callable[[dict[str, Any]], None]
+    ) -> TaskOutcome:
+        params: TravelSegmentParams = _validate(TravelSegmentParams, task)
+        width, height = self.resolution_for(params.model, params.resolution)
+        end_image, end_note = travel.fit_image(self._image(params.end_image, "end_image"), width, height)
+        start_image, start_note = None, None
+        if params.start_image is not None:
+            start_image, start_note = travel.fit_image(self._image(params.start_image, "start_image"), width, height)
+        previous_tail = self._previous_tail(params) if params.previous_segment else None
+        plan = travel.SegmentPlan(
+            index=params.segment_index,
+            start_image_index=params.segment_index,
+            end_image_index=params.segment_index + 1,
+            frames=params.frames,
+            own_frames=params.frames - params.overlap_in,
+            overlap_in=params.overlap_in,
+            prompt=params.prompt,
+            negative_prompt=params.negative_prompt,
+            seed=params.seed,
+        )
+        guide, mask = travel.build_segment_guide(plan, width, height, start_image, end_image, previous_tail)
+
+        def progress(stage: str, step: int, total: int) -> None:
+            report(stage, step, total)
+            fraction = (
+                params.segment_index + (step / total if total and stage == "denoising" else 0)
+            ) / params.num_segments
+            report_parent(
+                {
+                    "stage": f"segment {params.segment_index + 1}/{params.num_segments}: {stage}",
+                    "step": step,
+                    "total_steps": total,
+                    "segments_done": params.segment_index,
+                    "segments_total": params.num_segments,
+                    "percent": round(100.0 * fraction, 1),
+                }
+            )
+
+        output_path = self.outputs_dir / f"{output_stem(task.id)}.mp4"
+        result = self.generate_segment(params, guide, mask, output_path, progress)
+        result["inputs_fitted"] = {"start_image": start_note, "end_image": end_note}
+        result["segment_index"] = params.segment_index
+        return TaskOutcome(str(result.get("output_path", output_path)), result)
+
+    def _image(self, path: str, key: str) -> np.ndarray:
+        resolved = resolve_input_path(path, list(self.input_roots), self.outputs_dir, key=key)
+        try:
+            with Image.open(resolved) as image:
+                return np.asarray(image.convert("RGB"))
+        except OSError as exc:
+            raise InvalidTaskError(f"{key} {path!r} is not a readable image: {exc}") from None
+
+    def _previous_tail(self, params: TravelSegmentParams) -> np.ndarray:
+        previous = self.store.get(str(params.previous_segment))
+        if previous is None or previous.status is not TaskStatus.COMPLETE or not previous.output_location:
+            raise InvalidTaskError(f"previous segment {params.previous_segment} has no completed output")
+        tail: deque[np.ndarray] = deque(maxlen=max(1, params.overlap_in))
+        for frame in iter_video_frames(Path(previous.output_location)):
+            tail.append(frame)
+        return np.stack(list(tail))
+
+    # ---- travel_stitch ------------------------------------------------------------------------------
+
+    def run_stitch(self, task: Task, report: Callable[..., None]) -> TaskOutcome:
+        params: TravelStitchParams = _validate(TravelStitchParams, task)
+        paths = []
+        for child_id in params.segments:
+            child = self.store.get(child_id)
+            if child is None or child.status is not TaskStatus.COMPLETE or not child.output_location:
+                raise InvalidTaskError(f"segment {child_id} has no completed output to stitch")
+            paths.append(Path(child.output_location))
+        last_report = 0.0
+
+        def progress(written: int, total: int) -> None:
+            nonlocal last_report
+            if written == total or time.monotonic() - last_report >= PROGRESS_EVERY_S:
+                last_report = time.monotonic()
+                report("stitching", written, total)
+
+        started = time.perf_counter()
+        output = self.outputs_dir / f"{output_stem(params.orchestrator)}.mp4"
+        result = travel.stitch_videos(paths, params.overlaps, output, params.fps, params.crossfade_sharpen, progress)
+        return TaskOutcome(
+            str(result.output_path),
+            {
+                "frames": result.frames,
+                "width": result.width,
+                "height": result.height,
+                "fps": params.fps,
+                "overlaps": params.overlaps,
+                "stitch_seconds": round(time.perf_counter() - started, 3),
+            },
+        )
