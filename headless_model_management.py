@@ -12,15 +12,18 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import psutil
 
 from wan_engine.presets import BUILTIN_PRESETS_DIR, PresetRegistry, load_presets
 from worker.config import WorkerSettings
 from worker.db import DEFAULT_DB_URL, create_db_engine
+from worker.events import EventSink, live_sink
 from worker.loop import RunContext, Worker
 from worker.migrate import upgrade_to_head
 from worker.params import (
@@ -31,9 +34,10 @@ from worker.params import (
     parse_params_text,
     validate_params,
 )
-from worker.paths import output_stem
+from worker.paths import output_stem, resolve_input_path
 from worker.repository import SqlTaskRepository
-from worker.task import NewTask, Task, TaskOutcome, TaskStatus
+from worker.task import NewTask, Task, TaskDeferred, TaskOutcome, TaskStatus
+from worker.travel import TRAVEL_TASK_TYPES, TravelCoordinator, TravelSegmentParams, TravelStore
 
 if TYPE_CHECKING:
     from headless_wgp import WanOrchestrator
@@ -41,8 +45,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WAIT_POLL_S = 0.2
-# The orchestrator method each task mode calls, and the preset architectures it accepts.
-MODE_ARCHITECTURES: dict[str, tuple[str, ...]] = {"t2v": ("t2v",)}
+# The preset architectures each task mode accepts (the orchestrator checks what the weights can do).
+MODE_ARCHITECTURES: dict[str, tuple[str, ...]] = {
+    "t2v": ("t2v", "ti2v"),
+    "vace": ("vace",),
+    "i2v": ("i2v", "flf2v", "ti2v"),
+    "flf2v": ("flf2v", "i2v"),
+    "ti2v": ("ti2v",),
+}
 
 
 @dataclass(frozen=True)
@@ -87,17 +97,29 @@ class TaskInfo:
 class GenerationRunner:
     """Runs a claimed task on the resident model; switches models only when the task needs another."""
 
-    def __init__(self, orchestrator: WanOrchestrator, outputs_dir: Path) -> None:
+    def __init__(
+        self,
+        orchestrator: WanOrchestrator,
+        outputs_dir: Path,
+        input_roots: tuple[Path, ...] = (),
+        store: TravelStore | None = None,
+    ) -> None:
         self.orchestrator = orchestrator
         self.outputs_dir = outputs_dir
+        self.input_roots = tuple(input_roots)  # input files are read only from here and outputs_dir
         self.model_loads = 0
         self.model_switches = 0
         self.load_seconds = 0.0
+        self.travel = (
+            TravelCoordinator(store, outputs_dir, self.input_roots, self._travel_resolution) if store else None
+        )
 
     def resident_model(self) -> str | None:
         return self.orchestrator.current_model
 
     def model_for(self, task: Task) -> str | None:
+        if task.task_type in ("travel_orchestrator", "travel_stitch"):
+            return None  # bookkeeping and ffmpeg only: no model needed
         return model_key_for(task.task_type, task.params_text)
 
     def ensure_model(self, model_key: str, context: RunContext | None = None) -> float | None:
@@ -114,19 +136,28 @@ class GenerationRunner:
         log.info("loaded model in %.2fs (previous: %s)", seconds, previous, extra={"model": model_key})
         return seconds
 
-    def run(self, task: Task, context: RunContext) -> TaskOutcome:
+    def run(self, task: Task, context: RunContext) -> TaskOutcome | TaskDeferred:
+        if task.task_type in TRAVEL_TASK_TYPES:
+            return self._run_travel(task, context)
         params = validate_params(task.task_type, parse_params_text(task.params_text))
         mode = TASK_TYPE_MODES[task.task_type]
         self._check_model(params, mode)
+        inputs = self._input_paths(params)  # before loading anything: a bad path fails at once
         context.check()
         load_s = self.ensure_model(str(params.model), context)
         context.check()
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
         output_path = self.outputs_dir / f"{output_stem(task.id)}.mp4"
-        result = self.orchestrator.generate_t2v(
+        generate = self.orchestrator.generate_t2v
+        if mode == "vace":
+            generate = self.orchestrator.generate_vace
+        elif mode in ("i2v", "flf2v") or (mode == "ti2v" and "image_start" in inputs):
+            generate = self.orchestrator.generate_i2v
+        result = generate(
             params.prompt,
             output_path=output_path,
             progress=lambda event: context.report(event.stage, event.step, event.total_steps),
+            **inputs,
             **params.generation_kwargs(),
         )
         result_data = {
@@ -137,6 +168,63 @@ class GenerationRunner:
             "worker_id": context.worker_id,
         }
         return TaskOutcome(str(result.output_path), result_data)
+
+    # ---- travel between images ---------------------------------------------------------------------
+
+    def _run_travel(self, task: Task, context: RunContext) -> TaskOutcome | TaskDeferred:
+        if self.travel is None:
+            raise InvalidTaskError(f"{task.task_type} tasks need a worker with a task store (the daemon)")
+        self.outputs_dir.mkdir(parents=True, exist_ok=True)
+        if task.task_type == "travel_orchestrator":
+            return self.travel.run_orchestrator(task)
+        if task.task_type == "travel_stitch":
+            return self.travel.run_stitch(task, context.report)
+
+        def generate(
+            params: TravelSegmentParams,
+            guide: np.ndarray,
+            mask: np.ndarray,
+            output_path: Path,
+            progress: Callable[[str, int, int], None],
+        ) -> dict[str, Any]:
+            load_s = self.ensure_model(params.model, context)
+            context.check()
+            result = self.orchestrator.generate_vace(
+                params.prompt,
+                video_guide=guide,
+                video_mask=mask,
+                output_path=output_path,
+                progress=lambda event: progress(event.stage, event.step, event.total_steps),
+                **params.generation_kwargs(),
+            )
+            return {**result.to_dict(), "model_loaded": load_s is not None, "load_seconds": round(load_s or 0.0, 3)}
+
+        return self.travel.run_segment(task, generate, context.report, context.report_parent)
+
+    def _travel_resolution(self, model: str, resolution: str | None) -> tuple[int, int]:
+        """The (width, height) a travel runs at: its resolution param, else the VACE model's preset."""
+        preset = self.orchestrator.presets.get(model)
+        if preset.model.architecture != "vace":
+            raise InvalidTaskError(f"travel needs a VACE model; {model!r} is a {preset.model.architecture} model")
+        value = resolution or preset.settings.resolution or ""
+        width, _, height = value.partition("x")
+        if not (width.isdigit() and height.isdigit()) or int(width) % 16 or int(height) % 16:
+            raise InvalidTaskError(f"resolution = {value!r}: must look like '832x480' with multiples of 16")
+        return int(width), int(height)
+
+    def _input_paths(self, params: GenerationParams) -> dict[str, Any]:
+        """The mode's keys with every file path resolved inside the input roots / outputs dir."""
+        kwargs = params.mode_kwargs()
+        roots = list(self.input_roots)
+        for key in params.PATH_KEYS:
+            value = kwargs.get(key)
+            if isinstance(value, list):
+                kwargs[key] = [
+                    resolve_input_path(v, roots, self.outputs_dir, key=f"{key}[{i}]") for i, v in enumerate(value)
+                ]
+            elif value is not None:
+                kwargs[key] = resolve_input_path(value, roots, self.outputs_dir, key=key)
+        return kwargs
 
     def _check_model(self, params: GenerationParams, mode: str) -> None:
         preset = self.orchestrator.presets.get(str(params.model))
@@ -160,6 +248,7 @@ class HeadlessTaskQueue:
         presets_dir: str | Path | None = None,
         settings: WorkerSettings | None = None,
         orchestrator: WanOrchestrator | None = None,
+        events: EventSink | None = None,
     ) -> None:
         self.settings = settings or WorkerSettings(
             db_url=db_url,
@@ -178,6 +267,7 @@ class HeadlessTaskQueue:
         self.worker: Worker | None = None
         self._thread: threading.Thread | None = None
         self._started_at = time.monotonic()
+        self.events = events  # None: a LiveSink (ETA, monitoring) is built with the worker
 
     # ---- submitting and watching ----------------------------------------------------------------
 
@@ -248,9 +338,15 @@ class HeadlessTaskQueue:
             if self._orchestrator is None:
                 from headless_wgp import WanOrchestrator
 
-                self._orchestrator = WanOrchestrator(self.settings.models_dir, self.presets)
-            self.runner = GenerationRunner(self._orchestrator, self.settings.outputs_dir)
-            self.worker = Worker(self.repository, self.runner, self.settings)
+                self._orchestrator = WanOrchestrator(
+                    self.settings.models_dir, self.presets, allow_download=self.settings.allow_download
+                )
+            self.runner = GenerationRunner(
+                self._orchestrator, self.settings.outputs_dir, tuple(self.settings.input_roots), self.repository
+            )
+            if self.events is None:
+                self.events = live_sink(self.repository, self.presets, self.settings.models_dir)
+            self.worker = Worker(self.repository, self.runner, self.settings, events=self.events)
         return self.worker
 
     def run_forever(self, preload_model: str | None = None, until_idle: bool = False) -> None:

@@ -1,9 +1,11 @@
 """WanOrchestrator: model presets -> resident diffusers pipelines -> generated videos.
 
 The orchestrator keeps at most one model resident, loads another only when asked, and runs
-generations on it. A generation reads like the diffusers pipelines it drives:
-1. resolve + validate params, 2. encode the prompt, 3. denoise (progress/cancel per step),
-4. decode with the VAE, 5. write the video atomically. Nothing here knows about the task queue.
+generations on it: text-to-video, VACE (control video + mask + reference images) and image-to-video
+(start image, optionally an end image). A generation reads like the diffusers pipelines it drives:
+1. resolve + validate params and read the conditioning files, 2. apply the LoRAs, 3. encode the
+prompt, 4. denoise (progress/cancel per step, LoRA schedules), 5. decode with the VAE, 6. write the
+video atomically. Nothing here knows about the task queue.
 """
 
 from __future__ import annotations
@@ -15,21 +17,35 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from wan_engine.errors import InvalidRequestError
+from wan_engine.generation_inputs import prepare_i2v_image, prepare_vace_inputs
 from wan_engine.generation_params import GenerationParams, resolve_params
 from wan_engine.generation_types import GenerationResult, ProgressCallback, ProgressEvent
+from wan_engine.loras import (
+    LoraRequest,
+    apply_loras,
+    describe_loras,
+    parse_lora_multipliers,
+    resolve_lora_path,
+    set_step_weights,
+)
+from wan_engine.model_cache import ModelCache
 from wan_engine.model_sources import resolve_model
 from wan_engine.pipeline_runtime import (
     ExpertRecorder,
     LoadedModel,
+    check_image_conditioning,
     decode_latents,
     encode_prompts,
+    experts_for_steps,
     load_pipeline,
     scheduled,
 )
 from wan_engine.presets import BUILTIN_PRESETS_DIR, PresetRegistry, load_presets
+from wan_engine.speed import eager_blocks
 from wan_engine.video_io import write_video
 
 __all__ = ["GenerationResult", "ProgressCallback", "ProgressEvent", "WanOrchestrator"]
@@ -38,6 +54,10 @@ logger = logging.getLogger(__name__)
 
 MAX_SEQUENCE_LENGTH = 512  # Wan's text length; the pipelines' __call__ default
 T2V_ARCHITECTURES = ("t2v", "ti2v", "vace")  # a VACE model without a guide video is plain T2V
+I2V_ARCHITECTURES = ("i2v", "flf2v", "ti2v")
+MAX_CONTROL_SCALE = 10.0
+MAX_IMAGE_REFS = 16
+BUILTIN_LORAS_DIR = Path(__file__).resolve().parent / "loras"
 
 
 def _peak_rss_gb() -> float | None:
@@ -64,8 +84,9 @@ class WanOrchestrator:
     """Loads Wan models from presets and generates videos with them, one resident model at a time.
 
     `presets` defaults to the built-in `defaults/` presets with `presets_dir` (user files) layered
-    on top. `device` defaults to CUDA when available, else CPU; `dtype` to bfloat16 on CUDA and
-    float32 on CPU. Methods are serialised by a lock: one load or generation at a time.
+    on top. LoRAs are looked up by name in `loras_dir` (default: the repository's `loras/`).
+    `device` defaults to CUDA when available, else CPU; `dtype` to bfloat16 on CUDA and float32 on
+    CPU. Methods are serialised by a lock: one load or generation at a time.
     """
 
     def __init__(
@@ -76,13 +97,18 @@ class WanOrchestrator:
         presets_dir: Path | None = None,
         device: str | None = None,
         dtype: torch.dtype | None = None,
+        allow_download: bool = False,
+        loras_dir: Path | None = None,
     ) -> None:
         self.models_dir = Path(models_dir)
+        self.loras_dir = Path(loras_dir) if loras_dir is not None else BUILTIN_LORAS_DIR
+        self.allow_download = allow_download  # fetch missing Hub weights on load (off: never touch the network)
         self.presets = presets if presets is not None else load_presets(BUILTIN_PRESETS_DIR, presets_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self._loaded: LoadedModel | None = None
         self._lock = threading.RLock()
+        self.model_cache = ModelCache.from_env(self.device)  # recently used models in pinned RAM (WAN_PINNED_CACHE_GB)
 
     # ----- model residency -------------------------------------------------------------------------
 
@@ -101,11 +127,16 @@ class WanOrchestrator:
             preset = self.presets.get(model_key)
             if self.current_model == model_key:
                 return 0.0
-            check = resolve_model(preset, self.models_dir)
+            parked = model_key in self.model_cache  # switching back: a copy from pinned RAM, no disk read
+            check = None if parked else resolve_model(preset, self.models_dir, allow_download=self.allow_download)
             _emit(progress, "loading_model")
             started = time.perf_counter()
-            self.unload_model()  # free the old weights before the new ones arrive
-            self._loaded = load_pipeline(preset, check, self.device, self.dtype)
+            # Free the device before the new weights arrive: park the old model in pinned RAM if it fits.
+            if self._loaded is None or not self.model_cache.park(self.current_model, self._loaded, keep=model_key):
+                self.unload_model()
+            self._loaded = None
+            restored = self.model_cache.take(model_key) if parked else None
+            self._loaded = restored or load_pipeline(preset, check, self.device, self.dtype)  # type: ignore[arg-type]
             seconds = time.perf_counter() - started
             logger.info("model loaded", extra={"model": model_key, "seconds": round(seconds, 3)})
             return seconds
@@ -117,6 +148,7 @@ class WanOrchestrator:
                 return
             key = self._loaded.preset.key
             self._loaded = None
+            self.model_cache.discard(key)  # its pinned copy too, if it had one
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -140,34 +172,189 @@ class WanOrchestrator:
 
         `params` are the common task parameters (negative_prompt, resolution, video_length,
         num_inference_steps, guidance_scale, guidance2_scale, flow_shift, switch_threshold, seed,
-        fps); they override the preset's settings, which override the built-in defaults. A single
-        frame is written as `<output_path stem>.png`. If `progress` raises, the exception
-        propagates unchanged and no output file is left behind.
+        fps, lora_names, lora_multipliers); they override the preset's settings, which override the
+        built-in defaults. A single frame is written as `<output_path stem>.png`. If `progress`
+        raises, the exception propagates unchanged and no output file is left behind.
         """
         with self._lock:
-            loaded = self._loaded
-            if loaded is None:
-                raise InvalidRequestError("No model is loaded: call load_model(<model key>) first.")
-            architecture = loaded.preset.model.architecture
-            if architecture not in T2V_ARCHITECTURES:
-                raise InvalidRequestError(
-                    f"Model {loaded.preset.key!r} has architecture {architecture!r}; text-to-video needs one "
-                    f"of {', '.join(T2V_ARCHITECTURES)}."
-                )
-            resolved = resolve_params(loaded.preset, prompt, params)
-            return self._run_t2v(loaded, resolved, Path(output_path), progress)
+            loaded = self._require(T2V_ARCHITECTURES, "text-to-video")
+            resolved = self._resolve(loaded, prompt, params)
+            return self._run(loaded, resolved, Path(output_path), progress, mode="t2v", call={})
 
-    def _run_t2v(
-        self, loaded: LoadedModel, p: GenerationParams, output_path: Path, progress: ProgressCallback | None
+    def generate_vace(
+        self,
+        prompt: str,
+        *,
+        video_guide: Path | np.ndarray | None,
+        video_mask: Path | np.ndarray | None = None,
+        image_refs: list[Path] | None = None,
+        control_scale: float = 1.0,
+        output_path: Path,
+        progress: ProgressCallback | None = None,
+        **params: Any,
     ) -> GenerationResult:
-        started = time.perf_counter()
+        """VACE generation: follow a control video (`video_guide`), keep what `video_mask` marks black.
+
+        Guide and mask may also be in-memory (F, H, W, 3) uint8 frames (travel segments build them).
+
+        Guide and mask are MP4 (or other ffmpeg) videos or single PNG/JPEG images, fitted to the
+        target resolution (cover + center-crop) and aligned to `video_length` (a short guide is padded
+        with neutral grey frames, a long one trimmed); `image_refs` are reference images;
+        `control_scale` weighs the control signal. result_data records what was done to each input.
+        Other params as `generate_t2v`.
+        """
+        with self._lock:
+            loaded = self._require(("vace",), "VACE")
+            if video_guide is None:
+                raise InvalidRequestError(
+                    f"Model {loaded.preset.key!r} is a VACE model: a vace generation needs video_guide "
+                    "(a control video or image)."
+                )
+            scale = control_scale if control_scale is not None else 1.0
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= MAX_CONTROL_SCALE:
+                raise InvalidRequestError(f"Invalid control_scale: {control_scale!r}; must be from 0 to 10.")
+            refs = [Path(r) for r in (image_refs or [])]
+            if len(refs) > MAX_IMAGE_REFS:
+                raise InvalidRequestError(f"Invalid image_refs: {len(refs)} images; at most {MAX_IMAGE_REFS}.")
+            resolved = self._resolve(loaded, prompt, params)
+            started = time.perf_counter()
+            inputs = prepare_vace_inputs(
+                video_guide if isinstance(video_guide, np.ndarray) else Path(video_guide),
+                video_mask if video_mask is None or isinstance(video_mask, np.ndarray) else Path(video_mask),
+                refs,
+                width=resolved.width,
+                height=resolved.height,
+                num_frames=resolved.video_length,
+            )
+            call = {
+                "video": inputs.video,
+                "mask": inputs.mask,
+                "reference_images": inputs.reference_images or None,
+                "conditioning_scale": float(scale),
+            }
+            notes = {**inputs.notes, "control_scale": float(scale)}
+            return self._run(
+                loaded,
+                resolved,
+                Path(output_path),
+                progress,
+                mode="vace",
+                call=call,
+                notes=notes,
+                inputs_seconds=time.perf_counter() - started,
+                num_reference_images=len(inputs.reference_images),
+            )
+
+    def generate_i2v(
+        self,
+        prompt: str,
+        *,
+        image_start: Path | None,
+        image_end: Path | None = None,
+        output_path: Path,
+        progress: ProgressCallback | None = None,
+        **params: Any,
+    ) -> GenerationResult:
+        """Image-to-video from `image_start`; with `image_end`, first-last-frame interpolation.
+
+        Runs Wan 2.1 I2V / FLF2V (CLIP image encoder), Wan 2.2 I2V A14B (two experts; an end image
+        works too) and Wan 2.2 TI2V-5B (start image only). Images are fitted to the target
+        resolution (cover + center-crop), recorded in result_data. Other params as `generate_t2v`.
+        """
+        with self._lock:
+            loaded = self._require(I2V_ARCHITECTURES, "image-to-video")
+            if image_start is None:
+                raise InvalidRequestError(f"Image-to-video with {loaded.preset.key!r} needs image_start.")
+            check_image_conditioning(loaded, has_end=image_end is not None)
+            resolved = self._resolve(loaded, prompt, params)
+            started = time.perf_counter()
+            size = {"width": resolved.width, "height": resolved.height}
+            start_image, start_note = prepare_i2v_image(Path(image_start), key="image_start", **size)
+            call: dict[str, Any] = {"image": start_image}
+            notes: dict[str, Any] = {"image_start": start_note}
+            if image_end is not None:
+                call["last_image"], notes["image_end"] = prepare_i2v_image(Path(image_end), key="image_end", **size)
+            return self._run(
+                loaded,
+                resolved,
+                Path(output_path),
+                progress,
+                mode="flf2v" if image_end is not None else "i2v",
+                call=call,
+                notes=notes,
+                inputs_seconds=time.perf_counter() - started,
+                pipe=loaded.image_pipeline(),
+            )
+
+    # ----- checks ----------------------------------------------------------------------------------
+
+    def _require(self, architectures: tuple[str, ...], what: str) -> LoadedModel:
+        loaded = self._loaded
+        if loaded is None:
+            raise InvalidRequestError("No model is loaded: call load_model(<model key>) first.")
+        architecture = loaded.preset.model.architecture
+        if architecture not in architectures:
+            raise InvalidRequestError(
+                f"Model {loaded.preset.key!r} has architecture {architecture!r}; {what} needs one of "
+                f"{', '.join(architectures)}."
+            )
+        return loaded
+
+    def _resolve(self, loaded: LoadedModel, prompt: Any, params: dict[str, Any]) -> GenerationParams:
+        resolved = resolve_params(loaded.preset, prompt, params)
+        multiple = loaded.side_multiple
+        if resolved.width % multiple or resolved.height % multiple:
+            raise InvalidRequestError(
+                f"Invalid resolution: '{resolved.width}x{resolved.height}'; model {loaded.preset.key!r} needs "
+                f"width and height in multiples of {multiple}."
+            )
+        return resolved
+
+    def _lora_requests(self, loaded: LoadedModel, p: GenerationParams) -> list[LoraRequest]:
+        """Resolve names and parse multipliers before any work (errors name the bad entry)."""
+        if not p.lora_names:
+            return []
+        multipliers = parse_lora_multipliers(p.lora_multipliers, len(p.lora_names), dual=loaded.is_dual_expert)
+        group = loaded.preset.model.group
+        return [
+            LoraRequest(name, resolve_lora_path(name, self.loras_dir, group), multiplier)
+            for name, multiplier in zip(p.lora_names, multipliers, strict=True)
+        ]
+
+    # ----- the shared generation path ----------------------------------------------------------------
+
+    def _run(
+        self,
+        loaded: LoadedModel,
+        p: GenerationParams,
+        output_path: Path,
+        progress: ProgressCallback | None,
+        *,
+        mode: str,
+        call: dict[str, Any],
+        notes: dict[str, Any] | None = None,
+        inputs_seconds: float = 0.0,
+        num_reference_images: int = 0,
+        pipe: Any = None,
+    ) -> GenerationResult:
+        started = time.perf_counter() - inputs_seconds
         on_cuda = loaded.device.type == "cuda"
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(loaded.device)
         dual = loaded.is_dual_expert
         do_cfg = p.guidance_scale > 1.0  # diffusers' rule: CFG for both experts hangs on guidance_scale
+        boundary = p.switch_threshold / 1000.0 if dual else None
+        experts = experts_for_steps(loaded, p.flow_shift, p.num_inference_steps, boundary)
+        requests = self._lora_requests(loaded, p)
+        prepared = time.perf_counter()
 
-        # 1. Encode the prompt once (timed on its own; the pipeline then gets embeddings).
+        # 1. LoRAs: load (or reuse, or unload) so the pipeline holds exactly this call's set.
+        lora_state = apply_loras(loaded.pipe, loaded.loras, requests, experts)
+        if requests:
+            set_step_weights(loaded.pipe, lora_state, requests, 0, experts)
+        loras_ready = time.perf_counter()
+
+        # 2. Encode the prompt once (timed on its own; the pipeline then gets embeddings).
         _emit(progress, "encoding_prompt")
         prompt_embeds, negative_embeds = encode_prompts(
             loaded.pipe,
@@ -179,24 +366,26 @@ class WanOrchestrator:
         )
         encoded = time.perf_counter()
 
-        # 2. Denoise: per-step timing, progress (and cancel) through callback_on_step_end.
+        # 3. Denoise: per-step timing, progress (and cancel), LoRA schedule through callback_on_step_end.
         recorder = ExpertRecorder()
         step_times: list[float] = []
-        timesteps: list[float] = []
+        timesteps: list[Any] = []
         last_mark = [time.perf_counter()]
 
-        def on_step_end(_pipe: Any, index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict:
+        def on_step_end(step_pipe: Any, index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict:
             now = time.perf_counter()
             step_times.append(now - last_mark[0])
-            last_mark[0] = now
-            timesteps.append(float(timestep))
+            timesteps.append(timestep)  # a device tensor: float() here would sync the GPU every step
             recorder.step = index + 1  # calls from here on belong to the next step
+            if requests and index + 1 < len(experts):
+                set_step_weights(loaded.pipe, lora_state, requests, index + 1, experts)
             _emit(progress, "denoising", index + 1, p.num_inference_steps)
+            last_mark[0] = time.perf_counter()
             return callback_kwargs
 
         _emit(progress, "denoising", 0, p.num_inference_steps)
-        boundary = p.switch_threshold / 1000.0 if dual else None
-        call: dict[str, Any] = {
+        kwargs: dict[str, Any] = {
+            **call,
             "prompt_embeds": prompt_embeds,
             "negative_prompt_embeds": negative_embeds,
             "height": p.height,
@@ -210,23 +399,30 @@ class WanOrchestrator:
             "max_sequence_length": MAX_SEQUENCE_LENGTH,
         }
         if dual:
-            call["guidance_scale_2"] = p.guidance2_scale
+            kwargs["guidance_scale_2"] = p.guidance2_scale
         last_mark[0] = time.perf_counter()
-        with scheduled(loaded, p.flow_shift, boundary) as pipe, recorder.attached(pipe):
-            latents = pipe(**call).frames
+        with (
+            scheduled(loaded, p.flow_shift, boundary, pipe) as run_pipe,
+            recorder.attached(run_pipe),
+            eager_blocks(bool(requests)),  # LoRA scales change per step: compiled blocks would recompile
+        ):
+            latents = run_pipe(**kwargs).frames
         denoised = time.perf_counter()
 
-        # 3. Decode with the VAE.
+        # 4. Decode with the VAE (VACE reference frames are dropped first).
         _emit(progress, "decoding")
-        frames = decode_latents(loaded.pipe, latents)
+        frames = decode_latents(loaded.pipe, latents, num_reference_images)
         decoded = time.perf_counter()
 
-        # 4. Write atomically (temp name + rename).
+        # 5. Write atomically (temp name + rename).
         _emit(progress, "writing_video")
         written_path = write_video(frames, output_path, p.fps)
         finished = time.perf_counter()
 
         steps = len(step_times)
+        observed = recorder.experts_per_step(steps) if dual else None
+        if observed is not None and list(observed) != experts:
+            logger.warning("experts differ from the plan", extra={"planned": experts, "observed": list(observed)})
         result = GenerationResult(
             output_path=written_path,
             model=loaded.preset.key,
@@ -241,10 +437,12 @@ class WanOrchestrator:
             guidance2_scale=p.guidance2_scale if dual else None,
             flow_shift=p.flow_shift,
             switch_threshold=p.switch_threshold if dual else None,
-            timesteps=tuple(timesteps),
-            experts_used=recorder.experts_per_step(steps) if dual else None,
+            timesteps=tuple(float(t) for t in timesteps),
+            experts_used=observed,
             timings={
-                "encode": encoded - started,
+                "inputs": inputs_seconds,
+                "loras": loras_ready - prepared,
+                "encode": encoded - loras_ready,
                 "denoise": denoised - encoded,
                 "decode": decoded - denoised,
                 "write": finished - decoded,
@@ -261,10 +459,23 @@ class WanOrchestrator:
             extra={
                 "transformer_calls_per_step": list(recorder.calls_per_step(steps)),
                 "memory_profile_requested": p.memory_profile_requested,
+                "negative_prompt": p.negative_prompt,
+                "speed": loaded.speed.brief(compiled_ran=not requests) if loaded.speed else None,
             },
+            mode=mode,
+            inputs=notes or {},
+            loras=[
+                {**record, "from_preset": p.loras_from_preset}
+                for record in describe_loras(lora_state, requests, experts, dual)
+            ],
         )
         logger.info(
             "generation finished",
-            extra={"model": result.model, "seed": result.seed, "seconds": round(result.timings["total"], 3)},
+            extra={
+                "model": result.model,
+                "mode": mode,
+                "seed": result.seed,
+                "seconds": round(result.timings["total"], 3),
+            },
         )
         return result

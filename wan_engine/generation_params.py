@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wan_engine.errors import InvalidRequestError
+from wan_engine.loras import MAX_LORAS
 from wan_engine.presets import Preset
 
 BUILTIN_DEFAULTS: dict[str, Any] = {
@@ -43,7 +44,7 @@ _RESOLUTION = re.compile(r"^(\d+)x(\d+)$")
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """Fully resolved, validated parameters of one text-to-video call."""
+    """Fully resolved, validated parameters of one generation (any mode: the inputs come separately)."""
 
     prompt: str
     negative_prompt: str
@@ -60,6 +61,9 @@ class GenerationParams:
     fps: int
     video_length_adjusted_from: int | None = None
     memory_profile_requested: Any = None
+    lora_names: tuple[str, ...] = ()
+    lora_multipliers: str | float | None = None  # raw text; parsed against the loaded model (loras.py)
+    loras_from_preset: bool = False
 
 
 def _bad(name: str, value: Any, allowed: str) -> InvalidRequestError:
@@ -121,9 +125,7 @@ def resolve_params(preset: Preset, prompt: Any, params: dict[str, Any]) -> Gener
         raise InvalidRequestError(f"Unknown parameter(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}.")
     if params.get("model") not in (None, preset.key):
         raise _bad("model", params["model"], f"this call runs the resident model {preset.key!r}")
-    if params.get("lora_names"):
-        # Honest refusal rather than silently generating without the requested LoRAs.
-        raise _bad("lora_names", params["lora_names"], "LoRAs are not supported by this engine yet")
+    lora_names, lora_multipliers, loras_from_preset = _lora_params(preset, params)
     merged = {**BUILTIN_DEFAULTS, **preset.settings.as_params()}
     merged.update({k: v for k, v in params.items() if v is not None and k in BUILTIN_DEFAULTS})
 
@@ -156,4 +158,27 @@ def resolve_params(preset: Preset, prompt: Any, params: dict[str, Any]) -> Gener
         fps=_int("fps", merged["fps"], 1, MAX_FPS),
         video_length_adjusted_from=requested_length if video_length != requested_length else None,
         memory_profile_requested=params.get("memory_profile"),
+        lora_names=lora_names,
+        lora_multipliers=lora_multipliers,
+        loras_from_preset=loras_from_preset,
     )
+
+
+def _lora_params(preset: Preset, params: dict[str, Any]) -> tuple[tuple[str, ...], str | float | None, bool]:
+    """The LoRA names and multiplier text of a call; the preset's `loras` when the call names none."""
+    names = params.get("lora_names")
+    multipliers = params.get("lora_multipliers")
+    if names is None:
+        if not preset.model.loras:
+            if multipliers not in (None, ""):
+                raise _bad("lora_multipliers", multipliers, "needs lora_names")
+            return (), None, False
+        preset_multipliers = " ".join(str(m) for m in preset.model.loras_multipliers) or None
+        return preset.model.loras, multipliers if multipliers is not None else preset_multipliers, True
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise _bad("lora_names", names, 'must be a list of LoRA file names, e.g. ["style.safetensors"]')
+    if len(names) > MAX_LORAS:
+        raise _bad("lora_names", names, f"at most {MAX_LORAS} LoRAs")
+    if multipliers is not None and (isinstance(multipliers, bool) or not isinstance(multipliers, (str, int, float))):
+        raise _bad("lora_multipliers", multipliers, 'must be a string such as "1.0 0.5;0.8"')
+    return tuple(names), multipliers, False

@@ -46,7 +46,7 @@ class GenerationResult:
     switch_threshold: float | None  # None on single-transformer models
     timesteps: tuple[float, ...]  # the scheduler's timestep at each denoising step
     experts_used: tuple[str, ...] | None  # "high"/"low" per step, observed by hooks; None if one transformer
-    timings: dict[str, Any]  # seconds: encode, denoise, decode, write, total, step_times, mean_step
+    timings: dict[str, Any]  # seconds: inputs, loras, encode, denoise, decode, write, total, step_times, mean_step
     memory_profile: Literal["gpu", "cpu"]  # where it actually ran
     device: str
     dtype: str
@@ -54,6 +54,9 @@ class GenerationResult:
     peak_rss_gb: float | None
     video_length_adjusted_from: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    mode: str = "t2v"  # "t2v", "vace", "i2v" or "flf2v" (start + end image)
+    inputs: dict[str, Any] = field(default_factory=dict)  # conditioning files and what was done to fit them
+    loras: list[dict[str, Any]] = field(default_factory=list)  # file, multipliers, experts, weight per step
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (paths as strings, tuples as lists)."""

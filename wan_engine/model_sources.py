@@ -1,29 +1,47 @@
-"""Resolve a preset's `URLs` to a local diffusers folder, without ever downloading.
+"""Resolve a preset's `URLs` / `URLs2` / `base` to local files; download only when allowed.
 
-A source is a folder path (relative ones are taken under the models dir) or a Hugging Face repo id
-looked up as `<models_dir>/<owner>/<name>`, `<models_dir>/<name>` and in the local HF cache.
-`check_model` is the cheap, load-free check behind a worker's start-up report; `resolve_model`
-raises `ModelUnavailableError` with every place it looked and how to fix it.
+A source is one of
+- a diffusers folder path (relative ones are taken under the models dir);
+- a Hugging Face repo id `owner/name`, looked up as `<models_dir>/<owner>/<name>`, `<models_dir>/<name>`
+  and in the local HF cache;
+- a single-file `.safetensors` transformer (original Wan or ComfyUI layout): a path, a repo file
+  `owner/name/file.safetensors`, or a `https://huggingface.co/<owner>/<name>/resolve/<rev>/<file>` URL
+  (Wan2GP style), looked up under the models dir (full path, then file name) and in the HF cache.
+  The rest of the pipeline (VAE, text encoder, tokenizer, scheduler) and the transformer's config come
+  from the preset's `model.base` diffusers folder / repo id (default: the `URLs` folder, when that is one).
+
+`check_model` is the cheap, load-free check (headers only) behind the start-up report and
+`wan-worker models`; `resolve_model` raises `ModelUnavailableError` with every place it looked.
+Every Hub call here passes `local_files_only=True` unless the caller allows downloads.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from wan_engine.errors import ModelUnavailableError
+from wan_engine.model_checks import (
+    PICKLE_SUFFIXES,
+    FolderReport,
+    inspect_pipeline_folder,
+    inspect_single_file,
+    inspect_transformer_folder,
+    pickle_refusal,
+)
 from wan_engine.presets import Preset
 
+log = logging.getLogger(__name__)
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
-# Components without weights, and the file that proves each is there.
-_CONFIG_ONLY = {"scheduler": ("scheduler_config.json",), "tokenizer": _TOKENIZER_FILES}
-_NOT_FOUND = "no folder for"  # problem prefix when no candidate exists (the message lists them anyway)
-_NO_FOLDER = "model_index.json (no candidate folder exists)"
+_HF_URL = re.compile(r"^https?://huggingface\.co/([\w.-]+/[\w.-]+)/(?:resolve|blob)/([^/]+)/(.+)$")
+_HF_REPO_URL = re.compile(r"^https?://huggingface\.co/([\w.-]+/[\w.-]+)/?$")
+# Only what a diffusers pipeline needs; never a pickle.
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
+Status = Literal["present", "missing", "corrupted"]
 
 
 @dataclass(frozen=True)
@@ -31,21 +49,40 @@ class Candidate:
     """One place a source may live, and what we found there."""
 
     path: Path
-    how: str  # "folder", "models dir" or "HF cache"
+    how: str  # "folder", "file", "models dir" or "HF cache"
     exists: bool
 
 
 @dataclass(frozen=True)
+class Download:
+    """Something `--allow-download` would fetch: a repo snapshot or one repo file."""
+
+    repo_id: str
+    filename: str | None = None  # None: a snapshot of the repo
+    revision: str | None = None
+    skip_weights_of: tuple[str, ...] = ()  # components whose weights come from single files
+
+    def describe(self) -> str:
+        """`owner/name` or `owner/name/file` (at a revision)."""
+        text = f"{self.repo_id}/{self.filename}" if self.filename else self.repo_id
+        return f"{text}@{self.revision}" if self.revision else text
+
+
+@dataclass(frozen=True)
 class ModelCheck:
-    """Result of a cheap presence check of a preset's weights (nothing is loaded)."""
+    """Result of a cheap check of a preset's weights (headers read, nothing loaded)."""
 
     key: str
-    status: Literal["present", "missing"]
-    path: Path | None = None  # the folder that will be loaded (status "present")
-    path2: Path | None = None  # the low-noise expert folder, when the preset has URLs2
+    status: Status
+    path: Path | None = None  # the diffusers pipeline folder that is loaded (the base, for single files)
+    path2: Path | None = None  # the low-noise expert folder, when URLs2 names a folder
+    single_file: Path | None = None  # the transformer, when URLs names a .safetensors file
+    single_file_2: Path | None = None  # the low-noise expert, when URLs2 names a .safetensors file
     candidates: tuple[Candidate, ...] = ()
-    missing: tuple[str, ...] = ()  # files, relative to the chosen folder
-    problems: tuple[str, ...] = ()  # sentences: pickles only, unsupported source, ...
+    missing: tuple[str, ...] = ()  # files (absolute, or relative to the chosen folder)
+    corrupted: tuple[str, ...] = ()  # sentences naming the file and what is wrong with it
+    problems: tuple[str, ...] = ()  # sentences: pickles only, unsupported source, no base, ...
+    downloads: tuple[Download, ...] = ()  # what --allow-download would fetch
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form for a start-up report or a CLI."""
@@ -54,25 +91,77 @@ class ModelCheck:
             "status": self.status,
             "path": str(self.path) if self.path else None,
             "path2": str(self.path2) if self.path2 else None,
+            "single_file": str(self.single_file) if self.single_file else None,
+            "single_file_2": str(self.single_file_2) if self.single_file_2 else None,
             "candidates": [{"path": str(c.path), "how": c.how, "exists": c.exists} for c in self.candidates],
             "missing": list(self.missing),
+            "corrupted": list(self.corrupted),
             "problems": list(self.problems),
+            "downloadable": [d.describe() for d in self.downloads],
         }
 
 
 @dataclass
-class _FolderReport:
-    missing: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+class _Found:
+    """Outcome of looking up one role (URLs, URLs2 or base) through its sources."""
+
+    path: Path | None = None
+    is_file: bool = False
+    candidates: list[Candidate] = field(default_factory=list)
+    report: FolderReport = field(default_factory=FolderReport)
+    downloads: list[Download] = field(default_factory=list)
 
 
-def _hf_cache_snapshot(repo_id: str) -> Path | None:
+@dataclass(frozen=True)
+class _Source:
+    text: str
+    kind: Literal["path", "repo", "hf_file", "refused"]
+    repo_id: str | None = None
+    filename: str | None = None
+    revision: str | None = None
+    reason: str = ""
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind == "hf_file" or self.text.endswith(".safetensors")
+
+
+def parse_source(text: str) -> _Source:
+    """Classify a `URLs` entry: local path, repo id, Hub file (repo path or URL), or refused."""
+    text = text.strip()
+    if (match := _HF_URL.match(text)) is not None:
+        return _Source(text, "hf_file", match[1], match[3], None if match[2] == "main" else match[2])
+    if (match := _HF_REPO_URL.match(text)) is not None:
+        return _Source(text, "repo", match[1])
+    if "://" in text:
+        return _Source(text, "refused", reason=f"{text!r}: only Hugging Face URLs and local paths are supported")
+    if text.endswith(PICKLE_SUFFIXES):
+        return _Source(text, "refused", reason=pickle_refusal(text))
+    parts = text.split("/")
+    if text.endswith(".safetensors") and len(parts) >= 3 and _REPO_ID.match("/".join(parts[:2])):
+        return _Source(text, "hf_file", "/".join(parts[:2]), "/".join(parts[2:]))
+    if _REPO_ID.match(text) and not text.startswith(".") and not Path(text).expanduser().is_absolute():
+        return _Source(text, "repo", text)
+    return _Source(text, "path")
+
+
+def _hf_cache_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
     """The local HF cache snapshot of `repo_id`, never touching the network."""
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except Exception:  # not cached (LocalEntryNotFoundError) or hub not importable: just absent
+        return None
+
+
+def _hf_cache_file(repo_id: str, filename: str, revision: str | None) -> Path | None:
+    """The local HF cache copy of one repo file, never touching the network."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=True))
+    except Exception:  # not cached, or hub not importable
         return None
 
 
@@ -82,163 +171,198 @@ def _hf_cache_dir(repo_id: str) -> Path:
     return Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
 
 
+def _candidate(path: Path, how: str) -> Candidate:
+    return Candidate(path, how, path.exists())
+
+
 def candidate_paths(source: str, models_dir: Path) -> list[Candidate]:
-    """Every place `source` may live, in lookup order."""
+    """Every place `source` may live, in lookup order (the HF cache is looked up offline)."""
     models_dir = Path(models_dir)
-    path = Path(source).expanduser()
+    parsed = parse_source(source)
+    if parsed.kind == "refused":
+        return []
+    if parsed.kind == "hf_file":
+        assert parsed.repo_id is not None and parsed.filename is not None
+        name = Path(parsed.filename).name
+        candidates = [_candidate(models_dir / parsed.repo_id / parsed.filename, "models dir")]
+        candidates.append(_candidate(models_dir / name, "models dir"))
+        cached = _hf_cache_file(parsed.repo_id, parsed.filename, parsed.revision)
+        where = cached or _hf_cache_dir(parsed.repo_id) / "snapshots" / "<revision>" / parsed.filename
+        candidates.append(Candidate(where, "HF cache", cached is not None))
+        return candidates
+    path = Path(parsed.text).expanduser()
     if path.is_absolute():
-        return [Candidate(path, "folder", path.exists())]
-    candidates = [Candidate(models_dir / path, "models dir", (models_dir / path).exists())]
-    if _REPO_ID.match(source) and not source.startswith("."):
-        short = models_dir / source.split("/", 1)[1]
-        candidates.append(Candidate(short, "models dir", short.exists()))
-        snapshot = _hf_cache_snapshot(source)
-        cache = snapshot if snapshot is not None else _hf_cache_dir(source)
+        return [_candidate(path, "file" if parsed.is_file else "folder")]
+    candidates = [_candidate(models_dir / path, "models dir")]
+    if parsed.kind == "repo":
+        assert parsed.repo_id is not None
+        candidates.append(_candidate(models_dir / parsed.repo_id.split("/", 1)[1], "models dir"))
+        snapshot = _hf_cache_snapshot(parsed.repo_id)
+        cache = snapshot if snapshot is not None else _hf_cache_dir(parsed.repo_id)
         candidates.append(Candidate(cache, "HF cache", snapshot is not None))
     return candidates
 
 
-def _weights_report(component_dir: Path, name: str, report: _FolderReport) -> None:
-    """Require safetensors weights (whole or sharded) in a model component folder."""
-    files = [p for p in component_dir.iterdir() if p.is_file()] if component_dir.is_dir() else []
-    if not any(f.name == "config.json" for f in files):
-        report.missing.append(f"{name}/config.json")
-    shard_indexes = [f for f in files if f.name.endswith(".safetensors.index.json")]
-    for index in shard_indexes:
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError):
-            report.problems.append(f"{name}/{index.name} is not a readable shard index")
-            continue
-        report.missing.extend(f"{name}/{s}" for s in sorted(shards) if not (component_dir / s).is_file())
-    if shard_indexes or any(f.suffix == ".safetensors" for f in files):
-        return
-    pickles = sorted(f.name for f in files if f.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        report.problems.append(
-            f"{name}/ holds only pickle weights ({', '.join(pickles)}); they are never loaded because "
-            "unpickling can run code: convert them to .safetensors"
-        )
-    report.missing.append(f"{name}/*.safetensors")
-
-
-def inspect_folder(folder: Path, *, need_transformer_2: bool = False) -> tuple[list[str], list[str]]:
-    """List the missing files and the problems of a diffusers pipeline folder."""
-    report = _FolderReport()
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except FileNotFoundError:
-        return ["model_index.json"], []
-    except (OSError, ValueError) as exc:
-        return [], [f"model_index.json is unreadable ({exc})"]
-    components = {
-        name: value
-        for name, value in index.items()
-        if not name.startswith("_") and isinstance(value, list) and value and value[0] is not None
-    }
-    if need_transformer_2 and "transformer_2" not in components:
-        report.missing.append("transformer_2 (the low-noise expert of a Wan 2.2 model)")
-    for name in components:
-        sub = folder / name
-        if name in _CONFIG_ONLY:
-            if not any((sub / f).is_file() for f in _CONFIG_ONLY[name]):
-                report.missing.append(f"{name}/{_CONFIG_ONLY[name][0]}")
-        else:
-            _weights_report(sub, name, report)
-    return report.missing, report.problems
-
-
-def inspect_transformer_folder(folder: Path) -> tuple[list[str], list[str]]:
-    """Missing files / problems of a lone transformer folder (a `URLs2` expert)."""
-    if (folder / "model_index.json").is_file():
-        folder = folder / "transformer"  # a whole pipeline folder: its transformer is the expert
-    report = _FolderReport()
-    _weights_report(folder, folder.name, report)
-    return report.missing, report.problems
-
-
-def _check_source(
-    sources: tuple[str, ...], models_dir: Path, inspect: Any
-) -> tuple[Path | None, list[Candidate], list[str], list[str]]:
-    """Try each source in order; return the first complete folder, else what was wrong."""
-    all_candidates: list[Candidate] = []
-    missing: list[str] = []
-    problems: list[str] = []
+def _locate(sources: tuple[str, ...], models_dir: Path, inspect_folder: Any, skip: tuple[str, ...] = ()) -> _Found:
+    """Try each source in order; the first complete folder or file wins, else everything that was wrong."""
+    found = _Found()
     for source in sources:
-        if source.endswith(".safetensors") or "://" in source:
-            problems.append(
-                f"{source!r} is a single-file checkpoint or URL; this engine loads diffusers folders only "
-                "(model_index.json + component folders)"
-            )
+        parsed = parse_source(source)
+        if parsed.kind == "refused":
+            found.report.problems.append(parsed.reason)
             continue
         candidates = candidate_paths(source, models_dir)
-        all_candidates.extend(candidates)
-        if not any(c.exists for c in candidates):
-            problems.append(f"{_NOT_FOUND} {source!r} at {', '.join(str(c.path) for c in candidates)}")
+        found.candidates.extend(candidates)
         for candidate in candidates:
             if not candidate.exists:
                 continue
-            found_missing, found_problems = inspect(candidate.path)
-            if not found_missing and not found_problems:
-                return candidate.path, all_candidates, [], []
-            missing.extend(f"{candidate.path}/{m}" for m in found_missing)
-            problems.extend(f"{candidate.path}/{p}" for p in found_problems)
-    if not missing:
-        missing.append(_NO_FOLDER)
-    return None, all_candidates, missing, problems
+            is_file = candidate.path.is_file()
+            if is_file and not parsed.is_file:
+                found.report.problems.append(f"{candidate.path} is a file; {source!r} should name a diffusers folder")
+                continue
+            report = inspect_single_file(candidate.path) if is_file else inspect_folder(candidate.path)
+            if report.ok:
+                return _Found(candidate.path, is_file, found.candidates)
+            prefix = "" if is_file else f"{candidate.path}/"
+            found.report.missing += [f"{prefix}{m}" for m in report.missing]
+            found.report.corrupted += report.corrupted
+            found.report.problems += [f"{prefix}{p}" for p in report.problems]
+        if parsed.repo_id is not None:
+            found.downloads.append(Download(parsed.repo_id, parsed.filename, parsed.revision, skip))
+        if not any(c.exists for c in candidates):
+            what = "file" if parsed.is_file else "diffusers folder (model_index.json)"
+            looked = ", ".join(str(c.path) for c in candidates)
+            found.report.missing.append(f"{source}: no {what} at {looked}")
+    return found
 
 
 def check_model(preset: Preset, models_dir: Path) -> ModelCheck:
-    """Cheap check (no loading) that a preset's weights are on this machine, in safetensors."""
-    need_t2 = preset.is_dual_expert and not preset.model.urls2
-    path, candidates, missing, problems = _check_source(
-        preset.model.urls, models_dir, lambda p: inspect_folder(p, need_transformer_2=need_t2)
-    )
-    path2 = None
-    if preset.model.urls2:
-        path2, candidates2, missing2, problems2 = _check_source(
-            preset.model.urls2, models_dir, inspect_transformer_folder
-        )
-        candidates += candidates2
-        missing += missing2
-        problems += problems2
-    ok = path is not None and (path2 is not None or not preset.model.urls2)
+    """Cheap check (safetensors headers, no loading, no network) that a preset's weights are usable."""
+    models_dir = Path(models_dir)
+    urls2 = preset.model.urls2
+    need_t2 = preset.is_dual_expert and not urls2
+    primary = _locate(preset.model.urls, models_dir, lambda p: inspect_pipeline_folder(p, need_transformer_2=need_t2))
+    second = _locate(urls2, models_dir, inspect_transformer_folder) if urls2 else _Found()
+    found = [primary, second] if urls2 else [primary]
+    # Judge by what was found; when nothing was, by the first source's name.
+    primary_file = primary.is_file if primary.path else parse_source(preset.model.urls[0]).is_file
+    second_file = bool(urls2) and (second.is_file if second.path else parse_source(urls2[0]).is_file)
+
+    # A single-file transformer needs a diffusers base: model.base (the URLs folder is its own base).
+    base = _Found(primary.path)
+    if primary_file:
+        skip = ("transformer", "transformer_2") if second_file else ("transformer",)
+        base = _Found()
+        if preset.model.base:
+            base = _locate(
+                (preset.model.base,),
+                models_dir,
+                lambda p: inspect_pipeline_folder(p, need_transformer_2=need_t2, config_only=frozenset(skip)),
+                skip=skip,
+            )
+        else:
+            base.report.problems.append(
+                f"URLs names a single-file checkpoint ({preset.model.urls[0]}): set the preset's model.base to "
+                "the diffusers folder or repo id it belongs to (transformer config, VAE, text encoder, tokenizer)"
+            )
+        found.append(base)
+
+    ok = all(f.path is not None for f in found)
+    corrupted = [c for f in found for c in f.report.corrupted]
+    status: Status = "present" if ok else ("corrupted" if corrupted else "missing")
     return ModelCheck(
         key=preset.key,
-        status="present" if ok else "missing",
-        path=path,
-        path2=path2,
-        candidates=tuple(candidates),
-        missing=() if ok else tuple(missing),
-        problems=() if ok else tuple(problems),
+        status=status,
+        path=base.path if ok else None,
+        path2=second.path if ok and urls2 and not second.is_file else None,
+        single_file=primary.path if ok and primary.is_file else None,
+        single_file_2=second.path if ok and second.is_file else None,
+        candidates=tuple(c for f in found for c in f.candidates),
+        missing=() if ok else tuple(m for f in found for m in f.report.missing),
+        corrupted=() if ok else tuple(corrupted),
+        problems=() if ok else tuple(p for f in found for p in f.report.problems),
+        downloads=() if ok else tuple(d for f in found for d in f.downloads),
     )
 
 
-def unavailable_message(preset: Preset, check: ModelCheck, models_dir: Path) -> str:
-    """A message a person can act on: what was looked for, where, and how to fix it."""
+def summary(check: ModelCheck) -> str:
+    """One line for a log or a table: where it is, or what is wrong."""
+    if check.status == "present":
+        files = (check.single_file, check.single_file_2, check.path2, check.path)
+        return " + ".join(str(p) for p in files if p is not None)
+    if check.status == "corrupted":
+        return "corrupted: " + "; ".join(check.corrupted)
+    parts = [f"missing: {', '.join(check.missing)}"] if check.missing else []
+    return "; ".join(parts + list(check.problems))
+
+
+def unavailable_message(preset: Preset, check: ModelCheck, models_dir: Path, *, allow_download: bool = False) -> str:
+    """A message a person can act on: what was looked for, where, what is wrong, how to fix it."""
     sources = " / ".join(repr(s) for s in preset.model.urls + (preset.model.urls2 or ()))
+    if preset.model.base:
+        sources += f" (base {preset.model.base!r})"
     looked = "; ".join(f"{c.path} ({c.how}: {'incomplete' if c.exists else 'not found'})" for c in check.candidates)
-    parts = [f"Model {preset.key!r} is not available: looked for the diffusers folder of {sources}"]
+    state = "is corrupted" if check.status == "corrupted" else "is not available"
+    parts = [f"Model {preset.key!r} {state}: looked for {sources}"]
     if looked:
         parts.append(f"at: {looked}.")
-    # The candidate list above already says what was not found; add only what was wrong elsewhere.
-    missing = [m for m in check.missing if m != _NO_FOLDER]
-    problems = [p for p in check.problems if not p.startswith(_NOT_FOUND)]
-    if missing:
-        parts.append(f"Missing: {', '.join(missing)}.")
-    if problems:
-        parts.append(f"Problems: {'; '.join(problems)}.")
+    if check.corrupted:
+        parts.append(f"Corrupted: {'; '.join(check.corrupted)}.")
+    if check.missing:
+        parts.append(f"Missing: {', '.join(check.missing)}.")
+    if check.problems:
+        parts.append(f"Problems: {'; '.join(check.problems)}.")
+    first = parse_source(preset.model.urls[0])
+    where = Path(models_dir) / (first.repo_id or first.text) if first.kind != "hf_file" else Path(models_dir)
     parts.append(
-        f"Fix: put the diffusers folder (model_index.json + component folders, safetensors weights) at "
-        f"{Path(models_dir) / preset.model.urls[0]} or pass --models-dir pointing at the folder that "
-        "holds it. Nothing is downloaded automatically."
+        f"Fix: put the diffusers folder (model_index.json + component folders, safetensors weights) or the "
+        f".safetensors file at {where}, or pass --models-dir pointing at the folder that holds it."
     )
+    if check.downloads and not allow_download:
+        wanted = ", ".join(d.describe() for d in check.downloads)
+        parts.append(f"Nothing is downloaded unless --allow-download is given (it would fetch {wanted}).")
+    elif not check.downloads:
+        parts.append("Nothing is downloaded automatically.")
     return " ".join(parts)
 
 
-def resolve_model(preset: Preset, models_dir: Path) -> ModelCheck:
-    """The check of a preset whose weights are present; `ModelUnavailableError` otherwise."""
+def download(item: Download) -> Path:
+    """Fetch a repo snapshot (safetensors, configs, tokenizer files only) or one file into the HF cache."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    log.warning("downloading %s from the Hugging Face Hub", item.describe())
+    if item.filename is not None:
+        return Path(hf_hub_download(item.repo_id, item.filename, revision=item.revision, local_files_only=False))
+    ignore = [f"{name}/*.safetensors" for name in item.skip_weights_of]
+    ignore += [f"{name}/*.safetensors.index.json" for name in item.skip_weights_of]
+    return Path(
+        snapshot_download(
+            item.repo_id,
+            revision=item.revision,
+            allow_patterns=DOWNLOAD_PATTERNS,
+            ignore_patterns=ignore or None,
+            local_files_only=False,
+        )
+    )
+
+
+def resolve_model(preset: Preset, models_dir: Path, *, allow_download: bool = False) -> ModelCheck:
+    """The check of a usable preset; `ModelUnavailableError` with the full report otherwise.
+
+    With `allow_download`, a missing Hub source (repo or file) is downloaded into the HF cache and
+    the preset checked again; corrupted local files are never replaced silently.
+    """
     check = check_model(preset, models_dir)
+    if check.status == "missing" and allow_download and check.downloads:
+        for item in check.downloads:
+            try:
+                download(item)
+            except Exception as exc:  # network, auth, missing repo: report it with the rest
+                raise ModelUnavailableError(
+                    f"Model {preset.key!r}: downloading {item.describe()} failed ({exc.__class__.__name__}: {exc}). "
+                    + unavailable_message(preset, check, models_dir, allow_download=True)
+                ) from exc
+        check = check_model(preset, models_dir)
     if check.status != "present":
-        raise ModelUnavailableError(unavailable_message(preset, check, models_dir))
+        raise ModelUnavailableError(unavailable_message(preset, check, models_dir, allow_download=allow_download))
     return check

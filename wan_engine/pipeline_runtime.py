@@ -16,9 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from wan_engine.errors import ModelUnavailableError
+from wan_engine.errors import InvalidRequestError, ModelUnavailableError
+from wan_engine.loras import LoraState
 from wan_engine.model_sources import ModelCheck
 from wan_engine.presets import Preset
+from wan_engine.single_file import load_single_file_transformers
+from wan_engine.speed import SpeedReport, apply_speed_path
 
 # Which diffusers pipeline classes serve each preset architecture.
 PIPELINE_CLASSES: dict[str, tuple[str, ...]] = {
@@ -43,11 +46,52 @@ class LoadedModel:
     source: Path
     default_boundary_ratio: float | None = None
     hooks: list[Any] = field(default_factory=list)
+    loras: LoraState = field(default_factory=LoraState)
+    image_view: Any = None  # TI2V: a WanImageToVideoPipeline over the same modules, built on first use
+    speed: SpeedReport | None = None  # what the CUDA speed path did (attention kernel, compiled blocks)
 
     @property
     def is_dual_expert(self) -> bool:
         """True when the loaded pipeline really holds a second (low-noise) transformer."""
         return getattr(self.pipe, "transformer_2", None) is not None
+
+    @property
+    def main_transformer(self) -> Any:
+        """The transformer that defines the model's shape (the high-noise expert on Wan 2.2)."""
+        return self.pipe.transformer if self.pipe.transformer is not None else self.pipe.transformer_2
+
+    @property
+    def side_multiple(self) -> int:
+        """Width and height must be multiples of this: VAE compression x transformer patch size."""
+        return int(self.pipe.vae_scale_factor_spatial * self.main_transformer.config.patch_size[1])
+
+    @property
+    def expand_timesteps(self) -> bool:
+        """True for Wan 2.2 TI2V-5B-style pipelines (per-token timesteps; image-conditioned through latents)."""
+        return bool(self.pipe.config.get("expand_timesteps", False))
+
+    def image_pipeline(self) -> Any:
+        """The pipeline that takes a start (and end) image: the loaded one, or for TI2V an I2V view of it.
+
+        diffusers runs TI2V-5B image-to-video through WanImageToVideoPipeline with expand_timesteps;
+        the view shares every module with the loaded WanPipeline, so it costs no memory.
+        """
+        if type(self.pipe).__name__ == "WanImageToVideoPipeline":
+            return self.pipe
+        if self.image_view is None:
+            from diffusers import WanImageToVideoPipeline
+
+            components = {k: v for k, v in self.pipe.components.items() if k in _I2V_COMPONENTS}
+            self.image_view = WanImageToVideoPipeline(
+                **components,
+                boundary_ratio=self.pipe.config.boundary_ratio,
+                expand_timesteps=self.expand_timesteps,
+            )
+            self.image_view.set_progress_bar_config(disable=True)
+        return self.image_view
+
+
+_I2V_COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler", "transformer", "transformer_2")
 
 
 def _pipeline_class_name(folder: Path) -> str:
@@ -78,15 +122,17 @@ def load_pipeline(preset: Preset, check: ModelCheck, device: torch.device, dtype
         check.path, subfolder="vae", dtype=torch.float32, use_safetensors=True
     )
     kwargs: dict[str, Any] = {"vae": vae, "dtype": dtype, "use_safetensors": True}
+    kwargs.update(load_single_file_transformers(check, class_name, dtype))  # URLs/URLs2 as .safetensors files
     if check.path2 is not None:
         is_vace = class_name == "WanVACEPipeline"
         transformer_cls = diffusers.WanVACETransformer3DModel if is_vace else diffusers.WanTransformer3DModel
         kwargs["transformer_2"] = _load_expert(check.path2, transformer_cls, dtype)
     pipe = getattr(diffusers, class_name).from_pretrained(check.path, **kwargs)
-    if check.path2 is not None and pipe.config.boundary_ratio is None:
+    if "transformer_2" in kwargs and pipe.config.boundary_ratio is None:
         pipe.register_to_config(boundary_ratio=DEFAULT_BOUNDARY_RATIO)
     pipe.set_progress_bar_config(disable=True)  # progress is reported as events, not a log bar
     pipe.to(device)
+    speed = apply_speed_path(pipe, device)  # CUDA only: probed attention kernel + regional compile (WAN_SPEED)
     return LoadedModel(
         preset=preset,
         pipe=pipe,
@@ -95,6 +141,7 @@ def load_pipeline(preset: Preset, check: ModelCheck, device: torch.device, dtype
         dtype=dtype,
         source=check.path,
         default_boundary_ratio=pipe.config.boundary_ratio,
+        speed=speed,
     )
 
 
@@ -111,9 +158,9 @@ def scheduler_with_shift(base_scheduler: Any, flow_shift: float) -> Any:
 
 
 @contextmanager
-def scheduled(loaded: LoadedModel, flow_shift: float, boundary_ratio: float | None) -> Iterator[Any]:
-    """Apply a call's flow shift (and expert boundary) to the pipeline; restore both afterwards."""
-    pipe = loaded.pipe
+def scheduled(loaded: LoadedModel, flow_shift: float, boundary_ratio: float | None, pipe: Any = None) -> Iterator[Any]:
+    """Apply a call's flow shift (and expert boundary) to `pipe` (default: the loaded one); restore both."""
+    pipe = loaded.pipe if pipe is None else pipe
     pipe.scheduler = scheduler_with_shift(loaded.base_scheduler, flow_shift)
     if loaded.is_dual_expert:
         pipe.register_to_config(boundary_ratio=boundary_ratio)
@@ -123,6 +170,44 @@ def scheduled(loaded: LoadedModel, flow_shift: float, boundary_ratio: float | No
         pipe.scheduler = loaded.base_scheduler
         if loaded.is_dual_expert:
             pipe.register_to_config(boundary_ratio=loaded.default_boundary_ratio)
+
+
+def check_image_conditioning(loaded: LoadedModel, *, has_end: bool) -> None:
+    """Refuse image inputs the loaded transformer cannot take (the pipelines would fail obscurely).
+
+    Wan 2.1 I2V: start image only (CLIP). Wan 2.1 FLF2V: start and end (CLIP over both, with a learnt
+    position embedding). Wan 2.2 I2V: start, optionally end (latents only). TI2V-5B: start only.
+    """
+    config = loaded.main_transformer.config
+    key = loaded.preset.key
+    if loaded.expand_timesteps and has_end:
+        raise InvalidRequestError(
+            f"Model {key!r} (TI2V) conditions on a start image only; image_end needs a first-last-frame model "
+            "(flf2v_14B) or a Wan 2.2 I2V model (i2v_2_2)."
+        )
+    if config.image_dim is not None and config.pos_embed_seq_len is not None and not has_end:
+        raise InvalidRequestError(f"Model {key!r} is a first-last-frame model: give image_end as well.")
+    if config.image_dim is not None and config.pos_embed_seq_len is None and has_end:
+        raise InvalidRequestError(
+            f"Model {key!r} (Wan 2.1 I2V) takes a start image only; for image_end use a first-last-frame "
+            "model (flf2v_14B) or a Wan 2.2 I2V model (i2v_2_2)."
+        )
+
+
+def experts_for_steps(
+    loaded: LoadedModel, flow_shift: float, num_steps: int, boundary_ratio: float | None
+) -> list[str]:
+    """Which expert the pipeline will run at each step ("high" throughout on one transformer).
+
+    Computed ahead of the call, from the same scheduler the call uses, with the pipelines' own rule
+    (timestep >= boundary_ratio x num_train_timesteps -> high-noise expert).
+    """
+    if not loaded.is_dual_expert or boundary_ratio is None:
+        return ["high"] * num_steps
+    scheduler = scheduler_with_shift(loaded.base_scheduler, flow_shift)
+    scheduler.set_timesteps(num_steps, device="cpu")
+    boundary = boundary_ratio * scheduler.config.num_train_timesteps
+    return ["high" if float(t) >= boundary else "low" for t in scheduler.timesteps]
 
 
 class ExpertRecorder:

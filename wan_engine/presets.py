@@ -42,6 +42,9 @@ class ModelSpec(BaseModel):
     architecture: Architecture
     urls: tuple[str, ...] = Field(alias="URLs", min_length=1)
     urls2: tuple[str, ...] | None = Field(default=None, alias="URLs2", min_length=1)
+    # For single-file .safetensors URLs/URLs2: the diffusers folder or repo id giving the transformer
+    # config (from_single_file's config=) and the VAE, text encoder, tokenizer and scheduler.
+    base: str | None = None
     group: Group = "wan"
     description: str | None = None
     loras: tuple[str, ...] = ()

@@ -20,10 +20,19 @@ TINY_MODEL_DIRS: dict[str, str] = {
     "tiny_t2v": "tiny-wan2.1-t2v",
     "tiny_t2v_2_2": "tiny-wan2.2-t2v",
     "tiny_vace": "tiny-wan2.1-vace",
+    "tiny_vace_2_2": "tiny-wan2.2-vace",
+    "tiny_i2v": "tiny-wan2.1-i2v",
+    "tiny_flf2v": "tiny-wan2.1-flf2v",
+    "tiny_i2v_2_2": "tiny-wan2.2-i2v",
+    "tiny_ti2v": "tiny-wan2.2-ti2v",
 }
 
 TINY_TEXT_DIM = 32  # UMT5 d_model; the transformers' text_dim must match it
 TINY_BOUNDARY_RATIO = 0.875  # Wan 2.2 T2V A14B ships with 0.875
+TINY_I2V_BOUNDARY_RATIO = 0.9  # Wan 2.2 I2V A14B ships with 0.9
+# CLIP vision encoder of the Wan 2.1 I2V / FLF2V models: 8x8 images in 4x4 patches -> 4 + 1 tokens.
+TINY_CLIP_DIM, TINY_CLIP_IMAGE, TINY_CLIP_PATCH = 8, 8, 4
+TINY_CLIP_TOKENS = (TINY_CLIP_IMAGE // TINY_CLIP_PATCH) ** 2 + 1
 _BASE_SEED = 0  # every component is seeded from this so two builds are byte-identical
 
 # Transformer settings shared by all tiny models (diffusers tests/pipelines/wan/test_wan.py).
@@ -86,6 +95,52 @@ def _vae():
     ).eval()
 
 
+def _vae_2_2():
+    """The Wan 2.2 (TI2V-5B) VAE layout: 48 latent channels, 2x2 patching, 16x spatial compression."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(
+        base_dim=3,
+        z_dim=48,
+        in_channels=12,
+        out_channels=12,
+        is_residual=True,
+        patch_size=2,
+        latents_mean=[0.0] * 48,
+        latents_std=[1.0] * 48,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        temperal_downsample=[False, True, True],
+    ).eval()
+
+
+def _image_encoder():
+    """A two-layer CLIP vision tower (the Wan 2.1 I2V models use CLIP ViT-H's penultimate hidden states)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(
+        hidden_size=TINY_CLIP_DIM,
+        projection_dim=TINY_CLIP_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=TINY_CLIP_IMAGE,
+        intermediate_size=16,
+        patch_size=TINY_CLIP_PATCH,
+    )
+    return CLIPVisionModel(config).eval()
+
+
+def _image_processor():
+    # The PIL-backed class: the default CLIPImageProcessor of transformers 5 wants torchvision.
+    try:
+        from transformers import CLIPImageProcessorPil as processor_cls
+    except ImportError:  # transformers 4.x: CLIPImageProcessor is the PIL one
+        from transformers import CLIPImageProcessor as processor_cls
+    return processor_cls(crop_size=TINY_CLIP_IMAGE, size=TINY_CLIP_IMAGE)
+
+
 def _scheduler():
     """UniPC with flow sigmas, as the real Wan diffusers repos ship (flow_shift is changed per call)."""
     from diffusers import UniPCMultistepScheduler
@@ -104,9 +159,30 @@ def _seeded(offset: int, factory: Callable[[], torch.nn.Module]) -> torch.nn.Mod
     return factory()
 
 
+def _transformer(seed: int, **overrides: object) -> torch.nn.Module:
+    from diffusers import WanTransformer3DModel
+
+    return _seeded(seed, lambda: WanTransformer3DModel(**{**_TRANSFORMER_KWARGS, **overrides}))
+
+
+def _vace_transformer(seed: int) -> torch.nn.Module:
+    from diffusers import WanVACETransformer3DModel
+
+    # vace_in_channels = 2 * z_dim (inactive + reactive latents) + 8 * 8 mask channels.
+    return _seeded(
+        seed, lambda: WanVACETransformer3DModel(**_TRANSFORMER_KWARGS, vace_layers=[0, 1], vace_in_channels=96)
+    )
+
+
+# I2V transformers see the noisy latents + 4 mask channels + the image-condition latents (16 + 4 + 16).
+_I2V_IN_CHANNELS = 36
+# Wan 2.1 I2V: CLIP image tokens through an image projection and extra key/value projections per block.
+_CLIP_KWARGS: dict[str, object] = {"image_dim": TINY_CLIP_DIM, "added_kv_proj_dim": 24}  # 24 = 2 heads x 12
+
+
 def _build_pipeline(kind: str):
-    """Assemble one tiny pipeline: `t2v_21`, `t2v_22` (two experts) or `vace_21`."""
-    from diffusers import WanPipeline, WanTransformer3DModel, WanVACEPipeline, WanVACETransformer3DModel
+    """Assemble one tiny pipeline of the given kind (see `_KINDS`)."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline, WanVACEPipeline
 
     tokenizer = _tokenizer()
     common = {
@@ -116,24 +192,63 @@ def _build_pipeline(kind: str):
         "scheduler": _scheduler(),
     }
     if kind == "t2v_21":
-        transformer = _seeded(3, lambda: WanTransformer3DModel(**_TRANSFORMER_KWARGS))
-        return WanPipeline(transformer=transformer, transformer_2=None, boundary_ratio=None, **common)
+        return WanPipeline(transformer=_transformer(3), transformer_2=None, boundary_ratio=None, **common)
     if kind == "t2v_22":
         # Two differently seeded experts, so a test can tell which one denoised a step.
-        high = _seeded(3, lambda: WanTransformer3DModel(**_TRANSFORMER_KWARGS))
-        low = _seeded(4, lambda: WanTransformer3DModel(**_TRANSFORMER_KWARGS))
-        return WanPipeline(transformer=high, transformer_2=low, boundary_ratio=TINY_BOUNDARY_RATIO, **common)
-    if kind == "vace_21":
-        # vace_in_channels = 2 * z_dim (inactive + reactive latents) + 8 * 8 mask channels.
-        transformer = _seeded(
-            5,
-            lambda: WanVACETransformer3DModel(**_TRANSFORMER_KWARGS, vace_layers=[0, 1], vace_in_channels=96),
+        return WanPipeline(
+            transformer=_transformer(3), transformer_2=_transformer(4), boundary_ratio=TINY_BOUNDARY_RATIO, **common
         )
-        return WanVACEPipeline(transformer=transformer, transformer_2=None, boundary_ratio=None, **common)
+    if kind == "vace_21":
+        return WanVACEPipeline(transformer=_vace_transformer(5), transformer_2=None, boundary_ratio=None, **common)
+    if kind == "vace_22":
+        return WanVACEPipeline(
+            transformer=_vace_transformer(5),
+            transformer_2=_vace_transformer(6),
+            boundary_ratio=TINY_BOUNDARY_RATIO,
+            **common,
+        )
+    if kind in ("i2v_21", "flf2v_21"):
+        # FLF2V encodes first and last frame with CLIP and adds a learnt position embedding over both.
+        pos_embed = {"pos_embed_seq_len": 2 * TINY_CLIP_TOKENS} if kind == "flf2v_21" else {}
+        transformer = _transformer(7, in_channels=_I2V_IN_CHANNELS, **_CLIP_KWARGS, **pos_embed)
+        return WanImageToVideoPipeline(
+            transformer=transformer,
+            transformer_2=None,
+            image_encoder=_seeded(8, _image_encoder),
+            image_processor=_image_processor(),
+            boundary_ratio=None,
+            **common,
+        )
+    if kind == "i2v_22":
+        # Wan 2.2 I2V A14B: no CLIP encoder; the image conditions through latents only.
+        return WanImageToVideoPipeline(
+            transformer=_transformer(9, in_channels=_I2V_IN_CHANNELS),
+            transformer_2=_transformer(10, in_channels=_I2V_IN_CHANNELS),
+            image_encoder=None,
+            image_processor=None,
+            boundary_ratio=TINY_I2V_BOUNDARY_RATIO,
+            **common,
+        )
+    if kind == "ti2v_22":
+        # Wan 2.2 TI2V-5B: one transformer over the 48-channel VAE, per-token timesteps (expand_timesteps).
+        common["vae"] = _seeded(2, _vae_2_2)
+        transformer = _transformer(11, in_channels=48, out_channels=48)
+        return WanPipeline(
+            transformer=transformer, transformer_2=None, boundary_ratio=None, expand_timesteps=True, **common
+        )
     raise ValueError(f"unknown tiny model kind {kind!r}")
 
 
-_KINDS: dict[str, str] = {"tiny_t2v": "t2v_21", "tiny_t2v_2_2": "t2v_22", "tiny_vace": "vace_21"}
+_KINDS: dict[str, str] = {
+    "tiny_t2v": "t2v_21",
+    "tiny_t2v_2_2": "t2v_22",
+    "tiny_vace": "vace_21",
+    "tiny_vace_2_2": "vace_22",
+    "tiny_i2v": "i2v_21",
+    "tiny_flf2v": "flf2v_21",
+    "tiny_i2v_2_2": "i2v_22",
+    "tiny_ti2v": "ti2v_22",
+}
 
 
 def is_complete_model_dir(folder: Path) -> bool:
@@ -152,7 +267,7 @@ def is_complete_model_dir(folder: Path) -> bool:
 
 
 def build_tiny_models(models_dir: Path) -> dict[str, Path]:
-    """Write the three tiny pipelines under `models_dir`; return preset key -> model folder.
+    """Write every tiny pipeline of `TINY_MODEL_DIRS` under `models_dir`; return preset key -> model folder.
 
     Idempotent: a model whose folder is already complete is left alone. Each model is written to
     a temporary folder and renamed into place, so a crash never leaves a half-written model.

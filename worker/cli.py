@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -49,6 +50,15 @@ def _add_model_dirs(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_allow_download(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-download",
+        action="store_true",
+        default=(env_default("allow_download") or "").lower() in ("1", "true", "yes"),
+        help=f"download missing weights from the Hugging Face Hub (env {ENV_VARS['allow_download']}; default: never)",
+    )
+
+
 def _optional_path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
@@ -77,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lease-seconds", type=float, default=float(env_default("lease_s", str(LEASE_S)) or LEASE_S))
     run.add_argument("--worker-id", default=env_default("worker_id"))
     run.add_argument("--preload-model", default=env_default("preload_model"))
+    _add_allow_download(run)
+    run.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve live events (/ws), a status page (/) and /metrics here, e.g. 127.0.0.1:8765 (default: off)",
+    )
+    run.add_argument(
+        "--http-token",
+        default=os.environ.get("WAN_HTTP_TOKEN"),
+        help="token the --http clients must send (env WAN_HTTP_TOKEN; required on a non-loopback address)",
+    )
 
     init_db = commands.add_parser("init-db", help="create or upgrade the database schema")
     _add_db(init_db)
@@ -95,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="print a task's row as JSON")
     _add_db(status)
     status.add_argument("task_id")
+    status.add_argument("--follow", action="store_true", help="draw a progress bar until the task ends (0: Complete)")
 
     listing = commands.add_parser("list", help="list recent tasks")
     _add_db(listing)
@@ -107,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list presets and whether their weights are present")
     _add_model_dirs(models)
+    models.add_argument("keys", nargs="*", help="preset keys to report (default: all)")
     models.add_argument("--json", action="store_true")
+    models.add_argument("--resolution", default=None, help="WxH for the VRAM estimate (default: the preset's)")
+    models.add_argument("--frames", type=int, default=None, help="frames for the VRAM estimate (default: the preset's)")
+    _add_allow_download(models)
 
     tiny = commands.add_parser("make-tiny-models", help="write tiny random-weight Wan models (tests, demo)")
     tiny.add_argument("directory", type=Path)
@@ -144,9 +170,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         lease_s=args.lease_seconds,
         worker_id=args.worker_id or default_worker_id(),
         preload_model=args.preload_model,
+        allow_download=args.allow_download,
     )
     log.info("starting worker on %s", redact_url(settings.db_url), extra={"worker_id": settings.worker_id})
+    address = None
+    if args.http:
+        from worker.http_server import check_bind, parse_address
+
+        address = parse_address(args.http)
+        check_bind(address[0], args.http_token)  # before anything loads: a refusal is immediate
     queue = HeadlessTaskQueue(settings=settings)
+    unavailable = _log_model_reports(queue.presets, settings.models_dir, settings.allow_download)
+    server = _start_live_server(queue, address, args.http_token, unavailable) if address else None
 
     def on_signal(signum: int, _frame: object) -> None:
         # Only sets events: safe inside a signal handler. First = finish the task, second = re-queue it.
@@ -164,8 +199,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         queue.run_forever()
     finally:
+        if server is not None:
+            server.stop()
         queue.engine.dispose()
     return 0
+
+
+def _start_live_server(queue: Any, address: tuple[str, int], token: str | None, unavailable: dict[str, str]) -> Any:
+    """`--http`: the live sink publishes events for the server (worker.http_server)."""
+    from worker.events import live_sink
+    from worker.http_server import LiveServer
+
+    queue.events = live_sink(queue.repository, queue.presets, queue.settings.models_dir, publish=True)
+    server = LiveServer(
+        queue.repository,
+        queue.events,
+        *address,
+        token=token,
+        outputs_dir=queue.settings.outputs_dir,
+        worker_id=queue.settings.worker_id,
+        resident_model=lambda: queue.runner.resident_model() if queue.runner else None,
+    )
+    server.start()
+    queue.events.models_unavailable(unavailable)
+    return server
 
 
 def cmd_init_db(args: argparse.Namespace) -> int:
@@ -217,12 +274,28 @@ def _row(task: Any) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.follow:
+        return _follow(args)
     task = _repository(args.db).get(args.task_id)
     if task is None:
         print(f"error: no task with id {args.task_id!r}", file=sys.stderr)
         return 1
     print(json.dumps(_row(task), indent=2, default=str))
     return 0
+
+
+def _follow(args: argparse.Namespace) -> int:
+    from wan_engine.presets import BUILTIN_PRESETS_DIR, load_presets
+    from worker.eta import EtaEstimator, PresetShapes, StaticCostModel, detect_device
+    from worker.follow import follow_task
+
+    repository = _repository(args.db)
+    presets = load_presets(BUILTIN_PRESETS_DIR, _optional_path(env_default("presets_dir")))
+    device = detect_device()
+    models_dir = Path(env_default("models_dir", "models") or "models")
+    shapes = PresetShapes(presets, "cpu" if device == "cpu" else "gpu")
+    estimator = EtaEstimator(repository, shapes, device, StaticCostModel(presets, models_dir, device))
+    return follow_task(repository, args.task_id, estimator)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -248,21 +321,68 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 1
 
 
+def _log_model_reports(presets: Any, models_dir: Path, allow_download: bool) -> dict[str, str]:
+    """Start-up report: one line per preset (present / missing / corrupted, VRAM, GPU fit); returns the
+    presets that cannot run here (key -> why), for the live status page."""
+    from wan_engine.vram import detect_gpu, model_report
+
+    gpu = detect_gpu()
+    log.info("GPU: %s", f"{gpu.name} ({gpu.total_bytes / 2**30:.1f} GiB)" if gpu else "no GPU (CPU only)")
+    unavailable: dict[str, str] = {}
+    for key in presets:
+        report = model_report(presets.get(key), models_dir, gpu)
+        fetch = " (will be downloaded on first use)" if allow_download and report.check.downloads else ""
+        level = logging.INFO if report.check.status == "present" or fetch else logging.WARNING
+        log.log(level, "model %s%s", report.line(), fetch, extra={"model": key})
+        if level == logging.WARNING:
+            unavailable[key] = report.check.status
+    return unavailable
+
+
+def _gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f}"
+
+
 def cmd_models(args: argparse.Namespace) -> int:
-    from wan_engine.model_sources import check_model
+    from wan_engine.errors import ModelUnavailableError
+    from wan_engine.model_sources import resolve_model, summary
     from wan_engine.presets import BUILTIN_PRESETS_DIR, load_presets
+    from wan_engine.vram import PROFILES, detect_gpu, model_report
 
     presets = load_presets(BUILTIN_PRESETS_DIR, args.presets_dir)
-    checks = [check_model(presets.get(key), args.models_dir) for key in presets]
+    keys = args.keys or list(presets)
+    for key in keys:
+        presets.get(key)  # UnknownModelError (a ValueError) lists the known keys
+    if args.allow_download:
+        if not args.keys:
+            print("error: --allow-download needs the keys of the presets to fetch (never all of them)", file=sys.stderr)
+            return 2
+        for key in keys:
+            try:
+                resolve_model(presets.get(key), args.models_dir, allow_download=True)
+            except ModelUnavailableError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+    width = height = None
+    if args.resolution:
+        width, height = (int(x) for x in args.resolution.lower().split("x"))
+    gpu = detect_gpu()
+    size = {"width": width, "height": height, "frames": args.frames}
+    reports = [model_report(presets.get(key), args.models_dir, gpu, **size) for key in keys]
+    failed = bool(args.keys) and any(r.check.status != "present" for r in reports)
     if args.json:
-        print(json.dumps([check.to_dict() for check in checks], indent=2))
-        return 0
-    print(f"{'model':28} {'architecture':12} {'status':9} detail")
-    for key, check in zip(presets, checks, strict=True):
-        preset = presets.get(key)
-        detail = str(check.path) if check.status == "present" else "; ".join(check.problems)[:160]
-        print(f"{key:28} {preset.model.architecture:12} {check.status:9} {detail}")
-    return 0
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+        return 1 if failed else 0
+    print(f"GPU: {gpu.name} ({gpu.total_bytes / 2**30:.1f} GiB)" if gpu else "GPU: no GPU (estimates are for a GPU)")
+    at = f"{args.resolution or 'the preset resolution'} x {args.frames or 'the preset frames'}"
+    print(f"VRAM estimates in GiB at {at}; best = the fastest profile that fits this GPU")
+    header = " ".join(f"{name:>13}" for name in PROFILES[:-1])
+    print(f"{'model':24} {'arch':6} {'status':9} {header} {'best':13} detail")
+    for report in reports:
+        profiles = report.vram.profiles if report.vram else {}
+        sizes = " ".join(f"{_gib(profiles.get(name)):>13}" for name in PROFILES[:-1])
+        model = f"{report.preset.key:24} {report.preset.model.architecture:6} {report.check.status:9}"
+        print(f"{model} {sizes} {report.recommended_profile or '-':13} {summary(report.check)}")
+    return 1 if failed else 0
 
 
 def cmd_make_tiny_models(args: argparse.Namespace) -> int:

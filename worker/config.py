@@ -36,6 +36,7 @@ class WorkerSettings:
     stale_sweep_interval_s: float = STALE_SWEEP_INTERVAL_S
     worker_id: str = field(default_factory=default_worker_id)
     preload_model: str | None = None
+    allow_download: bool = False  # fetch missing Hub weights when a task needs them (off: never)
 
     def __post_init__(self) -> None:
         if self.lease_s < 3 * self.heartbeat_interval_s:
@@ -53,6 +54,7 @@ ENV_VARS = {
     "lease_s": "WAN_LEASE_SECONDS",
     "worker_id": "WAN_WORKER_ID",
     "preload_model": "WAN_PRELOAD_MODEL",
+    "allow_download": "WAN_ALLOW_DOWNLOAD",
 }
 
 

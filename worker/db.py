@@ -62,6 +62,27 @@ workers = sa.Table(
 )
 
 
+# Learned timings per kind of task (migration 0002; read and written by worker.eta through the repository).
+eta_stats = sa.Table(
+    "eta_stats",
+    metadata,
+    sa.Column("model", sa.Text, primary_key=True),
+    sa.Column("resolution", sa.Text, primary_key=True),
+    sa.Column("frames", sa.Integer, primary_key=True),
+    sa.Column("memory_profile", sa.Text, primary_key=True),
+    sa.Column("device", sa.Text, primary_key=True),
+    sa.Column("samples", sa.Integer, nullable=False),
+    sa.Column("step_s", sa.Float, nullable=True),
+    sa.Column("first_step_extra_s", sa.Float, nullable=True),
+    sa.Column("encode_s", sa.Float, nullable=True),
+    sa.Column("decode_s", sa.Float, nullable=True),
+    sa.Column("write_s", sa.Float, nullable=True),
+    sa.Column("other_s", sa.Float, nullable=True),
+    sa.Column("load_s", sa.Float, nullable=True),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+)
+
+
 def is_sqlite(engine: Engine) -> bool:
     """True for SQLite engines, whose locking and SQL differ from Postgres."""
     return engine.dialect.name == "sqlite"

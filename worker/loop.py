@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.config import DB_RETRY_MAX_S, WorkerSettings
+from worker.events import NULL_SINK, EventSink
 from worker.lease import LeaseKeeper
 from worker.repository import TaskRepository
 from worker.retry import RetryPolicy, describe
@@ -49,11 +50,14 @@ class RunContext:
     worker_id: str
     lease: LeaseKeeper
     abort: threading.Event
+    events: EventSink = NULL_SINK
 
     def report(self, stage: str, step: int = 0, total_steps: int = 0, **extra: Any) -> None:
         """Record progress (written by the lease keeper, at most once per interval) and check for stops."""
         percent = round(100.0 * step / total_steps, 1) if total_steps else None
-        self.lease.set_progress({"stage": stage, "step": step, "total_steps": total_steps, "percent": percent, **extra})
+        progress = {"stage": stage, "step": step, "total_steps": total_steps, "percent": percent, **extra}
+        self.events.progress(self.task, progress)  # adds eta_seconds / vram_gb; in memory only
+        self.lease.set_progress(progress)
         self.check()
 
     def report_parent(self, progress: dict[str, Any]) -> None:
@@ -89,8 +93,10 @@ class Worker:
         settings: WorkerSettings,
         policy: RetryPolicy | None = None,
         affinity: ModelAffinity | None = None,
+        events: EventSink | None = None,
     ) -> None:
         self.repository = repository
+        self.events = events or NULL_SINK  # live progress: ETA, monitoring, WebSocket events (worker.events)
         self.runner = runner
         self.settings = settings
         self.policy = policy or RetryPolicy()
@@ -183,10 +189,12 @@ class Worker:
         self._best_effort(
             lambda: self.repository.update_worker(self.settings.worker_id, "busy", self.runner.resident_model())
         )
-        context = RunContext(task, self.settings.worker_id, lease, self.abort_requested)
+        self.events.started(task, self.runner.resident_model())
+        context = RunContext(task, self.settings.worker_id, lease, self.abort_requested, self.events)
         try:
             outcome = self.runner.run(task, context)
         except TaskCancelled:
+            self.events.cancelled(task)
             log.info("task cancelled; stopped at %s", _progress_text(task, lease), extra=extra)
         except LeaseLost as exc:
             log.warning("%s; result discarded", exc, extra=extra)
@@ -210,13 +218,13 @@ class Worker:
 
     def _persist_success(self, task: Task, lease: LeaseKeeper, outcome: TaskOutcome, extra: dict[str, Any]) -> None:
         lease.flush()
+        result = {**outcome.result_data, **self.events.result_extras(task)}
         done = self._with_db_retry(
-            lambda: self.repository.mark_complete(
-                task.id, self.settings.worker_id, outcome.output_location, outcome.result_data
-            )
+            lambda: self.repository.mark_complete(task.id, self.settings.worker_id, outcome.output_location, result)
         )
         if done:
             log.info("task complete: %s", outcome.output_location, extra=extra)
+            self.events.completed(task, outcome.output_location, result)
             return
         if done is None:
             # Database unreachable for a whole lease: the row will be re-queued by a stale sweep.
@@ -226,6 +234,8 @@ class Worker:
         status = self._with_db_retry(lambda: self.repository.get_status(task.id))
         if status is TaskStatus.CANCELLED and outcome.output_location:
             Path(outcome.output_location).unlink(missing_ok=True)
+        if status is TaskStatus.CANCELLED:
+            self.events.cancelled(task)
         log.info("task ended %s before its result was recorded; output discarded", status, extra=extra)
 
     def _persist_deferral(self, task: Task, deferral: TaskDeferred, extra: dict[str, Any]) -> None:
@@ -244,6 +254,7 @@ class Worker:
         else:
             log.error("task failed: %s", decision.message, extra=extra, exc_info=not _is_expected(exc))
             self._with_db_retry(lambda: self.repository.mark_failed(task.id, worker_id, decision.message))
+        self.events.failed(task, exc, decision.message, decision.retry)
 
     # ---- database resilience ------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -21,10 +21,31 @@ TASK_TYPE_DEFAULT_MODELS: dict[str, str] = {
     "t2v": "t2v_1.3B",
     "t2v_21": "t2v_1.3B",
     "t2v_22": "t2v_2_2",
+    "vace": "vace_1.3B",
+    "vace_21": "vace_14B",
+    "vace_22": "vace_14B_cocktail_2_2",
+    "i2v": "i2v_14B",
+    "i2v_22": "i2v_2_2",
+    "flf2v": "flf2v_14B",
+    "ti2v": "ti2v_2_2",
 }
 # What each task_type runs; the orchestrator method is chosen from this.
-TASK_TYPE_MODES: dict[str, str] = {"t2v": "t2v", "t2v_21": "t2v", "t2v_22": "t2v"}
+TASK_TYPE_MODES: dict[str, str] = {
+    "t2v": "t2v",
+    "t2v_21": "t2v",
+    "t2v_22": "t2v",
+    "vace": "vace",
+    "vace_21": "vace",
+    "vace_22": "vace",
+    "i2v": "i2v",
+    "i2v_22": "i2v",
+    "flf2v": "flf2v",
+    "ti2v": "ti2v",
+}
 SUPPORTED_TASK_TYPES = tuple(sorted(TASK_TYPE_MODES))
+MAX_LORAS = 16
+MAX_IMAGE_REFS = 16
+MAX_PATH_CHARS = 4096
 
 _RESOLUTION = re.compile(r"^(\d{2,5})x(\d{2,5})$")
 
@@ -53,6 +74,13 @@ class GenerationParams(BaseModel):
     seed: int = Field(default=-1, ge=-1, le=2**63 - 1)
     fps: int | None = Field(default=None, ge=1, le=120)
     memory_profile: Literal["auto", "gpu", "cpu"] | None = None
+    lora_names: list[str] | None = Field(default=None, max_length=MAX_LORAS)
+    lora_multipliers: str | None = Field(default=None, max_length=1000)
+
+    # Mode-specific keys, passed to the orchestrator apart from the common settings.
+    MODE_KEYS: ClassVar[tuple[str, ...]] = ()
+    # Keys naming input files; the runner resolves them inside the input roots first.
+    PATH_KEYS: ClassVar[tuple[str, ...]] = ()
 
     @field_validator("prompt", "negative_prompt", "model")
     @classmethod
@@ -75,8 +103,63 @@ class GenerationParams(BaseModel):
         return value
 
     def generation_kwargs(self) -> dict[str, Any]:
-        """The non-None generation settings, without model and prompt."""
-        return self.model_dump(exclude_none=True, exclude={"model", "prompt"})
+        """The non-None generation settings, without model, prompt and the mode's own keys."""
+        return self.model_dump(exclude_none=True, exclude={"model", "prompt", *self.MODE_KEYS})
+
+    def mode_kwargs(self) -> dict[str, Any]:
+        """The mode's own keys (input files, control_scale) that are set."""
+        return {key: value for key in self.MODE_KEYS if (value := getattr(self, key)) is not None}
+
+
+def _path_field(required: bool = False) -> Any:
+    return Field(... if required else None, min_length=1, max_length=MAX_PATH_CHARS)
+
+
+class VaceParams(GenerationParams):
+    """`vace`: a control video (or image), an optional mask and reference images."""
+
+    video_guide: str = _path_field(required=True)
+    video_mask: str | None = _path_field()
+    image_refs: list[str] | None = Field(default=None, max_length=MAX_IMAGE_REFS)
+    control_scale: float | None = Field(default=None, ge=0, le=10)
+
+    MODE_KEYS: ClassVar[tuple[str, ...]] = ("video_guide", "video_mask", "image_refs", "control_scale")
+    PATH_KEYS: ClassVar[tuple[str, ...]] = ("video_guide", "video_mask", "image_refs")
+
+
+class I2VParams(GenerationParams):
+    """`i2v`: a start image, optionally an end image (first-last-frame)."""
+
+    image_start: str = _path_field(required=True)
+    image_end: str | None = _path_field()
+
+    MODE_KEYS: ClassVar[tuple[str, ...]] = ("image_start", "image_end")
+    PATH_KEYS: ClassVar[tuple[str, ...]] = ("image_start", "image_end")
+
+
+class FLF2VParams(I2VParams):
+    """`flf2v`: first-last-frame; both images are required."""
+
+    image_end: str = _path_field(required=True)
+
+
+class TI2VParams(GenerationParams):
+    """`ti2v` (Wan 2.2 TI2V-5B): text-to-video, or image-to-video when image_start is given."""
+
+    image_start: str | None = _path_field()
+
+    MODE_KEYS: ClassVar[tuple[str, ...]] = ("image_start",)
+    PATH_KEYS: ClassVar[tuple[str, ...]] = ("image_start",)
+
+
+# The params model of each mode.
+MODE_PARAMS: dict[str, type[GenerationParams]] = {
+    "t2v": GenerationParams,
+    "vace": VaceParams,
+    "i2v": I2VParams,
+    "flf2v": FLF2VParams,
+    "ti2v": TI2VParams,
+}
 
 
 def parse_params_text(params_text: str) -> dict[str, Any]:
@@ -97,23 +180,27 @@ def parse_params_text(params_text: str) -> dict[str, Any]:
 def validate_params(task_type: str, params: dict[str, Any]) -> GenerationParams:
     """Validate a task's params for its type and fill the model from the task_type alias."""
     if task_type not in TASK_TYPE_MODES:
-        raise InvalidTaskError(f"unknown task_type {task_type!r}; supported: {', '.join(SUPPORTED_TASK_TYPES)}")
+        supported = ", ".join((*SUPPORTED_TASK_TYPES, "travel_orchestrator", "travel_segment", "travel_stitch"))
+        raise InvalidTaskError(f"unknown task_type {task_type!r}; supported: {supported}")
+    model_cls = MODE_PARAMS[TASK_TYPE_MODES[task_type]]
     try:
-        validated = GenerationParams.model_validate(params)
+        validated = model_cls.model_validate(params)
     except ValidationError as exc:
-        raise InvalidTaskError(describe_validation_error(exc, params)) from None
+        raise InvalidTaskError(describe_validation_error(exc, params, model_cls)) from None
     if validated.model is None:
         validated = validated.model_copy(update={"model": TASK_TYPE_DEFAULT_MODELS[task_type]})
     return validated
 
 
-def describe_validation_error(exc: ValidationError, params: dict[str, Any]) -> str:
+def describe_validation_error(
+    exc: ValidationError, params: dict[str, Any], model_cls: type[GenerationParams] = GenerationParams
+) -> str:
     """One readable sentence per problem: key, value, what is allowed."""
     problems = []
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"]) or "params"
         if error["type"] == "extra_forbidden":
-            allowed = ", ".join(GenerationParams.model_fields)
+            allowed = ", ".join(model_cls.model_fields)
             problems.append(f"unknown key {key!r} (value {error['input']!r}); allowed keys: {allowed}")
         elif error["type"] == "missing":
             problems.append(f"missing required key {key!r}")

@@ -14,15 +14,16 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from worker.db import is_sqlite, tasks, workers
+from worker.db import eta_stats, is_sqlite, tasks, workers
 from worker.task import FINAL_STATUSES, NewTask, Task, TaskStatus
 
 log = logging.getLogger(__name__)
@@ -275,7 +276,22 @@ class SqlTaskRepository:
         values: dict[str, Any] = {"lease_expires_at": self._now(lease_s), "updated_at": self._now()}
         if progress is not None:
             values["progress"] = progress
-        return self._write(self._guarded(task_id, worker_id).values(**values))
+        parent = tasks.alias("parent")
+        parent_cancelled = (
+            sa.select(parent.c.id).where(parent.c.id == tasks.c.parent_task_id, parent.c.status == _X).exists()
+        )
+        with self._tx() as conn:
+            # A cancelled orchestrator stops its running child within a beat, not at the next sweep.
+            conn.execute(
+                self._guarded(task_id, worker_id)
+                .where(parent_cancelled)
+                .values(
+                    status=_X,
+                    error_message=sa.literal("parent task ") + tasks.c.parent_task_id + sa.literal(" was cancelled"),
+                    updated_at=self._now(),
+                )
+            )
+            return conn.execute(self._guarded(task_id, worker_id).values(**values)).rowcount == 1
 
     def mark_complete(self, task_id: str, worker_id: str, output: str | None, result: dict[str, Any]) -> bool:
         return self._write(
@@ -417,17 +433,18 @@ class SqlTaskRepository:
             + sa.literal(" does not exist (dependant_on must name an existing task id)")
         )
         sweeps = [
+            # First: a user's raw `UPDATE ... SET status='Cancelled'` on an orchestrator cancels its children
+            # (rather than failing them as dependants of a cancelled sibling).
+            (
+                sa.and_(tasks.c.status.in_([_Q, _P]), tasks.c.parent_task_id.is_not(None), parent_cancelled),
+                _X,
+                sa.literal("parent task ") + tasks.c.parent_task_id + sa.literal(" was cancelled"),
+            ),
             (sa.and_(tasks.c.status == _Q, prerequisite_column("status").in_([_F, _X])), _F, ended_message),
             (
                 sa.and_(tasks.c.status == _Q, tasks.c.dependant_on.is_not(None), ~prerequisite_exists),
                 _F,
                 missing_message,
-            ),
-            # A user's raw `UPDATE ... SET status='Cancelled'` on an orchestrator reaches its children here.
-            (
-                sa.and_(tasks.c.status.in_([_Q, _P]), tasks.c.parent_task_id.is_not(None), parent_cancelled),
-                _X,
-                sa.literal("parent task ") + tasks.c.parent_task_id + sa.literal(" was cancelled"),
             ),
         ]
         changed: list[str] = []
@@ -441,6 +458,61 @@ class SqlTaskRepository:
                 )
                 changed.extend(conn.execute(statement).scalars().all())
         return changed
+
+    # ---- live progress: learned ETA timings and the status server's reads ------------------------
+
+    def eta_stats(self) -> list[dict[str, Any]]:
+        """Every learned-timing row (small: one per kind of task and device)."""
+        with self._tx() as conn:
+            return [dict(row) for row in conn.execute(sa.select(eta_stats)).mappings()]
+
+    def update_eta_stats(self, key: dict[str, Any], merge: Callable[[dict[str, Any] | None], dict[str, Any]]) -> None:
+        """Read, merge and write one timing row atomically (Postgres: row lock; SQLite: BEGIN IMMEDIATE)."""
+        where = sa.and_(*(eta_stats.c[name] == value for name, value in key.items()))
+        for attempt in range(2):
+            try:
+                with self._tx() as conn:
+                    query = sa.select(eta_stats).where(where)
+                    row = conn.execute(query if self._sqlite else query.with_for_update()).mappings().first()
+                    values = {**merge(dict(row) if row else None), "updated_at": self._now()}
+                    if row is None:
+                        conn.execute(eta_stats.insert().values(**key, **values))
+                    else:
+                        conn.execute(eta_stats.update().where(where).values(**values))
+                return
+            except sa.exc.IntegrityError:
+                if attempt:  # another worker inserted the same new key at once: merge into its row instead
+                    raise
+
+    def changed_since(self, since: datetime | None, limit: int = 500) -> list[Task]:
+        """Rows updated at or after `since`, oldest change first (None: the open rows, for a first look)."""
+        changed = tasks.c.status.in_([_Q, _P]) if since is None else tasks.c.updated_at >= since
+        query = sa.select(tasks).where(changed).order_by(tasks.c.updated_at, self._tiebreak()).limit(limit)
+        with self._tx() as conn:
+            return [_to_task(row) for row in conn.execute(query).mappings()]
+
+    def latest_update(self) -> datetime | None:
+        """The newest updated_at in the table (where a poller starts looking for changes)."""
+        with self._tx() as conn:
+            return conn.execute(sa.select(sa.func.max(tasks.c.updated_at))).scalar()
+
+    def queued_in_order(self, limit: int = 100) -> list[Task]:
+        """Queued rows in the order workers claim them (priority, then age)."""
+        order = [tasks.c.priority.desc(), tasks.c.created_at, self._tiebreak()]
+        query = sa.select(tasks).where(tasks.c.status == _Q).order_by(*order).limit(limit)
+        with self._tx() as conn:
+            return [_to_task(row) for row in conn.execute(query).mappings()]
+
+    def recently_updated(self, statuses: Sequence[str], limit: int = 20) -> list[Task]:
+        """Rows in these statuses, most recently updated first (running tasks, recent results)."""
+        query = (
+            sa.select(tasks)
+            .where(tasks.c.status.in_(list(statuses)))
+            .order_by(tasks.c.updated_at.desc(), self._tiebreak().desc())
+            .limit(limit)
+        )
+        with self._tx() as conn:
+            return [_to_task(row) for row in conn.execute(query).mappings()]
 
     # ---- workers table ----------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from worker.paths import output_stem, resolve_input_path
 from worker.task import NewTask, Task, TaskDeferred, TaskOutcome, TaskStatus
 
 DEFAULT_TRAVEL_MODEL = "vace_14B_cocktail_2_2"
+TRAVEL_TASK_TYPES = ("travel_orchestrator", "travel_segment", "travel_stitch")
 PROGRESS_EVERY_S = 0.5  # stitch progress callbacks come per frame; the row needs far fewer
 
 
@@ -107,6 +108,8 @@ class TravelSegmentParams(TravelSettings):
         """What the VACE call takes besides guide, mask and prompt."""
         keys = ("resolution", "num_inference_steps", "guidance_scale", "guidance2_scale", "flow_shift")
         kwargs = {key: getattr(self, key) for key in (*keys, "switch_threshold") if getattr(self, key) is not None}
+        if self.negative_prompt is not None:
+            kwargs["negative_prompt"] = self.negative_prompt
         return {**kwargs, "seed": self.seed, "video_length": self.frames, "fps": self.fps}
 
 
@@ -143,7 +146,6 @@ class TravelCoordinator:
     store: TravelStore
     outputs_dir: Path
     input_roots: Sequence[Path]
-    generate_segment: SegmentGenerator
     resolution_for: Callable[[str, str | None], tuple[int, int]]  # (model, resolution param) -> (w, h)
 
     # ---- travel_orchestrator ----------------------------------------------------------------------
@@ -260,7 +262,11 @@ class TravelCoordinator:
     # ---- travel_segment -----------------------------------------------------------------------------
 
     def run_segment(
-        self, task: Task, report: Callable[..., None], report_parent: Callable[[dict[str, Any]], None]
+        self,
+        task: Task,
+        generate: SegmentGenerator,
+        report: Callable[..., None],
+        report_parent: Callable[[dict[str, Any]], None],
     ) -> TaskOutcome:
         params: TravelSegmentParams = _validate(TravelSegmentParams, task)
         width, height = self.resolution_for(params.model, params.resolution)
@@ -299,7 +305,7 @@ class TravelCoordinator:
             )
 
         output_path = self.outputs_dir / f"{output_stem(task.id)}.mp4"
-        result = self.generate_segment(params, guide, mask, output_path, progress)
+        result = generate(params, guide, mask, output_path, progress)
         result["inputs_fitted"] = {"start_image": start_note, "end_image": end_note}
         result["segment_index"] = params.segment_index
         return TaskOutcome(str(result.get("output_path", output_path)), result)

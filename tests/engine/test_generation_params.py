@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from wan_engine.errors import InvalidRequestError
@@ -11,7 +14,7 @@ from wan_engine.generation_params import (
     parse_resolution,
     resolve_params,
 )
-from wan_engine.presets import PresetRegistry
+from wan_engine.presets import BUILTIN_PRESETS_DIR, PresetRegistry, load_presets
 
 
 @pytest.mark.parametrize(("frames", "aligned"), [(1, 1), (2, 5), (5, 5), (9, 9), (10, 13), (80, 81), (81, 81)])
@@ -50,7 +53,8 @@ def test_random_seed_is_drawn_and_flagged(builtin_presets: PresetRegistry) -> No
         ({"switch_threshold": 1001}, "switch_threshold", "1001"),
         ({"seed": -2}, "seed", "-2"),
         ({"fps": "fast"}, "fps", "fast"),
-        ({"lora_names": ["style.safetensors"]}, "lora_names", "style.safetensors"),
+        ({"lora_names": "style.safetensors"}, "lora_names", "style.safetensors"),
+        ({"lora_multipliers": "1.0"}, "lora_multipliers", "needs lora_names"),
         ({"model": "t2v"}, "model", "t2v"),
         ({"video_guide": "x.mp4"}, "video_guide", "video_guide"),
     ],
@@ -62,3 +66,18 @@ def test_bad_values_name_parameter_and_value(
         resolve_params(builtin_presets.get("tiny_t2v"), "a cat", params)
     assert isinstance(info.value, ValueError)
     assert name in str(info.value) and value in str(info.value)
+
+
+def test_lora_params_and_preset_loras(builtin_presets: PresetRegistry, tmp_path: Path) -> None:
+    resolved = resolve_params(
+        builtin_presets.get("tiny_t2v"), "x", {"lora_names": ["a", "b"], "lora_multipliers": "1 0.5"}
+    )
+    assert resolved.lora_names == ("a", "b") and resolved.lora_multipliers == "1 0.5"
+    assert not resolved.loras_from_preset
+    # A preset's loras apply when the call names none; an explicit empty list turns them off.
+    (tmp_path / "tiny_t2v.json").write_text(json.dumps({"model": {"loras": ["fast"], "loras_multipliers": [0.8]}}))
+    preset = load_presets(BUILTIN_PRESETS_DIR, tmp_path).get("tiny_t2v")
+    from_preset = resolve_params(preset, "x", {})
+    assert from_preset.lora_names == ("fast",) and from_preset.lora_multipliers == "0.8"
+    assert from_preset.loras_from_preset
+    assert resolve_params(preset, "x", {"lora_names": []}).lora_names == ()

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 from pathlib import Path
 
+import huggingface_hub
 import huggingface_hub.constants
 import pytest
+from diffusers import WanTransformer3DModel
 
 from headless_wgp import WanOrchestrator
 from wan_engine.errors import ModelUnavailableError
-from wan_engine.model_sources import check_model, resolve_model
+from wan_engine.model_sources import check_model, parse_source, resolve_model
 from wan_engine.presets import BUILTIN_PRESETS_DIR, Preset, PresetRegistry, load_presets
 
 
@@ -104,4 +107,171 @@ def test_dual_expert_preset_needs_transformer_2(tiny_models_dir: Path, tmp_path:
 def test_single_file_checkpoint_is_reported(tmp_path: Path) -> None:
     check = check_model(_user_preset(tmp_path, "single", "wan2.1_t2v_1.3B_bf16.safetensors"), tmp_path)
     assert check.status == "missing"
-    assert any("single-file" in p for p in check.problems)
+    assert any("single-file" in p and "model.base" in p for p in check.problems)
+    assert any(str(tmp_path / "wan2.1_t2v_1.3B_bf16.safetensors") in m for m in check.missing)
+
+
+@pytest.mark.parametrize(
+    ("source", "kind", "repo", "filename", "revision"),
+    [
+        ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "repo", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", None, None),
+        ("tiny-wan2.1-t2v", "path", None, None, None),
+        ("/abs/model", "path", None, None, None),
+        ("wan.safetensors", "path", None, None, None),
+        ("Org/repo/split_files/wan.safetensors", "hf_file", "Org/repo", "split_files/wan.safetensors", None),
+        (
+            "https://huggingface.co/Org/repo/resolve/main/x/wan.safetensors",
+            "hf_file",
+            "Org/repo",
+            "x/wan.safetensors",
+            None,
+        ),
+        (
+            "https://huggingface.co/Org/repo/blob/abc123/wan.safetensors",
+            "hf_file",
+            "Org/repo",
+            "wan.safetensors",
+            "abc123",
+        ),
+        ("https://example.com/wan.safetensors", "refused", None, None, None),
+        ("Org/repo/wan.ckpt", "refused", None, None, None),
+    ],
+)
+def test_source_kinds(source: str, kind: str, repo: str | None, filename: str | None, revision: str | None) -> None:
+    parsed = parse_source(source)
+    assert (parsed.kind, parsed.repo_id, parsed.filename, parsed.revision) == (kind, repo, filename, revision)
+
+
+def _fake_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, repo_id: str, files: dict[str, Path]) -> Path:
+    """A local HF cache holding `files` (name -> source) in one snapshot of `repo_id`."""
+    cache = tmp_path / "hf-cache"
+    commit = "1" * 40
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    for name, source in files.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, snapshot / name)
+        else:
+            shutil.copy(source, snapshot / name)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return snapshot
+
+
+def test_hub_url_single_file_found_in_local_hf_cache(
+    tiny_models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wan_engine.single_file import export_single_file
+
+    file = export_single_file(
+        WanTransformer3DModel.from_pretrained(tiny_models_dir / "tiny-wan2.1-t2v", subfolder="transformer"),
+        tmp_path / "wan.safetensors",
+    )
+    snapshot = _fake_hf_cache(tmp_path, monkeypatch, "SomeOrg/wan-single", {"split/wan.safetensors": file})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    user = tmp_path / "presets"
+    user.mkdir()
+    model = {
+        "name": "hub",
+        "architecture": "t2v",
+        "URLs": "https://huggingface.co/SomeOrg/wan-single/resolve/main/split/wan.safetensors",
+        "base": str(tiny_models_dir / "tiny-wan2.1-t2v"),
+    }
+    (user / "hub.json").write_text(json.dumps({"model": model}))
+    check = check_model(load_presets(BUILTIN_PRESETS_DIR, user).get("hub"), tmp_path / "empty")
+    assert check.status == "present", check
+    assert check.single_file == (snapshot / "split" / "wan.safetensors").resolve()
+
+
+class _NoNetwork(BaseException):
+    """Not an Exception: no `except Exception` in the code under test can swallow it."""
+
+
+@pytest.fixture
+def hub_calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[str, dict]]:
+    """Record every huggingface_hub lookup (run for real, offline) and fail any socket connection."""
+    calls: list[tuple[str, dict]] = []
+    real_snapshot, real_file = huggingface_hub.snapshot_download, huggingface_hub.hf_hub_download
+
+    def snapshot(*args, **kwargs):
+        calls.append(("snapshot_download", kwargs))
+        return real_snapshot(*args, **kwargs)
+
+    def one_file(*args, **kwargs):
+        calls.append(("hf_hub_download", kwargs))
+        return real_file(*args, **kwargs)
+
+    def connect(*_args, **_kwargs):
+        raise _NoNetwork("a network connection was attempted")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", one_file)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the code itself must ask for local files only
+    return calls
+
+
+def test_downloads_are_off_by_default(tmp_path: Path, hub_calls: list[tuple[str, dict]]) -> None:
+    user = tmp_path / "presets"
+    user.mkdir()
+    for key, urls in {
+        "repo": "SomeOrg/never-downloaded",
+        "file": "https://huggingface.co/SomeOrg/never/resolve/main/wan.safetensors",
+    }.items():
+        model = {"name": key, "architecture": "t2v", "URLs": urls, "base": "SomeOrg/never-base"}
+        (user / f"{key}.json").write_text(json.dumps({"model": model}))
+    presets = load_presets(BUILTIN_PRESETS_DIR, user)
+    orchestrator = WanOrchestrator(tmp_path / "models", presets)
+    assert orchestrator.allow_download is False
+    for key in ("repo", "file"):
+        with pytest.raises(ModelUnavailableError, match="--allow-download") as info:
+            orchestrator.load_model(key)
+        assert "SomeOrg/never" in str(info.value)
+    names = {name for name, _ in hub_calls}
+    assert names == {"snapshot_download", "hf_hub_download"}
+    assert all(kwargs.get("local_files_only") is True for _, kwargs in hub_calls), hub_calls
+
+
+def test_allow_download_fetches_then_loads(
+    tiny_models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub_calls: list[tuple[str, dict]]
+) -> None:
+    fetched: list[dict] = []
+    real_snapshot = huggingface_hub.snapshot_download
+
+    def hub(repo_id: str, **kwargs):
+        if kwargs.get("local_files_only"):
+            return real_snapshot(repo_id, **kwargs)
+        fetched.append({"repo_id": repo_id, **kwargs})  # stands in for the Hub: the tiny model arrives in the cache
+        _fake_hf_cache(tmp_path, monkeypatch, repo_id, {".": tiny_models_dir / "tiny-wan2.1-t2v"})
+        return real_snapshot(repo_id, local_files_only=True)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    preset = _user_preset(tmp_path, "remote", "SomeOrg/remote-tiny")
+    orchestrator = WanOrchestrator(tmp_path / "models", PresetRegistry({"remote": preset}), allow_download=True)
+    orchestrator.load_model("remote")
+    assert orchestrator.current_model == "remote"
+    assert [f["repo_id"] for f in fetched] == ["SomeOrg/remote-tiny"]
+    patterns = fetched[0]["allow_patterns"]
+    assert "*.safetensors" in patterns and not any(p.endswith((".bin", ".pt", ".ckpt", ".pth")) for p in patterns)
+
+
+def test_allow_download_flag_reaches_the_orchestrator(tmp_path: Path) -> None:
+    from headless_model_management import HeadlessTaskQueue
+    from worker.cli import build_parser
+    from worker.config import WorkerSettings
+
+    parser = build_parser()
+    assert parser.parse_args(["run"]).allow_download is False
+    assert parser.parse_args(["run", "--allow-download"]).allow_download is True
+    assert parser.parse_args(["models", "--allow-download", "t2v"]).allow_download is True
+    settings = WorkerSettings(db_url=f"sqlite:///{tmp_path / 'q.db'}", models_dir=tmp_path, allow_download=True)
+    queue = HeadlessTaskQueue(settings=settings)
+    try:
+        queue._build_worker()
+        assert queue._orchestrator is not None and queue._orchestrator.allow_download is True
+    finally:
+        queue.engine.dispose()
+    assert WorkerSettings().allow_download is False

@@ -19,7 +19,9 @@ def _write(folder: Path, key: str, data: object) -> Path:
 
 
 def test_builtin_presets(builtin_presets: PresetRegistry) -> None:
-    assert {"tiny_t2v", "tiny_t2v_2_2", "tiny_vace", "t2v_1.3B", "t2v", "t2v_2_2"} <= set(builtin_presets)
+    assert {"tiny_t2v", "tiny_t2v_2_2", "tiny_vace", "t2v_1.3B", "t2v", "t2v_2_2", *MODE_PRESETS} <= set(
+        builtin_presets
+    )
     small = builtin_presets.get("t2v_1.3B")
     assert small.model.urls == ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",)
     assert small.settings.resolution == "832x480" and small.settings.video_length == 81
@@ -32,6 +34,55 @@ def test_builtin_presets(builtin_presets: PresetRegistry) -> None:
     for key in builtin_presets:
         width, height = (int(v) for v in builtin_presets.get(key).settings.resolution.split("x"))
         assert width % 16 == 0 and height % 16 == 0, key
+
+
+# key -> (architecture, repo id, dual, steps, guidance, guidance2, flow_shift, switch_threshold, resolution, frames)
+MODE_PRESETS = {
+    "vace_1.3B": ("vace", "Wan-AI/Wan2.1-VACE-1.3B-diffusers", False, 50, 5.0, None, 3.0, None, "832x480", 81),
+    "vace_14B": ("vace", "Wan-AI/Wan2.1-VACE-14B-diffusers", False, 50, 5.0, None, 3.0, None, "832x480", 81),
+    "i2v_14B": ("i2v", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", False, 40, 5.0, None, 3.0, None, "832x480", 81),
+    "flf2v_14B": ("flf2v", "Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers", False, 50, 5.0, None, 16.0, None, "1280x720", 81),
+    "t2v_2_2": ("t2v", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", True, 40, 4.0, 3.0, 12.0, 875, "832x480", 81),
+    "i2v_2_2": ("i2v", "Wan-AI/Wan2.2-I2V-A14B-Diffusers", True, 40, 3.5, 3.5, 5.0, 900, "832x480", 81),
+    "ti2v_2_2": ("ti2v", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", False, 50, 5.0, None, 5.0, None, "1280x704", 121),
+    "vace_14B_cocktail_2_2": (
+        "vace",
+        "linoyts/Wan2.2-VACE-Fun-14B-diffusers",
+        True,
+        10,
+        1.0,
+        1.0,
+        2.0,
+        875,
+        "832x480",
+        81,
+    ),
+}
+
+
+@pytest.mark.parametrize("key", sorted(MODE_PRESETS))
+def test_mode_presets(builtin_presets: PresetRegistry, key: str) -> None:
+    arch, repo, dual, steps, guidance, guidance2, shift, switch, resolution, frames = MODE_PRESETS[key]
+    preset = builtin_presets.get(key)
+    settings = preset.settings
+    assert (preset.model.architecture, preset.model.urls, preset.is_dual_expert) == (arch, (repo,), dual)
+    assert (settings.num_inference_steps, settings.guidance_scale, settings.guidance2_scale) == (
+        steps,
+        guidance,
+        guidance2,
+    )
+    assert (settings.flow_shift, settings.switch_threshold) == (shift, switch)
+    assert (settings.resolution, settings.video_length) == (resolution, frames)
+    assert preset.model.group == ("wan2_2" if "2_2" in key else "wan")
+
+
+def test_every_tiny_model_has_a_preset(builtin_presets: PresetRegistry) -> None:
+    from wan_engine.tiny_models import TINY_MODEL_DIRS
+
+    for key, folder in TINY_MODEL_DIRS.items():
+        assert builtin_presets.get(key).model.urls == (folder,)
+    assert builtin_presets.get("tiny_vace_2_2").is_dual_expert and builtin_presets.get("tiny_i2v_2_2").is_dual_expert
+    assert not builtin_presets.get("tiny_ti2v").is_dual_expert
 
 
 def test_user_file_overrides_property_by_property(tmp_path: Path) -> None:

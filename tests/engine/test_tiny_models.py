@@ -14,7 +14,7 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_builds_three_complete_small_models(tiny_models_dir: Path) -> None:
+def test_builds_every_complete_small_model(tiny_models_dir: Path) -> None:
     for key, name in TINY_MODEL_DIRS.items():
         folder = tiny_models_dir / name
         assert is_complete_model_dir(folder), key
@@ -33,6 +33,18 @@ def test_model_index_layout(tiny_models_dir: Path) -> None:
     assert t22["boundary_ratio"] == 0.875 and t22["transformer_2"][1] == "WanTransformer3DModel"
     assert vace["_class_name"] == "WanVACEPipeline"
     assert vace["transformer"][1] == "WanVACETransformer3DModel"
+    vace22 = json.loads((tiny_models_dir / "tiny-wan2.2-vace" / "model_index.json").read_text())
+    assert vace22["boundary_ratio"] == 0.875 and vace22["transformer_2"][1] == "WanVACETransformer3DModel"
+    i2v = json.loads((tiny_models_dir / "tiny-wan2.1-i2v" / "model_index.json").read_text())
+    assert i2v["_class_name"] == "WanImageToVideoPipeline" and i2v["image_encoder"][1] == "CLIPVisionModel"
+    i2v22 = json.loads((tiny_models_dir / "tiny-wan2.2-i2v" / "model_index.json").read_text())
+    assert i2v22["boundary_ratio"] == 0.9 and i2v22["image_encoder"] == [None, None]
+    ti2v = json.loads((tiny_models_dir / "tiny-wan2.2-ti2v" / "model_index.json").read_text())
+    assert ti2v["_class_name"] == "WanPipeline" and ti2v["expand_timesteps"] is True
+    ti2v_vae = json.loads((tiny_models_dir / "tiny-wan2.2-ti2v" / "vae" / "config.json").read_text())
+    assert ti2v_vae["z_dim"] == 48 and ti2v_vae["patch_size"] == 2 and ti2v_vae["is_residual"] is True
+    flf2v = json.loads((tiny_models_dir / "tiny-wan2.1-flf2v" / "transformer" / "config.json").read_text())
+    assert flf2v["pos_embed_seq_len"] is not None and flf2v["image_dim"] is not None
 
 
 def test_two_experts_have_different_weights(tiny_models_dir: Path) -> None:

@@ -18,10 +18,6 @@ from worker.task import NewTask, Task, TaskDeferred, TaskOutcome
 from worker.travel import TravelCoordinator
 
 
-def _never_generate(*_args: object, **_kwargs: object) -> dict[str, object]:
-    raise AssertionError("the orchestrator must not generate")
-
-
 @pytest.fixture
 def setup(db_url: str, tmp_path: Path) -> tuple[SqlTaskRepository, TravelCoordinator, list[str]]:
     engine = create_db_engine(db_url)
@@ -35,7 +31,6 @@ def setup(db_url: str, tmp_path: Path) -> tuple[SqlTaskRepository, TravelCoordin
         store=repository,
         outputs_dir=tmp_path / "outputs",
         input_roots=[tmp_path],
-        generate_segment=_never_generate,
         resolution_for=lambda _model, _resolution: (64, 48),
     )
     return repository, coordinator, images

@@ -13,6 +13,7 @@ from worker.params import (
     MAX_PROMPT_CHARS,
     SUPPORTED_TASK_TYPES,
     TASK_TYPE_DEFAULT_MODELS,
+    TASK_TYPE_MODES,
     GenerationParams,
     InvalidTaskError,
     model_key_for,
@@ -91,9 +92,18 @@ def test_minimal_params_valid_and_model_default_from_task_type() -> None:
     assert validated.seed == -1
 
 
+# The input files each mode requires (vace / i2v / flf2v tasks are invalid without them).
+REQUIRED_INPUTS: dict[str, dict[str, str]] = {
+    "vace": {"video_guide": "g.mp4"},
+    "i2v": {"image_start": "s.png"},
+    "flf2v": {"image_start": "s.png", "image_end": "e.png"},
+}
+
+
 @pytest.mark.parametrize("task_type", sorted(TASK_TYPE_DEFAULT_MODELS))
 def test_alias_default_model(task_type: str) -> None:
-    assert validate_params(task_type, {"prompt": "x"}).model == TASK_TYPE_DEFAULT_MODELS[task_type]
+    params = {"prompt": "x", **REQUIRED_INPUTS.get(TASK_TYPE_MODES[task_type], {})}
+    assert validate_params(task_type, params).model == TASK_TYPE_DEFAULT_MODELS[task_type]
 
 
 def test_wan22_alias_maps_to_the_22_model() -> None:

@@ -1,0 +1,197 @@
+"""Conditioning inputs of a generation: images and control videos read from files, fitted to the target.
+
+Every adjustment is recorded as a sentence (what was read, how it was resized, how frame counts
+were aligned) so a task's result_data says exactly what the model was given. Inputs are never
+stretched: they are scaled to cover the target and center-cropped. Paths arrive already checked
+by the caller (the worker only passes files inside its input roots).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import imageio_ffmpeg
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from wan_engine.errors import InvalidRequestError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
+GUIDE_PAD_VALUE = 127  # neutral grey: "no control here" once the VAE maps pixels to [-1, 1]
+MASK_GENERATE, MASK_KEEP = 255, 0  # VACE masks: white = generate, black = keep the guide's pixels
+
+
+def fit_image(image: Image.Image, width: int, height: int, *, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
+    """Scale `image` to cover width x height, then center-crop it to exactly that size."""
+    if image.size == (width, height):
+        return image
+    scale = max(width / image.width, height / image.height)
+    scaled_w, scaled_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    scaled = image.resize((scaled_w, scaled_h), resample=resample)
+    left, top = (scaled_w - width) // 2, (scaled_h - height) // 2
+    return scaled.crop((left, top, left + width, top + height))
+
+
+def describe_fit(source: tuple[int, int], width: int, height: int) -> str:
+    """How `fit_image` changes a source of size (w, h), as recorded in result_data."""
+    if source == (width, height):
+        return f"{width}x{height} (kept)"
+    return f"resized {source[0]}x{source[1]} -> {width}x{height} (cover + center-crop)"
+
+
+def load_image(path: Path, *, key: str) -> Image.Image:
+    """An RGB image from a PNG/JPEG/WebP/BMP file; a clear error naming `key` otherwise."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InvalidRequestError(f"Invalid {key}: {path} is not a readable image ({exc}).") from exc
+
+
+@dataclass
+class FrameSource:
+    """Frames read from a video or an image file (at most `limit`), and facts about the source."""
+
+    frames: list[np.ndarray]
+    total_frames: int
+    width: int
+    height: int
+    fps: float | None
+    kind: str  # "video" or "image"
+
+
+def read_frames(path: Path | np.ndarray, *, key: str, limit: int) -> FrameSource:
+    """Read up to `limit` RGB frames of a video (MP4 and other ffmpeg formats) or one image file.
+
+    Frames past the limit are counted, not kept, so a long guide video never fills the memory.
+    Frames already in memory ((F, H, W, 3) uint8, e.g. a travel segment's guide) are taken as they are.
+    """
+    if isinstance(path, np.ndarray):
+        if path.ndim != 4 or path.shape[-1] != 3 or path.dtype != np.uint8 or not len(path):
+            raise InvalidRequestError(f"Invalid {key}: in-memory frames must be (F, H, W, 3) uint8, got {path.shape}")
+        return FrameSource(list(path[:limit]), len(path), path.shape[2], path.shape[1], None, "frames")
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        image = np.asarray(load_image(path, key=key))
+        return FrameSource([image], 1, image.shape[1], image.shape[0], None, "image")
+    if suffix not in VIDEO_SUFFIXES:
+        allowed = ", ".join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+        raise InvalidRequestError(f"Invalid {key}: {path.name!r} has an unsupported type; use one of {allowed}.")
+    frames: list[np.ndarray] = []
+    total = 0
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path))
+        try:
+            meta = next(reader)
+            width, height = meta["size"]
+            for raw in reader:
+                total += 1
+                if len(frames) < limit:
+                    frames.append(np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3).copy())
+        finally:
+            reader.close()
+    except (OSError, RuntimeError, StopIteration, KeyError) as exc:
+        raise InvalidRequestError(f"Invalid {key}: {path} is not a readable video ({exc}).") from exc
+    if not frames:
+        raise InvalidRequestError(f"Invalid {key}: {path} holds no video frames.")
+    return FrameSource(frames, total, width, height, float(meta.get("fps") or 0.0) or None, "video")
+
+
+def _describe_source(path: Path | np.ndarray, source: FrameSource) -> str:
+    fps = f" at {source.fps:g} fps" if source.fps else ""
+    count = f"{source.total_frames} frame{'s' if source.total_frames != 1 else ''}"
+    name = "in-memory" if isinstance(path, np.ndarray) else Path(path).name
+    return f"{name}: {source.kind}, {source.width}x{source.height}, {count}{fps}"
+
+
+def _align_count(frames: list[Image.Image], target: int, pad: Image.Image, what: str, total: int) -> str:
+    """Pad (with `pad`) or trim `frames` in place to `target`; return what was done."""
+    if total > target:
+        del frames[target:]
+        return f"trimmed {total} -> {target} frames (kept the first {target})"
+    if len(frames) < target:
+        missing = target - len(frames)
+        frames.extend([pad] * missing)
+        return f"padded {total} -> {target} frames with {missing} {what}"
+    return f"{target} frames (kept)"
+
+
+@dataclass
+class VaceInputs:
+    """The VACE pipeline's conditioning inputs, fitted to the target, and what was done to them."""
+
+    video: list[Image.Image]
+    mask: list[Image.Image] | None
+    reference_images: list[Image.Image]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_vace_inputs(
+    video_guide: Path | np.ndarray,
+    video_mask: Path | np.ndarray | None,
+    image_refs: list[Path],
+    *,
+    width: int,
+    height: int,
+    num_frames: int,
+) -> VaceInputs:
+    """Read the guide (video or image), the mask (video or one image for all frames) and references.
+
+    Guide and mask are fitted to width x height; a shorter guide is padded with neutral grey frames
+    (which the mask, when given, marks "generate"), a longer one trimmed. A single-image mask applies
+    to every frame; a shorter mask video is padded with "generate" frames. Reference images are passed
+    as read (the VACE pipeline fits them inside the frame on a white canvas).
+    """
+    guide_source = read_frames(video_guide, key="video_guide", limit=num_frames)
+    guide = [fit_image(Image.fromarray(f), width, height) for f in guide_source.frames]
+    grey = Image.new("RGB", (width, height), (GUIDE_PAD_VALUE,) * 3)
+    notes: dict[str, Any] = {
+        "video_guide": {
+            "source": _describe_source(video_guide, guide_source),
+            "resize": describe_fit((guide_source.width, guide_source.height), width, height),
+            "frames": _align_count(guide, num_frames, grey, "neutral grey frames", guide_source.total_frames),
+        }
+    }
+    mask: list[Image.Image] | None = None
+    if video_mask is not None:
+        mask_source = read_frames(video_mask, key="video_mask", limit=num_frames)
+        nearest = Image.Resampling.NEAREST  # masks stay hard-edged
+        mask = [fit_image(Image.fromarray(f), width, height, resample=nearest) for f in mask_source.frames]
+        white = Image.new("RGB", (width, height), (MASK_GENERATE,) * 3)
+        if mask_source.kind == "image":
+            mask = mask * num_frames
+            frames_note = f"one image applied to all {num_frames} frames"
+        else:
+            frames_note = _align_count(mask, num_frames, white, '"generate" (white) frames', mask_source.total_frames)
+        real_guide = min(guide_source.total_frames, num_frames)
+        if real_guide < num_frames:
+            # The grey padding carries no content to keep: those frames are generated whatever the mask said.
+            mask[real_guide:] = [white] * (num_frames - real_guide)
+            frames_note += f'; frames {real_guide}-{num_frames - 1} set to "generate" (the guide was padded there)'
+        notes["video_mask"] = {
+            "source": _describe_source(video_mask, mask_source),
+            "resize": describe_fit((mask_source.width, mask_source.height), width, height),
+            "frames": frames_note,
+        }
+    elif guide_source.total_frames < num_frames:
+        notes["video_guide"]["frames"] += " (no mask given: every frame is generated under the guide's control)"
+    refs = [load_image(path, key=f"image_refs[{i}]") for i, path in enumerate(image_refs)]
+    if refs:
+        notes["image_refs"] = [
+            f"{Path(path).name}: {ref.width}x{ref.height}, fitted inside {width}x{height} on white (aspect kept)"
+            for path, ref in zip(image_refs, refs, strict=True)
+        ]
+    return VaceInputs(video=guide, mask=mask, reference_images=refs, notes=notes)
+
+
+def prepare_i2v_image(path: Path, *, key: str, width: int, height: int) -> tuple[Image.Image, dict[str, str]]:
+    """Read a start/end image and fit it to width x height; return it with its note."""
+    image = load_image(path, key=key)
+    note = {"source": f"{Path(path).name}: image, {image.width}x{image.height}"}
+    note["resize"] = describe_fit(image.size, width, height)
+    return fit_image(image, width, height), note

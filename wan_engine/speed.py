@@ -1,0 +1,353 @@
+"""The lossless speed path on CUDA: the fastest attention kernel (chosen by a probe) and regional compile.
+
+Applied once per loaded model (`pipeline_runtime.load_pipeline`), on CUDA only:
+
+1. **Attention backend.** Wan's self-attention over ~32k tokens (832x480x81) is most of a step's
+   arithmetic. The diffusers attention dispatcher offers several exact (non-approximate) kernels;
+   which is fastest depends on the GPU and the torch build (on Hopper, cuDNN's SDPA usually beats
+   the FlashAttention-2 kernel that `native` SDPA picks). `probe_attention_backends` times each one
+   on the model's head layout at a representative sequence length, checks its output against a
+   float32 reference, and the fastest one within bf16 noise is set on every transformer.
+2. **Regional torch.compile.** `compile_repeated_blocks` compiles the transformer block once; all
+   blocks (and both Wan 2.2 experts, and every later model with the same block shapes) reuse the
+   compiled code. Shapes are static (`dynamic=False`), so a recurring resolution never recompiles;
+   a new one compiles once. The recompile limit is raised so a long-lived worker that sees several
+   models and resolutions keeps every variant compiled instead of silently falling back to eager.
+
+Both keep the output within bf16 rounding of the plain pipeline (bench/gpu_bench.py measures it).
+Switches (environment): `WAN_SPEED=off` disables the whole path; `WAN_ATTENTION_BACKEND` forces a
+diffusers backend name instead of the probe; `WAN_COMPILE=off` keeps the attention choice but skips
+torch.compile. The analytic FLOP count of a Wan transformer forward (`wan_transformer_flops`) is here
+too: it gives the floor a step can reach and the MFU the benchmark reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SPEED_ENV = "WAN_SPEED"
+ATTENTION_ENV = "WAN_ATTENTION_BACKEND"
+COMPILE_ENV = "WAN_COMPILE"
+_OFF = {"0", "off", "false", "no", "none"}
+
+# Exact attention kernels only (SageAttention and other quantised kernels are not lossless). Kernels
+# whose package is missing fail their probe and are skipped.
+CANDIDATE_BACKENDS: tuple[str, ...] = ("_native_cudnn", "_native_flash", "native", "_flash_3", "flash")
+PROBE_TOKENS = 32760  # 832x480x81 (21 latent frames x 30 x 52 patches): the common Wan 2.1 task
+PROBE_REFERENCE_ROWS = 128  # queries checked against float32 attention (keeps the reference small)
+MAX_ATTENTION_REL_ERROR = 1e-2  # bf16 noise; a kernel beyond this is never chosen
+DEFAULT_BACKEND = "native"  # diffusers' default: torch SDPA picks the kernel (cuDNN on Hopper with torch 2.11)
+DEFAULT_BACKEND_TIE = 1.03  # keep the default unless another kernel is more than 3% faster
+RECOMPILE_LIMIT = 64  # compiled variants kept per code object (models x resolutions x CFG batch)
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """What the speed path may do. `from_env` reads WAN_SPEED / WAN_ATTENTION_BACKEND / WAN_COMPILE."""
+
+    enabled: bool = True
+    attention: str = "auto"  # "auto" probes; otherwise a diffusers attention backend name
+    compile: bool = True
+    require_cuda: bool = True  # only tests and the CPU dry run of the benchmark turn this off
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> SpeedSettings:
+        """Settings from the environment (defaults: on, probe the attention kernel, compile)."""
+        env = os.environ if environ is None else environ
+        enabled = env.get(SPEED_ENV, "on").strip().lower() not in _OFF
+        attention = env.get(ATTENTION_ENV, "auto").strip() or "auto"
+        compile_blocks = env.get(COMPILE_ENV, "on").strip().lower() not in _OFF
+        return cls(enabled=enabled, attention=attention, compile=compile_blocks)
+
+
+@dataclass(frozen=True)
+class BackendProbe:
+    """One attention kernel's probe: median seconds per call and error vs float32 (or why it failed)."""
+
+    name: str
+    seconds: float | None = None
+    rel_error: float | None = None
+    error: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        """True when the kernel ran and stayed within bf16 noise of the reference."""
+        return self.error is None and self.rel_error is not None and self.rel_error <= MAX_ATTENTION_REL_ERROR
+
+
+@dataclass(frozen=True)
+class SpeedReport:
+    """What the speed path did to one loaded model (kept on LoadedModel, recorded in result_data)."""
+
+    enabled: bool
+    reason: str
+    attention_backend: str | None = None
+    compiled: tuple[str, ...] = ()  # components whose repeated blocks are compiled
+    probes: tuple[BackendProbe, ...] = field(default_factory=tuple)
+    seconds: float = 0.0  # probe + setup time at load (compilation itself happens at the first step)
+
+    def brief(self, *, compiled_ran: bool = True) -> dict[str, Any]:
+        """The part recorded in each task's result_data (`compiled_ran`: False when a LoRA task ran eagerly)."""
+        return {
+            "enabled": self.enabled,
+            "attention_backend": self.attention_backend,
+            "compiled": list(self.compiled) if compiled_ran else [],
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        data = asdict(self)
+        data["compiled"] = list(self.compiled)
+        data["probes"] = [asdict(p) for p in self.probes]
+        return data
+
+
+# ---- attention probe -----------------------------------------------------------------------------
+
+
+def _attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int) -> torch.Tensor:
+    """Exact attention of the first `rows` queries in float32; layout (B, rows, heads, dim)."""
+    qf = q[:, :rows].float().transpose(1, 2)
+    kf, vf = k.float().transpose(1, 2), v.float().transpose(1, 2)
+    weights = torch.softmax(qf @ kf.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+    return (weights @ vf).transpose(1, 2)
+
+
+def _median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Median wall time of `fn` after one warm-up call (CUDA events on a GPU)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000.0)
+        else:
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def probe_attention_backends(
+    *,
+    heads: int,
+    head_dim: int,
+    tokens: int = PROBE_TOKENS,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cuda",
+    candidates: Sequence[str] = CANDIDATE_BACKENDS,
+    repeats: int = 3,
+) -> tuple[BackendProbe, ...]:
+    """Time each candidate diffusers attention backend on (1, tokens, heads, head_dim) self-attention.
+
+    Every candidate also has its output for the first queries compared with float32 attention; a
+    kernel that raises (not built, package missing, wrong device) is recorded with its error.
+    """
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (
+        torch.randn(1, tokens, heads, head_dim, generator=generator, device=device, dtype=dtype) for _ in range(3)
+    )
+    rows = min(PROBE_REFERENCE_ROWS, tokens)
+    reference = _attention_reference(q, k, v, rows)
+    probes = []
+    for name in candidates:
+        try:
+
+            def run(name: str = name) -> torch.Tensor:
+                return dispatch_attention_fn(q, k, v, backend=name)
+
+            out = run()
+            rel = float((out[:, :rows].float() - reference).norm() / reference.norm())
+            probes.append(BackendProbe(name, _median_seconds(run, device, repeats), rel))
+        except Exception as exc:  # not available here: record why and move on
+            probes.append(BackendProbe(name, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
+    return tuple(probes)
+
+
+def choose_backend(probes: Sequence[BackendProbe]) -> str | None:
+    """The fastest usable kernel; None when none ran within tolerance.
+
+    diffusers' default (`native`) wins a near-tie: it is what the plain pipeline runs, and a forced
+    kernel puts an `sdpa_kernel` switch of torch's global SDPA flags inside every compiled block.
+    """
+    usable = [p for p in probes if p.usable and p.seconds is not None]
+    if not usable:
+        return None
+    fastest = min(usable, key=lambda p: p.seconds)  # type: ignore[arg-type,return-value]
+    default = next((p for p in usable if p.name == DEFAULT_BACKEND), None)
+    if default is not None and default.seconds <= fastest.seconds * DEFAULT_BACKEND_TIE:  # type: ignore[operator]
+        return default.name
+    return fastest.name
+
+
+_PROBE_CACHE: dict[tuple[Any, ...], tuple[BackendProbe, ...]] = {}
+
+
+def _probe_cached(heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[BackendProbe, ...]:
+    # One probe per GPU and head layout per process: reloading a model does not probe again.
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    key = (name, heads, head_dim, dtype, PROBE_TOKENS if device.type == "cuda" else 256)
+    if key not in _PROBE_CACHE:
+        # On a CPU (tests, dry runs) a short sequence is enough to exercise the probe.
+        _PROBE_CACHE[key] = probe_attention_backends(
+            heads=heads, head_dim=head_dim, tokens=key[-1], dtype=dtype, device=device
+        )
+    return _PROBE_CACHE[key]
+
+
+# ---- applying the path ---------------------------------------------------------------------------
+
+
+def transformers_of(pipe: Any) -> list[tuple[str, Any]]:
+    """The pipeline's transformers (`transformer`, and the Wan 2.2 low-noise `transformer_2`)."""
+    found = []
+    for name in ("transformer", "transformer_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            found.append((name, module))
+    return found
+
+
+def _configure_dynamo() -> None:
+    import torch._dynamo.config as dynamo_config
+
+    # Every compiled block shares Module._call_impl's code object, so the limit counts all variants
+    # (1.3B and 14B blocks, each resolution, CFG batch sizes) together; the default 8 is too few for a
+    # long-lived worker, and past it torch silently runs eagerly.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(int(getattr(dynamo_config, name)), RECOMPILE_LIMIT))
+    # Compilation happens lazily inside a task: a compiler failure must cost speed, never the task.
+    dynamo_config.suppress_errors = True
+    import torch._inductor.config as inductor_config
+
+    # Round where eager rounds (bf16 intermediates inside fused kernels), so the compiled blocks stay
+    # within bf16 noise of the plain pipeline instead of drifting through 30-40 layers.
+    if hasattr(inductor_config, "emulate_precision_casts"):
+        inductor_config.emulate_precision_casts = True
+
+
+def apply_speed_path(pipe: Any, device: torch.device | str, settings: SpeedSettings | None = None) -> SpeedReport:
+    """Set the fastest exact attention kernel and compile the repeated blocks of every transformer.
+
+    A no-op (with the reason in the report) off CUDA, when disabled, or for a pipeline without a
+    Wan transformer. Compilation is lazy: it happens during the first denoising step of the first
+    task at each new shape, and is reused by every later task.
+    """
+    settings = settings or SpeedSettings.from_env()
+    device = torch.device(device)
+    if not settings.enabled:
+        return SpeedReport(False, f"disabled ({SPEED_ENV}=off)")
+    if settings.require_cuda and device.type != "cuda":
+        return SpeedReport(False, f"not a CUDA device ({device.type})")
+    transformers = transformers_of(pipe)
+    if not transformers:
+        return SpeedReport(False, "no transformer in the pipeline")
+    started = time.perf_counter()
+    main = transformers[0][1]
+    probes: tuple[BackendProbe, ...] = ()
+    backend = settings.attention
+    if backend == "auto":
+        config = main.config
+        dtype = main.dtype if device.type == "cuda" else torch.float32  # what the pipeline feeds attention
+        probes = _probe_cached(int(config.num_attention_heads), int(config.attention_head_dim), dtype, device)
+        backend = choose_backend(probes)  # type: ignore[assignment]
+    if backend is not None:
+        for _name, module in transformers:
+            module.set_attention_backend(backend)
+    compiled: list[str] = []
+    if settings.compile:
+        _configure_dynamo()
+        for name, module in transformers:
+            try:
+                # Not fullgraph: an unexpected graph break (a new diffusers attention path, say) then
+                # costs some speed instead of failing the task. The benchmark counts graphs to check.
+                module.compile_repeated_blocks(dynamic=False)
+                compiled.append(name)
+            except (ValueError, AttributeError) as exc:  # no `_repeated_blocks` on this class
+                log.warning("regional compile skipped for %s: %s", name, exc)
+    report = SpeedReport(
+        True,
+        "cuda" if device.type == "cuda" else f"forced on {device.type}",
+        attention_backend=backend,
+        compiled=tuple(compiled),
+        probes=probes,
+        seconds=time.perf_counter() - started,
+    )
+    log.info("speed path: attention=%s compiled=%s (%.2fs)", backend, ",".join(compiled) or "none", report.seconds)
+    return report
+
+
+@contextmanager
+def eager_blocks(active: bool) -> Iterator[None]:
+    """Inside this block, compiled regions run eagerly when `active`.
+
+    Used for LoRA tasks: peft keeps each adapter's scale as a Python float on the module and LoRA
+    schedules change it every step, which torch.compile would treat as a new constant and recompile
+    per step. The attention kernel choice still applies.
+    """
+    stance = getattr(torch.compiler, "set_stance", None)
+    if not active or stance is None:  # torch < 2.6 has no stance: LoRA tasks then recompile as needed
+        yield
+        return
+    with stance("force_eager"):
+        yield
+
+
+# ---- analytic FLOPs ------------------------------------------------------------------------------
+
+
+def wan_tokens(width: int, height: int, frames: int, *, spatial: int = 8, temporal: int = 4) -> int:
+    """Transformer sequence length of a Wan 2.1 video: latent frames x (H/16) x (W/16) with 2x2 patches."""
+    latent_frames = 1 + (frames - 1) // temporal
+    return latent_frames * (height // spatial // 2) * (width // spatial // 2)
+
+
+def wan_transformer_flops(config: Mapping[str, Any], tokens: int, text_tokens: int = 512) -> float:
+    """FLOPs (2 per multiply-add) of one Wan transformer forward at batch 1: matmuls and attention.
+
+    Per block: self-attention projections (4 d^2 per token), QK^T and PV (2 x 2 L^2 d), cross-attention
+    query/output projections (2 d^2 per token) and key/value projections of the text (2 d^2 per text
+    token), its scores and PV (2 x 2 L T d), and the feed-forward (2 d ffn per token); plus the patch
+    embedding, the output projection and the text embedder. Norms, RoPE, modulation and the
+    scheduler are elementwise and left out (they are what a step spends beyond this floor).
+    """
+    d = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    ffn = int(config["ffn_dim"])
+    layers = int(config["num_layers"])
+    patch = 1
+    for size in config.get("patch_size", (1, 2, 2)):
+        patch *= int(size)
+    macs_per_block = (
+        tokens * 4 * d * d  # self-attention q, k, v, o
+        + 2 * tokens * tokens * d  # QK^T and PV
+        + tokens * 2 * d * d  # cross-attention q, o
+        + text_tokens * 2 * d * d  # cross-attention k, v over the text
+        + 2 * tokens * text_tokens * d  # cross-attention scores and PV
+        + tokens * 2 * d * ffn  # feed-forward up and down
+    )
+    text_dim = int(config.get("text_dim", 4096))
+    macs_outside = (
+        tokens * int(config.get("in_channels", 16)) * patch * d  # patch embedding
+        + tokens * d * int(config.get("out_channels", 16)) * patch  # output projection
+        + text_tokens * (text_dim * d + d * d)  # text embedder
+    )
+    return 2.0 * (layers * macs_per_block + macs_outside)
