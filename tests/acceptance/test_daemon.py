@@ -24,8 +24,9 @@ from wan_engine.video_io import read_video_info
 pytestmark = pytest.mark.acceptance
 
 DESIGN_INSERT = """INSERT INTO tasks (task_type, params) VALUES ('t2v', '{"model": "t2v_1.3B", "prompt": "a cat"}');"""
-# Enough tiny denoising steps that a task is still running when the test acts on it.
-LONG_STEPS = 400
+# Enough tiny denoising work (~10-20 s on a CPU) that a task is still running when the test acts on it.
+LONG_STEPS = 1000
+SLOW = {"num_inference_steps": LONG_STEPS, "resolution": "96x64", "video_length": 17}
 
 
 def run_cli_sql(stack: Stack, sql: str) -> None:
@@ -188,7 +189,7 @@ def test_bad_params_fail_with_a_message_naming_the_value(
 
 
 def test_kill_9_mid_denoising_is_recovered_after_the_lease(stack: Stack) -> None:
-    task_id = stack.insert("t2v", tiny(num_inference_steps=LONG_STEPS // 2))
+    task_id = stack.insert("t2v", tiny(**SLOW))
     first = stack.start_worker(name="doomed", lease_s=4)
     wait_denoising(stack, task_id)
     first.kill9()
@@ -202,7 +203,7 @@ def test_kill_9_mid_denoising_is_recovered_after_the_lease(stack: Stack) -> None
 
 def test_user_cancel_stops_a_running_task_and_the_next_one_runs(sqlite_stack: Stack) -> None:
     stack = sqlite_stack
-    victim = stack.insert("t2v", tiny("victim", num_inference_steps=LONG_STEPS), priority=1)
+    victim = stack.insert("t2v", tiny("victim", **SLOW), priority=1)
     following = stack.insert("t2v", tiny("following"))
     worker = stack.start_worker()
     wait_denoising(stack, victim, min_step=2)
@@ -222,7 +223,7 @@ def test_user_cancel_stops_a_running_task_and_the_next_one_runs(sqlite_stack: St
 
 def test_first_sigterm_finishes_the_task_and_exits_zero(sqlite_stack: Stack) -> None:
     stack = sqlite_stack
-    task_id = stack.insert("t2v", tiny(num_inference_steps=LONG_STEPS // 2))
+    task_id = stack.insert("t2v", tiny(**SLOW))
     waiting = stack.insert("t2v", tiny("not started"))
     worker = stack.start_worker()
     wait_denoising(stack, task_id)
@@ -234,7 +235,7 @@ def test_first_sigterm_finishes_the_task_and_exits_zero(sqlite_stack: Stack) -> 
 
 def test_second_sigterm_requeues_the_task_and_exits_zero(sqlite_stack: Stack) -> None:
     stack = sqlite_stack
-    task_id = stack.insert("t2v", tiny(num_inference_steps=LONG_STEPS))
+    task_id = stack.insert("t2v", tiny(**SLOW))
     worker = stack.start_worker()
     wait_denoising(stack, task_id)
     worker.signal(signal.SIGTERM)
