@@ -32,8 +32,16 @@ from wan_engine.loras import (
     resolve_lora_path,
     set_step_weights,
 )
+from wan_engine.memory_profiles import (
+    DEFAULT_VRAM_FRACTION,
+    PROFILE_CHOICES,
+    apply_profile,
+    choose_profile,
+    next_profile,
+    tile_vae,
+)
 from wan_engine.model_cache import ModelCache
-from wan_engine.model_sources import resolve_model
+from wan_engine.model_sources import check_model, resolve_model
 from wan_engine.pipeline_runtime import (
     ExpertRecorder,
     LoadedModel,
@@ -47,6 +55,7 @@ from wan_engine.pipeline_runtime import (
 from wan_engine.presets import BUILTIN_PRESETS_DIR, PresetRegistry, load_presets
 from wan_engine.speed import eager_blocks
 from wan_engine.video_io import write_video
+from wan_engine.vram import estimate_vram
 
 __all__ = ["GenerationResult", "ProgressCallback", "ProgressEvent", "WanOrchestrator"]
 
@@ -99,6 +108,8 @@ class WanOrchestrator:
         dtype: torch.dtype | None = None,
         allow_download: bool = False,
         loras_dir: Path | None = None,
+        memory_profile: str = "auto",
+        vram_fraction: float = DEFAULT_VRAM_FRACTION,
     ) -> None:
         self.models_dir = Path(models_dir)
         self.loras_dir = Path(loras_dir) if loras_dir is not None else BUILTIN_LORAS_DIR
@@ -106,6 +117,10 @@ class WanOrchestrator:
         self.presets = presets if presets is not None else load_presets(BUILTIN_PRESETS_DIR, presets_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        if memory_profile not in PROFILE_CHOICES:
+            raise InvalidRequestError(f"memory_profile {memory_profile!r}: allowed {', '.join(PROFILE_CHOICES)}")
+        self.memory_profile = memory_profile  # default for tasks that name none
+        self.vram_fraction = vram_fraction
         self._loaded: LoadedModel | None = None
         self._lock = threading.RLock()
         self.model_cache = ModelCache.from_env(self.device)  # recently used models in pinned RAM (WAN_PINNED_CACHE_GB)
@@ -323,6 +338,87 @@ class WanOrchestrator:
 
     # ----- the shared generation path ----------------------------------------------------------------
 
+    def _place(self, loaded: LoadedModel, p: GenerationParams) -> str:
+        """Apply the task's memory profile (or the orchestrator's default; `auto` decides from the
+        VRAM estimate at this task's size and the free VRAM); returns the profile that will run."""
+        requested = p.memory_profile_requested or self.memory_profile
+        if requested not in PROFILE_CHOICES:
+            raise InvalidRequestError(f"memory_profile {requested!r}: allowed {', '.join(PROFILE_CHOICES)}")
+        if requested == "auto":
+            if loaded.profile is not None:
+                return loaded.profile  # chosen (or stepped down to) by an earlier task: keep it
+            requested = self._auto_profile(loaded, p)
+        current = loaded.profile or ("gpu" if loaded.device.type == "cuda" else "cpu")
+        if requested != current:
+            apply_profile(loaded.pipe, requested, loaded.device, current=current)
+        loaded.profile = requested
+        return requested
+
+    def _auto_profile(self, loaded: LoadedModel, p: GenerationParams) -> str:
+        if loaded.device.type != "cuda":
+            return "cpu"
+        estimate = estimate_vram(
+            loaded.preset,
+            check_model(loaded.preset, self.models_dir),
+            width=p.width,
+            height=p.height,
+            frames=p.video_length,
+        )
+        free, _total = torch.cuda.mem_get_info(loaded.device)
+        budget = free + torch.cuda.memory_allocated(loaded.device)  # the resident weights are ours to move
+        profile = choose_profile(estimate.profiles if estimate else None, budget, self.vram_fraction)
+        vae = next((c for c in estimate.components if c.name == "vae"), None) if estimate else None
+        if vae is not None and vae.weight_bytes + vae.activation_bytes > budget * self.vram_fraction:
+            tile_vae(loaded.pipe)  # the decode alone would not fit untiled
+        return profile
+
+    def _denoise_and_decode(
+        self,
+        loaded: LoadedModel,
+        p: GenerationParams,
+        call: dict[str, Any],
+        prompt_embeds: Any,
+        negative_embeds: Any,
+        on_step_end: Any,
+        last_mark: list[float],
+        recorder: ExpertRecorder,
+        requests: Any,
+        boundary: float | None,
+        pipe: Any,
+        progress: ProgressCallback | None,
+        num_reference_images: int,
+    ) -> tuple[Any, float]:
+        """Steps 3 and 4 of `_run`: denoise, then decode (frames, end of denoising); retried as a whole on OOM."""
+        _emit(progress, "denoising", 0, p.num_inference_steps)
+        kwargs: dict[str, Any] = {
+            **call,
+            "prompt_embeds": prompt_embeds,
+            "negative_prompt_embeds": negative_embeds,
+            "height": p.height,
+            "width": p.width,
+            "num_frames": p.video_length,
+            "num_inference_steps": p.num_inference_steps,
+            "guidance_scale": p.guidance_scale,
+            "generator": torch.Generator(device="cpu").manual_seed(p.seed),
+            "output_type": "latent",  # decode ourselves, to time the VAE on its own
+            "callback_on_step_end": on_step_end,
+            "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        }
+        if loaded.is_dual_expert:
+            kwargs["guidance_scale_2"] = p.guidance2_scale
+        last_mark[0] = time.perf_counter()
+        with (
+            scheduled(loaded, p.flow_shift, boundary, pipe) as run_pipe,
+            recorder.attached(run_pipe),
+            eager_blocks(bool(requests)),  # LoRA scales change per step: compiled blocks would recompile
+        ):
+            latents = run_pipe(**kwargs).frames
+        denoised = time.perf_counter()
+        # 4. Decode with the VAE (VACE reference frames are dropped first).
+        _emit(progress, "decoding")
+        frames = decode_latents(loaded.pipe, latents, num_reference_images)
+        return frames, denoised
+
     def _run(
         self,
         loaded: LoadedModel,
@@ -383,35 +479,41 @@ class WanOrchestrator:
             last_mark[0] = time.perf_counter()
             return callback_kwargs
 
-        _emit(progress, "denoising", 0, p.num_inference_steps)
-        kwargs: dict[str, Any] = {
-            **call,
-            "prompt_embeds": prompt_embeds,
-            "negative_prompt_embeds": negative_embeds,
-            "height": p.height,
-            "width": p.width,
-            "num_frames": p.video_length,
-            "num_inference_steps": p.num_inference_steps,
-            "guidance_scale": p.guidance_scale,
-            "generator": torch.Generator(device="cpu").manual_seed(p.seed),
-            "output_type": "latent",  # decode ourselves, to time the VAE on its own
-            "callback_on_step_end": on_step_end,
-            "max_sequence_length": MAX_SEQUENCE_LENGTH,
-        }
-        if dual:
-            kwargs["guidance_scale_2"] = p.guidance2_scale
-        last_mark[0] = time.perf_counter()
-        with (
-            scheduled(loaded, p.flow_shift, boundary, pipe) as run_pipe,
-            recorder.attached(run_pipe),
-            eager_blocks(bool(requests)),  # LoRA scales change per step: compiled blocks would recompile
-        ):
-            latents = run_pipe(**kwargs).frames
-        denoised = time.perf_counter()
-
-        # 4. Decode with the VAE (VACE reference frames are dropped first).
-        _emit(progress, "decoding")
-        frames = decode_latents(loaded.pipe, latents, num_reference_images)
+        profile = self._place(loaded, p)
+        ladder: list[dict[str, Any]] = []
+        while True:
+            try:
+                frames, denoised = self._denoise_and_decode(
+                    loaded,
+                    p,
+                    call,
+                    prompt_embeds,
+                    negative_embeds,
+                    on_step_end,
+                    last_mark,
+                    recorder,
+                    requests,
+                    boundary,
+                    pipe,
+                    progress,
+                    num_reference_images,
+                )
+                break
+            except torch.OutOfMemoryError as exc:
+                lower = next_profile(profile)
+                if lower is None:
+                    raise
+                # Step down within the same attempt: less VRAM, a tiled VAE, the same seed.
+                ladder.append({"profile": profile, "error": str(exc).splitlines()[0][:200]})
+                logger.warning("out of memory; retrying", extra={"model": loaded.preset.key, "profile": lower})
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                apply_profile(loaded.pipe, lower, loaded.device, current=loaded.profile)
+                loaded.profile = profile = lower
+                tile_vae(loaded.pipe)
+                step_times.clear()
+                timesteps.clear()
+                recorder.reset()
         decoded = time.perf_counter()
 
         # 5. Write atomically (temp name + rename).
@@ -450,7 +552,7 @@ class WanOrchestrator:
                 "step_times": step_times,
                 "mean_step": sum(step_times) / steps if steps else None,
             },
-            memory_profile="gpu" if on_cuda else "cpu",
+            memory_profile=profile,
             device=str(loaded.device),
             dtype=str(loaded.dtype).removeprefix("torch."),
             peak_vram_gb=torch.cuda.max_memory_allocated(loaded.device) / 1024**3 if on_cuda else None,
@@ -458,7 +560,8 @@ class WanOrchestrator:
             video_length_adjusted_from=p.video_length_adjusted_from,
             extra={
                 "transformer_calls_per_step": list(recorder.calls_per_step(steps)),
-                "memory_profile_requested": p.memory_profile_requested,
+                "memory_profile_requested": p.memory_profile_requested or self.memory_profile,
+                "memory_profile_ladder": ladder,  # profiles that ran out of memory before this one
                 "negative_prompt": p.negative_prompt,
                 "speed": loaded.speed.brief(compiled_ran=not requests) if loaded.speed else None,
             },

@@ -47,7 +47,7 @@ class GenerationResult:
     timesteps: tuple[float, ...]  # the scheduler's timestep at each denoising step
     experts_used: tuple[str, ...] | None  # "high"/"low" per step, observed by hooks; None if one transformer
     timings: dict[str, Any]  # seconds: inputs, loras, encode, denoise, decode, write, total, step_times, mean_step
-    memory_profile: Literal["gpu", "cpu"]  # where it actually ran
+    memory_profile: str  # the memory profile that actually ran (wan_engine.memory_profiles)
     device: str
     dtype: str
     peak_vram_gb: float | None

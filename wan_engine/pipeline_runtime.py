@@ -49,6 +49,7 @@ class LoadedModel:
     loras: LoraState = field(default_factory=LoraState)
     image_view: Any = None  # TI2V: a WanImageToVideoPipeline over the same modules, built on first use
     speed: SpeedReport | None = None  # what the CUDA speed path did (attention kernel, compiled blocks)
+    profile: str | None = None  # memory profile applied (None: as loaded, all on the device)
 
     @property
     def is_dual_expert(self) -> bool:
@@ -216,6 +217,11 @@ class ExpertRecorder:
     def __init__(self) -> None:
         self.step = 0
         self.calls: list[tuple[int, str]] = []  # (step index, "high" | "low")
+
+    def reset(self) -> None:
+        """Forget what was recorded (a generation retried after an out-of-memory error)."""
+        self.step = 0
+        self.calls.clear()
 
     def _hook(self, name: str) -> Any:
         def record(_module: Any, _args: Any) -> None:

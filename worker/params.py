@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 MAX_PROMPT_CHARS = 10_000
 MAX_PARAMS_BYTES = 256 * 1024
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000  # a typo such as 10**9 would starve every other task
 
 # task_type -> model used when params name none (DESIGN.md: aliases map to a default model).
 TASK_TYPE_DEFAULT_MODELS: dict[str, str] = {
@@ -73,7 +74,7 @@ class GenerationParams(BaseModel):
     switch_threshold: float | None = Field(default=None, ge=0, le=1000)
     seed: int = Field(default=-1, ge=-1, le=2**63 - 1)
     fps: int | None = Field(default=None, ge=1, le=120)
-    memory_profile: Literal["auto", "gpu", "cpu"] | None = None
+    memory_profile: Literal["auto", "gpu", "model_offload", "group_offload", "sequential", "cpu"] | None = None
     lora_names: list[str] | None = Field(default=None, max_length=MAX_LORAS)
     lora_multipliers: str | None = Field(default=None, max_length=1000)
 
@@ -175,6 +176,14 @@ def parse_params_text(params_text: str) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise InvalidTaskError(f"params must be a JSON object, got {type(params).__name__}: {params_text[:80]!r}")
     return params
+
+
+def validate_priority(priority: Any) -> None:
+    """A task's priority must be an integer from MIN_PRIORITY to MAX_PRIORITY; the error names the value."""
+    if isinstance(priority, bool) or not isinstance(priority, int) or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise InvalidTaskError(
+            f"priority {priority!r} is out of range: it must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY}"
+        )
 
 
 def validate_params(task_type: str, params: dict[str, Any]) -> GenerationParams:

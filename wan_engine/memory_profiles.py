@@ -1,0 +1,100 @@
+"""Memory profiles: where a loaded pipeline's weights live while it generates.
+
+The seed documents' GPU-only / hybrid RAM+VRAM / CPU-only modes, as diffusers offloading:
+
+    gpu            everything resident on the execution device (fastest)
+    model_offload  one component on the device at a time (`enable_model_cpu_offload`)
+    group_offload  block-level groups streamed from RAM, the next one prefetched on a CUDA stream
+                   (`enable_group_offload`): the hybrid mode
+    sequential     one leaf module at a time (`enable_sequential_cpu_offload`): least VRAM, slowest
+    cpu            everything on the CPU
+
+`auto` picks the first profile of that ladder whose estimated peak fits `vram_fraction` of the free
+VRAM (estimates from wan_engine.vram), and tiles the VAE when the decode alone would not fit. On an
+out-of-memory error the orchestrator steps one rung down the ladder (and tiles the VAE) and retries
+the same generation.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+LADDER = ("gpu", "model_offload", "group_offload", "sequential", "cpu")
+PROFILE_CHOICES = ("auto", *LADDER)
+DEFAULT_VRAM_FRACTION = 0.9  # headroom for the CUDA context, fragmentation and other processes
+
+
+def next_profile(profile: str) -> str | None:
+    """The next rung down the ladder (less VRAM), or None at the bottom."""
+    index = LADDER.index(profile)
+    return LADDER[index + 1] if index + 1 < len(LADDER) else None
+
+
+def choose_profile(
+    profiles_bytes: dict[str, int] | None, free_bytes: int | None, vram_fraction: float = DEFAULT_VRAM_FRACTION
+) -> str:
+    """`auto`: the fastest profile whose estimate fits the VRAM budget; `cpu` without a GPU."""
+    if free_bytes is None:
+        return "cpu"
+    if not profiles_bytes:
+        return "gpu"  # nothing on disk says how big the model is: try resident, the ladder catches OOM
+    budget = free_bytes * vram_fraction
+    return next((name for name in LADDER[:-1] if profiles_bytes.get(name, 0) <= budget), "sequential")
+
+
+def _modules(pipe: Any) -> list[torch.nn.Module]:
+    return [module for module in pipe.components.values() if isinstance(module, torch.nn.Module)]
+
+
+def reset_placement(pipe: Any) -> None:
+    """Remove every offloading hook (accelerate's and diffusers' group offloading) and park on the CPU."""
+    from diffusers.hooks import HookRegistry
+
+    pipe.remove_all_hooks()
+    for module in _modules(pipe):
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        for name in ("group_offloading", "lazy_prefetch_group_offloading", "layer_execution_tracker"):
+            registry.remove_hook(name, recurse=True)
+        module.to("cpu")
+
+
+def apply_profile(pipe: Any, profile: str, device: torch.device, *, current: str | None) -> None:
+    """Place `pipe` for `profile` on `device` (the execution device), undoing the current profile."""
+    if profile == current:
+        return
+    if current not in (None, "gpu", "cpu"):
+        reset_placement(pipe)
+    if profile == "gpu":
+        pipe.to(device)
+    elif profile == "cpu":
+        pipe.to("cpu")
+    elif profile == "model_offload":
+        pipe.enable_model_cpu_offload(device=device)
+    elif profile == "group_offload":
+        pipe.to("cpu")
+        pipe.enable_group_offload(
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=device.type == "cuda",  # overlap the next block's copy with this block's compute
+        )
+    elif profile == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        raise ValueError(f"unknown memory profile {profile!r}; allowed: {', '.join(PROFILE_CHOICES)}")
+    logger.info("memory profile applied", extra={"profile": profile, "previous": current})
+
+
+def tile_vae(pipe: Any) -> bool:
+    """Decode in tiles (much less VRAM for the decode); True when the VAE supports it."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None or not hasattr(vae, "enable_tiling"):
+        return False
+    vae.enable_tiling()
+    return True
