@@ -21,6 +21,7 @@ import numpy as np
 import psutil
 
 from wan_engine.presets import BUILTIN_PRESETS_DIR, PresetRegistry, load_presets
+from wan_engine.video_io import remove_partial_files
 from worker.config import WorkerSettings
 from worker.db import DEFAULT_DB_URL, create_db_engine
 from worker.events import EventSink, live_sink
@@ -33,6 +34,7 @@ from worker.params import (
     model_key_for,
     parse_params_text,
     validate_params,
+    validate_priority,
 )
 from worker.paths import output_stem, resolve_input_path
 from worker.repository import SqlTaskRepository
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WAIT_POLL_S = 0.2
+ABORT_JOIN_S = 60.0  # an aborted task stops at its next step; a loaded machine may make that one slow
 # The preset architectures each task mode accepts (the orchestrator checks what the weights can do).
 MODE_ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "t2v": ("t2v", "ti2v"),
@@ -137,6 +140,7 @@ class GenerationRunner:
         return seconds
 
     def run(self, task: Task, context: RunContext) -> TaskOutcome | TaskDeferred:
+        validate_priority(task.priority)  # rows from other programs: refused before anything loads
         if task.task_type in TRAVEL_TASK_TYPES:
             return self._run_travel(task, context)
         params = validate_params(task.task_type, parse_params_text(task.params_text))
@@ -148,6 +152,8 @@ class GenerationRunner:
         context.check()
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
         output_path = self.outputs_dir / f"{output_stem(task.id)}.mp4"
+        for stale in remove_partial_files(output_stem(task.id), self.outputs_dir):  # left by a killed attempt
+            log.warning("removed a killed attempt's partial output %s", stale.name, extra={"task_id": task.id})
         generate = self.orchestrator.generate_t2v
         if mode == "vace":
             generate = self.orchestrator.generate_vace
@@ -277,6 +283,7 @@ class HeadlessTaskQueue:
         task_type = task.task_type or preset.model.architecture
         params = {"model": task.model, "prompt": task.prompt, **task.parameters}
         validate_params(task_type, params)
+        validate_priority(task.priority)
         return self.repository.insert(
             NewTask(
                 task_type=task_type,
@@ -379,13 +386,16 @@ class HeadlessTaskQueue:
         self.worker.request_stop()
         self._thread.join(timeout)
         if self._thread.is_alive():
-            self.worker.request_stop()  # second request: abort and give the task back
-            self._thread.join(timeout)
+            self.worker.request_stop()  # second request: abort at the next step and give the task back
+            self._thread.join(ABORT_JOIN_S)
         return not self._thread.is_alive()
 
     def close(self) -> None:
         """Stop and release the database connections."""
         self.stop()
+        close_events = getattr(self.events, "close", None)  # the live sink's monitor thread
+        if close_events is not None:
+            close_events()
         self.engine.dispose()
 
 

@@ -17,6 +17,10 @@ Sections (each guarded: a failure is recorded and the next one runs; a deadline 
   m14     14B and A14B in memory: plain eager vs the same modules after `apply_speed_path`; then a
           14B park/restore through the pinned-RAM cache
 
+Options: --sections (any of env,m13,daemon,switch,m14,a14b, run in that order of listing), --skip (extras: the
+kernel / CFG-batching / VAE measurements; noise: plain with FA2; variant: compile without emulated casts; fp32:
+the float32 reference; pin14: the 14B park/restore), --daemon-steps, --daemon-tasks, --deadline-s.
+
 Device:   bash bench/device_run.sh            (writes results.json, summary.md, bench.log under $OUT)
 CPU dry run of every code path on tiny models:  python bench/gpu_bench.py --tiny --out /tmp/bench
 """
@@ -89,9 +93,9 @@ class Scale:
     large: dict[str, Any]
     umt5: dict[str, Any]
     vae: dict[str, Any]
-    steps: int = 6  # 1.3B timed runs: first step is warm-up (compilation), the median of the rest is reported
-    large_steps: int = 4
-    dual_steps: int = 6  # shift 12, boundary 0.875: 4 high-noise steps then 2 low-noise ones
+    steps: int = 5  # 1.3B timed runs: first step is warm-up (compilation), the median of the rest is reported
+    large_steps: int = 3
+    dual_steps: int = 5  # shift 12, boundary 0.875: timesteps 999, 979, 947, 889 (high-noise), 750 (low-noise)
     daemon_steps: int = 10
     daemon_tasks: int = 2
 
@@ -116,6 +120,7 @@ class Bench:
         self.results: dict[str, Any] = {"scale": scale.name, "errors": {}, "skipped": []}
         self.log_file = (out / "bench.log").open("a")
         self.speed_settings = SpeedSettings()
+        self.skip: set[str] = set()
 
     def log(self, message: str) -> None:
         line = f"[{time.monotonic() - self.started:7.1f}s] {message}"
@@ -415,7 +420,6 @@ def section_m13(bench: Bench, state: dict[str, Any]) -> None:
     from diffusers import AutoencoderKLWan, WanPipeline
 
     from headless_wgp import WanOrchestrator
-    from wan_engine.pipeline_runtime import decode_latents
 
     scale, res = bench.scale, bench.results.setdefault("m13", {})
     ceiling = bench.results.get("env", {}).get("matmul_tflops")
@@ -453,6 +457,17 @@ def section_m13(bench: Bench, state: dict[str, Any]) -> None:
     inputs = _forward_inputs(scale)
     reference, seconds = _median_forward(plain.transformer, inputs)
     forwards: dict[str, torch.Tensor] = {"plain": reference.cpu()}
+    if "noise" not in bench.skip:  # plain's own bf16 noise: the same pipeline with another exact kernel (FA2)
+        plain.transformer.set_attention_backend("_native_flash")
+        run = denoise(plain, scale, scale.steps)
+        forwards["plain_fa2"] = _forward(plain.transformer, inputs).cpu()
+        res["plain_fa2"] = {
+            **strip(run),
+            "rel_err_latents_vs_plain": rel_err(run["latents"], plain_latents),
+            "rel_err_forward_vs_plain": rel_err(forwards["plain_fa2"], reference),
+        }
+        plain.transformer.set_attention_backend("native")
+        bench.log(f"plain with FA2: {json.dumps(res['plain_fa2'])}")
     if "extras" not in bench.skip:
         _m13_extras(bench, plain, inputs, reference, plain_latents)
         plain.transformer.set_attention_backend("native")
@@ -512,6 +527,7 @@ def section_m13(bench: Bench, state: dict[str, Any]) -> None:
             with torch.device(scale.device):  # an eager float32 copy of the same weights
                 fp32 = WanTransformer3DModel.from_config(loaded.main_transformer.config).float().eval()
             fp32.load_state_dict(loaded.main_transformer.state_dict())
+            fp32.set_attention_backend("native")
             with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):  # float32 kernels
                 ref32 = _forward(fp32, {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()})
             res["rel_err_forward_vs_fp32"] = {name: rel_err(out, ref32) for name, out in forwards.items()}
@@ -533,7 +549,9 @@ def sdp_flags() -> dict[str, bool]:
     }
 
 
-def _m13_extras(bench: Bench, plain: Any, inputs: dict[str, torch.Tensor], reference: torch.Tensor, latents: Any) -> None:
+def _m13_extras(
+    bench: Bench, plain: Any, inputs: dict[str, torch.Tensor], reference: torch.Tensor, latents: Any
+) -> None:
     """Attention kernels and CFG batching on one eager forward; VAE decode with and without cuDNN autotuning."""
     from wan_engine.pipeline_runtime import decode_latents
 
@@ -572,6 +590,19 @@ def _m13_extras(bench: Bench, plain: Any, inputs: dict[str, torch.Tensor], refer
     )
     res["vae_decode"] = vae_res
     bench.log(f"vae decode: {vae_res}")
+
+
+def _resident_13b(bench: Bench, state: dict[str, Any]) -> None:
+    """The orchestrator with the 1.3B model resident and compiled (after m14 freed it: reload, warm up)."""
+    if "orchestrator" in state:
+        return
+    from headless_wgp import WanOrchestrator
+
+    orchestrator = WanOrchestrator(state["models_dir"])
+    seconds = orchestrator.load_model("t2v_1.3B")
+    run = denoise(orchestrator._loaded.pipe, bench.scale, 2)  # compiles (or reuses) the 1.3B blocks
+    bench.results.setdefault("reload_13b", {}).update(load_s=round(seconds, 2), warmup=strip(run))
+    state["orchestrator"] = orchestrator
 
 
 def section_daemon(bench: Bench, state: dict[str, Any]) -> None:
@@ -746,12 +777,13 @@ def section_m14(bench: Bench, state: dict[str, Any], dual: bool) -> None:
     res["rel_err_latents_vs_plain"] = rel_err(run.pop("latents"), plain_latents)
     res["ours"] = {**run, **mfu(scale.large, scale, run["s_per_step"], ceiling)}
     res["ratio_s_per_step"] = round(run["s_per_step"] / res["plain"]["s_per_step"], 3)
+    res["sdp_flags_after_ours"] = sdp_flags()
     bench.log(f"ours 14B: {run['s_per_step']} s/step ratio {res['ratio_s_per_step']} ({run['step_times']})")
     del plain_latents
     bench.save()
 
     # 2. Switching: the 14B pipeline parked in pinned RAM and taken back, twice (the first park allocates).
-    if bench.remaining() > 60:
+    if "pin14" not in bench.skip and bench.remaining() > 60:
         cache = ModelCache(160 * 1024**3, scale.device)
         holder = SimpleNamespace(pipe=pipe)
         for _ in range(2):
@@ -795,7 +827,7 @@ def section_m14(bench: Bench, state: dict[str, Any], dual: bool) -> None:
         res["a14b_rel_err_latents_vs_plain"] = rel_err(run.pop("latents"), dual_plain_latents)
         res["a14b_ours"] = {**run, **mfu(scale.large, scale, run["s_per_step"], ceiling)}
         res["a14b_ratio_s_per_step"] = round(run["s_per_step"] / res["a14b_plain"]["s_per_step"], 3)
-        res["a14b_expert_steps"] = "4 high-noise then 2 low-noise (shift 12, boundary 0.875, 6 steps)"
+        res["a14b_expert_steps"] = f"{scale.dual_steps} steps, shift 12, boundary 0.875: high-noise then low-noise"
         bench.log(f"ours A14B: {run['s_per_step']} s/step ({run['step_times']})")
 
 
@@ -846,37 +878,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline-s", type=float, default=500.0, help="skip sections that would not fit")
     parser.add_argument("--daemon-steps", type=int, default=None)
     parser.add_argument("--force-speed", action="store_true", help="apply the speed path on a CPU too (dry run)")
+    parser.add_argument("--daemon-tasks", type=int, default=None)
+    parser.add_argument("--skip", default="", help="sub-measurements to leave out: extras,variant,fp32,pin14")
     args = parser.parse_args(argv)
     scale = TINY_SCALE if args.tiny else FULL
     if args.daemon_steps:
         scale = dataclasses.replace(scale, daemon_steps=args.daemon_steps)
+    if args.daemon_tasks:
+        scale = dataclasses.replace(scale, daemon_tasks=args.daemon_tasks)
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="wan_bench_"))
     bench = Bench(args.out, args.deadline_s, scale)
     bench.speed_settings = SpeedSettings(require_cuda=not args.force_speed)
-    wanted = set(args.sections.split(","))
+    bench.skip = set(filter(None, args.skip.split(",")))
     bench.results["command"] = " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])
     state: dict[str, Any] = {"work": work, "models_dir": work / "models"}
-    with bench.section("env", 5) as run:
-        if run and "env" in wanted:
-            section_env(bench)
-    if "m13" in wanted:
-        with bench.section("m13", 120) as run:
-            if run:
+    needs = {"env": 5, "m13": 120, "daemon": 185, "switch": 30, "m14": 150}
+    for name in args.sections.split(","):
+        if name not in needs:
+            continue  # "a14b" is an option of m14
+        with bench.section(name, needs[name]) as run:
+            if not run:
+                continue
+            if name == "env":
+                section_env(bench)
+            elif name == "m13":
                 section_m13(bench, state)
-    if "daemon" in wanted and "orchestrator" in state:
-        with bench.section("daemon", 60) as run:
-            if run:
-                section_daemon(bench, state)
-    if "switch" in wanted and "orchestrator" in state:
-        with bench.section("switch", 30) as run:
-            if run:
-                section_switch(bench, state)
-    if "m14" in wanted:
-        with bench.section("m14", 150) as run:
-            if run:
-                section_m14(bench, state, dual="a14b" in wanted)
+            elif name == "m14":
+                section_m14(bench, state, dual="a14b" in args.sections.split(","))
+            else:
+                _resident_13b(bench, state)
+                (section_daemon if name == "daemon" else section_switch)(bench, state)
     from torch._dynamo.utils import counters
 
     bench.results["dynamo"] = {"graph_breaks": dict(counters["graph_break"]), "stats": dict(counters["stats"])}

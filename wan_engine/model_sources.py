@@ -18,10 +18,12 @@ Every Hub call here passes `local_files_only=True` unless the caller allows down
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from wan_engine.errors import ModelUnavailableError
 from wan_engine.model_checks import (
@@ -41,6 +43,9 @@ _HF_URL = re.compile(r"^https?://huggingface\.co/([\w.-]+/[\w.-]+)/(?:resolve|bl
 _HF_REPO_URL = re.compile(r"^https?://huggingface\.co/([\w.-]+/[\w.-]+)/?$")
 # Only what a diffusers pipeline needs; never a pickle.
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
+# --allow-download fetches only from these hub hosts (HF_ENDPOINT could point the hub client anywhere).
+DOWNLOAD_HOSTS_ENV = "WAN_DOWNLOAD_HOSTS"
+DEFAULT_DOWNLOAD_HOSTS = ("huggingface.co",)
 Status = Literal["present", "missing", "corrupted"]
 
 
@@ -326,10 +331,29 @@ def unavailable_message(preset: Preset, check: ModelCheck, models_dir: Path, *, 
     return " ".join(parts)
 
 
-def download(item: Download) -> Path:
-    """Fetch a repo snapshot (safetensors, configs, tokenizer files only) or one file into the HF cache."""
-    from huggingface_hub import hf_hub_download, snapshot_download
+def allowed_download_hosts() -> tuple[str, ...]:
+    """Hosts downloads may come from: env WAN_DOWNLOAD_HOSTS (comma-separated), default huggingface.co."""
+    hosts = tuple(h.strip().lower() for h in os.environ.get(DOWNLOAD_HOSTS_ENV, "").split(",") if h.strip())
+    return hosts or DEFAULT_DOWNLOAD_HOSTS
 
+
+def check_download_host(endpoint: str) -> None:
+    """Refuse (ModelUnavailableError) a hub endpoint whose host is not in the download allow-list."""
+    host = (urlsplit(endpoint).hostname or "").lower()
+    allowed = allowed_download_hosts()
+    if host not in allowed:
+        raise ModelUnavailableError(
+            f"downloads from {endpoint!r} are refused: host {host!r} is not in the download allow-list "
+            f"({', '.join(allowed)}; set {DOWNLOAD_HOSTS_ENV} to change it)"
+        )
+
+
+def download(item: Download) -> Path:
+    """Fetch a repo snapshot (safetensors, configs, tokenizer files only) or one file into the HF cache,
+    from an allowed host only."""
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
+
+    check_download_host(constants.ENDPOINT)
     log.warning("downloading %s from the Hugging Face Hub", item.describe())
     if item.filename is not None:
         return Path(hf_hub_download(item.repo_id, item.filename, revision=item.revision, local_files_only=False))

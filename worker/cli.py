@@ -286,7 +286,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _follow(args: argparse.Namespace) -> int:
     from wan_engine.presets import BUILTIN_PRESETS_DIR, load_presets
-    from worker.eta import EtaEstimator, PresetShapes, StaticCostModel, detect_device
+    from worker.eta import EtaEstimator, PresetShapes, detect_device
+    from worker.eta_static import StaticCostModel
     from worker.follow import follow_task
 
     repository = _repository(args.db)

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from worker.eta import EtaEstimator, PresetShapes, StaticCostModel, detect_device
+from worker.eta import EtaEstimator, PresetShapes, detect_device
+from worker.eta_static import StaticCostModel
 from worker.monitor import ResourceMonitor
 from worker.params import model_key_for
 from worker.task import Task
@@ -204,6 +205,11 @@ class LiveSink:
             self.estimator.finish(task.id)
         if self.monitor is not None and self.monitor.task_id == task.id:
             self._guard("monitor", self.monitor.end_task)
+
+    def close(self) -> None:
+        """Stop the monitor's thread (HeadlessTaskQueue.close)."""
+        if self.monitor is not None:
+            self.monitor.stop()
 
 
 def live_sink(repository: Any, presets: Any, models_dir: Path, publish: bool = False) -> LiveSink:

@@ -21,6 +21,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import queue
 import subprocess
 import threading
 import time
@@ -37,6 +38,7 @@ from prometheus_client.core import GaugeMetricFamily
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 from websockets.sync.server import Server, ServerConnection, serve
 
 from worker.events import LiveSink
@@ -55,6 +57,9 @@ THUMB_WIDTH = 160
 THUMB_CACHE = 256
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 FINAL = [s.value for s in TaskStatus if s.is_final]
+# The library logs every connection at INFO; keep its warnings only.
+_QUIET_LOG = logging.getLogger("worker.http_server.websockets")
+_QUIET_LOG.setLevel(logging.WARNING)
 
 
 # ---- address and token --------------------------------------------------------------------------------
@@ -194,7 +199,7 @@ class LiveServer:
                 process_request=self._process_request,
                 server_header=None,
                 compression=None,
-                logger=logging.getLogger("worker.http_server.websockets"),
+                logger=_QUIET_LOG,
             )
         except OSError as exc:
             raise ValueError(f"--http cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
@@ -280,7 +285,12 @@ class LiveServer:
         try:
             connection.send(json.dumps({"event": "hello", "seq": self.hub.seq, "status": self.status()}, default=str))
             while True:
-                message = client.get()
+                try:
+                    message = client.get(timeout=1.0)
+                except queue.Empty:
+                    if connection.state is not State.OPEN:  # the client left while nothing happened
+                        break
+                    continue
                 if message is None:
                     break
                 connection.send(message)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL_S = 1.0
 CLIENT_QUEUE_SIZE = 2048
 RECENT_EVENTS = 200
+POLL_LIMIT = 500  # rows read per poll; a larger burst is paged through on the next polls
 KNOWN_TASKS = 20_000  # statuses remembered to tell a change from a repeat
 
 _Q, _P, _X = TaskStatus.QUEUED.value, TaskStatus.IN_PROGRESS.value, TaskStatus.CANCELLED.value
@@ -40,12 +41,13 @@ class LiveHub:
         self.repository = repository
         self.sink = sink
         self.poll_interval_s = poll_interval_s
+        self.poll_limit = POLL_LIMIT
         self.seq = 0
         self.current: dict[str, Any] | None = None  # the task this worker runs: id, model, progress
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.listeners: list[Any] = []  # callables(event) run in the hub thread (metrics)
         self._known: OrderedDict[str, str] = OrderedDict()
-        self._cursor: datetime | None = None
+        self._cursor: tuple[datetime, str] | None = None  # (updated_at, id) of the last row seen
         self._started_at: datetime | None = None
         self._clients: set[queue.Queue[str | None]] = set()
         self._lock = threading.Lock()
@@ -70,13 +72,15 @@ class LiveHub:
         """Remember the open rows without announcing them (nobody is listening yet)."""
         try:
             rows = self.repository.changed_since(None, limit=KNOWN_TASKS)
-            self._cursor = self.repository.latest_update()
+            latest = self.repository.latest_update()
         except Exception as exc:
             log.warning("live hub could not read the table: %s", exc.__class__.__name__)
-            rows = []
+            rows, latest = [], None
         for task in rows:
             self._remember(task.id, task.status.value)
-        self._started_at = self._cursor
+        self._started_at = latest
+        if latest is not None:  # rows stamped at `latest` are looked at again: known ones are skipped
+            self._cursor = (latest, "")
 
     # ---- clients ----
 
@@ -134,6 +138,8 @@ class LiveHub:
                 "progress": None,
             }
             self._remember(task_id, _P)
+        elif name == "progress" and self._known.get(task_id) == _X:
+            return  # cancelled in the table; the worker stops at its next heartbeat, clients already know
         elif name == "progress" and self.current and self.current["task_id"] == task_id:
             keys = ("stage", "step", "total_steps", "percent", "eta_seconds", "vram_gb")
             self.current["progress"] = {k: event.get(k) for k in keys} | {"ts": event["ts"]}
@@ -142,7 +148,8 @@ class LiveHub:
                 self.current = None
             if name == "task_cancelled":
                 if self._known.get(task_id) == _X:
-                    return  # the poll already announced it
+                    self._notify(event)  # the poll already announced it: count it, do not repeat it
+                    return
                 self._remember(task_id, _X)
             elif not event.get("retrying"):  # a retried task is announced again when the poll sees it queued
                 self._remember(task_id, "Complete" if name == "generation_completed" else "Failed")
@@ -150,11 +157,11 @@ class LiveHub:
 
     def poll(self) -> None:
         """Announce rows that became Queued (new or re-queued) or Cancelled since the last look."""
-        rows: list[Task] = self.repository.changed_since(self._cursor)
+        rows: list[Task] = self.repository.changed_since(self._cursor, self.poll_limit)
         for task in rows:
             status, previous = task.status.value, self._known.get(task.id)
-            if self._cursor is None or (task.updated_at and task.updated_at > self._cursor):
-                self._cursor = task.updated_at
+            if task.updated_at is not None:
+                self._cursor = (task.updated_at, task.id)
             if status == previous:
                 continue
             new_row = previous is None and self._is_new(task)
@@ -170,6 +177,8 @@ class LiveHub:
                     )
                 )
             if status == _X:
+                if self.current and self.current["task_id"] == task.id:
+                    self.current = None
                 self.broadcast(make_event("task_cancelled", task.id, by="table"))
             # Worker-owned transitions (started, complete, failed) are announced by the worker's own events.
             self._remember(task.id, status)
@@ -188,16 +197,19 @@ class LiveHub:
         self.seq += 1
         event = {**event, "seq": self.seq}
         self.recent.append(event)
-        for listener in self.listeners:
-            try:
-                listener(event)
-            except Exception as exc:
-                log.debug("live listener failed: %s", exc)
+        self._notify(event)
         text = json.dumps(event, default=str)
         with self._lock:
             for client in list(self._clients):
                 if not _offer(client, text):
                     self._clients.discard(client)  # too slow: its handler sees None and closes
+
+    def _notify(self, event: dict[str, Any]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception as exc:
+                log.debug("live listener failed: %s", exc)
 
 
 def _offer(client: queue.Queue[str | None], item: str | None) -> bool:

@@ -29,6 +29,7 @@ from worker.task import FINAL_STATUSES, NewTask, Task, TaskStatus
 log = logging.getLogger(__name__)
 
 CLAIM_CANDIDATES = 50  # rows examined per claim, enough for the resident-model preference
+CYCLE_IDS_SHOWN = 10  # task ids named in a dependency-cycle message
 
 Chooser = Callable[[list[Task]], Task | None]
 
@@ -457,7 +458,29 @@ class SqlTaskRepository:
                     .returning(tasks.c.id)
                 )
                 changed.extend(conn.execute(statement).scalars().all())
+            changed.extend(self._fail_cycles(conn))
         return changed
+
+    def _fail_cycles(self, conn: Connection) -> list[str]:
+        """Queued tasks whose dependency chain leads back to themselves wait forever: Failed, naming the cycle."""
+        waiting = sa.select(tasks.c.id, tasks.c.dependant_on).where(
+            tasks.c.status == _Q, tasks.c.dependant_on.is_not(None)
+        )
+        failed: list[str] = []
+        for cycle in find_dependency_cycles(dict(conn.execute(waiting).tuples().all())):
+            shown = [*cycle, cycle[0]] if len(cycle) <= CYCLE_IDS_SHOWN else [*cycle[:CYCLE_IDS_SHOWN], "..."]
+            message = (
+                f"dependency cycle of {len(cycle)} task(s): {' -> '.join(shown)}; tasks on a cycle wait for each "
+                "other forever, so none of them can run (fix their dependant_on)"
+            )
+            statement = (
+                tasks.update()
+                .where(tasks.c.id.in_(cycle), tasks.c.status == _Q)
+                .values(status=_F, error_message=message, updated_at=self._now())
+                .returning(tasks.c.id)
+            )
+            failed.extend(conn.execute(statement).scalars().all())
+        return failed
 
     # ---- live progress: learned ETA timings and the status server's reads ------------------------
 
@@ -484,10 +507,15 @@ class SqlTaskRepository:
                 if attempt:  # another worker inserted the same new key at once: merge into its row instead
                     raise
 
-    def changed_since(self, since: datetime | None, limit: int = 500) -> list[Task]:
-        """Rows updated at or after `since`, oldest change first (None: the open rows, for a first look)."""
-        changed = tasks.c.status.in_([_Q, _P]) if since is None else tasks.c.updated_at >= since
-        query = sa.select(tasks).where(changed).order_by(tasks.c.updated_at, self._tiebreak()).limit(limit)
+    def changed_since(self, since: tuple[datetime, str] | None, limit: int = 500) -> list[Task]:
+        """Rows changed after the (updated_at, id) cursor, in that order, so a poller can page through a
+        burst of rows stamped alike (a bulk INSERT); None: the open rows, for a first look."""
+        if since is None:
+            changed = tasks.c.status.in_([_Q, _P])
+        else:
+            at, last_id = since
+            changed = sa.or_(tasks.c.updated_at > at, sa.and_(tasks.c.updated_at == at, tasks.c.id > last_id))
+        query = sa.select(tasks).where(changed).order_by(tasks.c.updated_at, tasks.c.id).limit(limit)
         with self._tx() as conn:
             return [_to_task(row) for row in conn.execute(query).mappings()]
 
@@ -544,6 +572,28 @@ class SqlTaskRepository:
             return [dict(row) for row in conn.execute(sa.select(workers).order_by(workers.c.id)).mappings()]
 
 
+def find_dependency_cycles(edges: dict[str, str]) -> list[list[str]]:
+    """The cycles of a task -> prerequisite map (each task has at most one), each in dependency order.
+
+    One bounded walk per task: every task is visited once, so a long chain or a huge queue costs O(n).
+    """
+    on_walk, done = 1, 2
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+    for start in edges:
+        path: list[str] = []
+        node = start
+        while node in edges and node not in state:
+            state[node] = on_walk
+            path.append(node)
+            node = edges[node]
+        if state.get(node) == on_walk:  # the walk came back to itself
+            cycles.append(path[path.index(node) :])
+        for visited in path:
+            state[visited] = done
+    return cycles
+
+
 def _to_task(row: Any) -> Task:
     return Task(
         id=row["id"],
@@ -569,4 +619,11 @@ def _to_task(row: Any) -> Task:
     )
 
 
-__all__ = ["FINAL_STATUSES", "SqlTaskRepository", "StaleRecovery", "TaskRepository", "new_task_id"]
+__all__ = [
+    "FINAL_STATUSES",
+    "SqlTaskRepository",
+    "StaleRecovery",
+    "TaskRepository",
+    "find_dependency_cycles",
+    "new_task_id",
+]

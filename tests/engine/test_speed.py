@@ -100,6 +100,9 @@ def test_forced_speed_path_keeps_the_output(tiny_models_dir: Path, tmp_path: Pat
     report = apply_speed_path(loaded.pipe, "cpu", settings)
     assert report.enabled and report.attention_backend in {p.name for p in report.probes if p.usable}
     assert _backends(loaded.pipe) == {AttentionBackendName(report.attention_backend)}
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    assert _AttentionBackendRegistry.get_active_backend()[0] == AttentionBackendName.NATIVE  # others stay plain
     fast = orchestrator.generate_t2v("a cat", output_path=tmp_path / "fast.mp4", **kwargs)
     a, b = (read_video_frames(r.output_path).astype(int) for r in (plain, fast))
     assert abs(a - b).max() <= 1  # same frames up to uint8 rounding

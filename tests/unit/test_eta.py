@@ -22,8 +22,8 @@ from worker.eta import (
     TaskShape,
     merge_sample,
     sample_from_result,
-    step_flops,
 )
+from worker.eta_static import step_flops
 from worker.task import Task, TaskStatus
 
 SHAPE = TaskShape("tiny_t2v", 64, 48, 9, 4, "cpu")
@@ -93,6 +93,57 @@ def test_a_cold_run_stands_in_until_a_warm_one_and_then_charges_its_extra_to_the
     row = merge_sample(row, cold)  # the model was loaded again (after a switch)
     assert row["samples"] == 1 and row["step_s"] == 1.0  # warm history kept
     assert row["load_s"] == pytest.approx(0.5 * 4.0 + 0.5 * (4.0 + (3 + 2 * 2) - (1 + 2 * 1)))
+
+
+def test_learned_rows_are_found_by_kind_and_fall_back_across_profiles() -> None:
+    rows = [
+        {
+            "model": "m",
+            "resolution": "64x48",
+            "frames": 9,
+            "memory_profile": "model_offload",
+            "device": "cpu",
+            "samples": 2,
+            "step_s": 1.0,
+            "load_s": 7.0,
+            "updated_at": "2026-01-01",
+        },
+        {
+            "model": "m",
+            "resolution": "64x48",
+            "frames": 9,
+            "memory_profile": "cpu",
+            "device": "cpu",
+            "samples": 1,
+            "step_s": 2.0,
+            "updated_at": "2026-01-02",
+        },
+        {
+            "model": "m",
+            "resolution": "64x48",
+            "frames": 9,
+            "memory_profile": "cpu",
+            "device": "H100",
+            "samples": 1,
+            "step_s": 0.1,
+            "updated_at": "2026-01-03",
+        },
+    ]
+
+    class Store:
+        def eta_stats(self) -> list[dict[str, Any]]:
+            return rows
+
+        def update_eta_stats(self, key: dict[str, Any], merge: Any) -> None:
+            raise AssertionError
+
+    estimator = EtaEstimator(Store(), lambda _task: None, "cpu", None)
+    estimator.refresh()
+    exact = estimator.times_for(TaskShape("m", 64, 48, 9, 4, "cpu"))
+    assert exact is not None and exact.step_s == 2.0 and exact.load_s == 7.0  # load known for the model
+    offload = estimator.times_for(TaskShape("m", 64, 48, 9, 4, "gpu"))
+    assert offload is not None and offload.step_s == 2.0  # the same kind, as it ran last on this device
+    assert estimator.times_for(TaskShape("m", 64, 48, 13, 4, "cpu")) is None  # another kind, no static model
 
 
 # ---- remaining time while a task runs ------------------------------------------------------------------

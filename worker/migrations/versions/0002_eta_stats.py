@@ -1,7 +1,11 @@
-"""Learned timings for ETAs: step, encode, decode and write seconds per kind of task.
+"""Learned timings for ETAs, and `updated_at` kept true when other programs change a status.
 
-One row per (model, resolution, frames, memory profile, device): the key the estimator looks up before
-a task runs. Values are running averages updated when a task completes (worker.eta).
+`eta_stats`: one row per (model, resolution, frames, memory profile, device), the key the estimator
+looks up before a task runs; running averages updated when a task completes (worker.eta).
+
+A trigger stamps `updated_at` when a statement changes `status` without setting it (a user's raw
+`UPDATE tasks SET status = 'Cancelled' ...`), so the live server, which looks for rows changed since
+its last poll, sees that change too.
 
 Revision ID: 0002
 Revises: 0001
@@ -19,8 +23,33 @@ branch_labels = None
 depends_on = None
 
 
+PG_TOUCH_FUNCTION = """
+CREATE OR REPLACE FUNCTION tasks_touch_on_status() RETURNS trigger AS $$
+BEGIN
+    IF NEW.status IS DISTINCT FROM OLD.status AND NEW.updated_at IS NOT DISTINCT FROM OLD.updated_at THEN
+        NEW.updated_at := timezone('utc', clock_timestamp());
+    END IF;
+    RETURN NEW;
+END
+$$ LANGUAGE plpgsql
+"""
+
+# The WHEN clause stops the trigger's own UPDATE from firing it again.
+SQLITE_TOUCH_TRIGGER = """
+CREATE TRIGGER tasks_touch_on_status AFTER UPDATE OF status ON tasks
+FOR EACH ROW WHEN NEW.status IS NOT OLD.status AND NEW.updated_at IS OLD.updated_at
+BEGIN
+    UPDATE tasks SET updated_at = strftime('%Y-%m-%d %H:%M:%f000', 'now') WHERE id = NEW.id;
+END
+"""
+
+
+def _postgres() -> bool:
+    return op.get_bind().dialect.name == "postgresql"
+
+
 def upgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
+    if _postgres():
         now = sa.text("timezone('utc', clock_timestamp())")
     else:
         now = sa.text("(strftime('%Y-%m-%d %H:%M:%f000', 'now'))")
@@ -45,8 +74,19 @@ def upgrade() -> None:
     )
     # The live server polls for rows changed since its last look.
     op.create_index("ix_tasks_updated_at", "tasks", ["updated_at"])
+    if _postgres():
+        op.execute(PG_TOUCH_FUNCTION)
+        op.execute(
+            "CREATE TRIGGER tasks_touch_on_status BEFORE UPDATE ON tasks FOR EACH ROW "
+            "EXECUTE FUNCTION tasks_touch_on_status()"
+        )
+    else:
+        op.execute(SQLITE_TOUCH_TRIGGER)
 
 
 def downgrade() -> None:
+    op.execute("DROP TRIGGER IF EXISTS tasks_touch_on_status" + (" ON tasks" if _postgres() else ""))
+    if _postgres():
+        op.execute("DROP FUNCTION IF EXISTS tasks_touch_on_status()")
     op.drop_index("ix_tasks_updated_at", table_name="tasks")
     op.drop_table("eta_stats")
