@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import psutil
 
+from wan_engine.errors import ModelUnavailableError
 from wan_engine.presets import BUILTIN_PRESETS_DIR, PresetRegistry, load_presets
 from wan_engine.video_io import remove_partial_files
 from worker.config import WorkerSettings
@@ -106,8 +107,10 @@ class GenerationRunner:
         outputs_dir: Path,
         input_roots: tuple[Path, ...] = (),
         store: TravelStore | None = None,
+        allow_fallbacks: bool = False,
     ) -> None:
         self.orchestrator = orchestrator
+        self.allow_fallbacks = allow_fallbacks
         self.outputs_dir = outputs_dir
         self.input_roots = tuple(input_roots)  # input files are read only from here and outputs_dir
         self.model_loads = 0
@@ -148,7 +151,7 @@ class GenerationRunner:
         self._check_model(params, mode)
         inputs = self._input_paths(params)  # before loading anything: a bad path fails at once
         context.check()
-        load_s = self.ensure_model(str(params.model), context)
+        _ran, load_s, fallback = self._ensure_model_or_fallback(str(params.model), context)
         context.check()
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
         output_path = self.outputs_dir / f"{output_stem(task.id)}.mp4"
@@ -170,10 +173,35 @@ class GenerationRunner:
             **result.to_dict(),
             "model_loaded": load_s is not None,
             "load_seconds": round(load_s or 0.0, 3),
+            "model_fallback": fallback,
             "attempt": task.attempts,
             "worker_id": context.worker_id,
         }
         return TaskOutcome(str(result.output_path), result_data)
+
+    def _ensure_model_or_fallback(
+        self, model_key: str, context: RunContext
+    ) -> tuple[str, float | None, dict[str, str] | None]:
+        """Load the task's model; when its weights are unavailable and fallbacks are allowed, the first
+        loadable preset of its `fallbacks` list (the seeds' alternative models). Returns the model that
+        ran, the load time and what was substituted (None: no substitution)."""
+        try:
+            return model_key, self.ensure_model(model_key, context), None
+        except ModelUnavailableError as exc:
+            spec = self.orchestrator.presets.get(model_key).model
+            alternatives = spec.fallbacks
+            if not (self.allow_fallbacks and alternatives):
+                raise
+            for alternative in alternatives:
+                if self.orchestrator.presets.get(alternative).model.architecture != spec.architecture:
+                    continue  # a fallback must run the same mode with the same inputs
+                try:
+                    load_s = self.ensure_model(alternative, context)
+                except ModelUnavailableError:
+                    continue
+                log.warning("model unavailable, ran fallback %s", alternative, extra={"model": model_key})
+                return alternative, load_s, {"requested": model_key, "ran": alternative, "reason": str(exc)[:500]}
+            raise ModelUnavailableError(f"{exc} Fallbacks {', '.join(alternatives)} are unavailable too.") from exc
 
     # ---- travel between images ---------------------------------------------------------------------
 
@@ -349,7 +377,11 @@ class HeadlessTaskQueue:
                     self.settings.models_dir, self.presets, allow_download=self.settings.allow_download
                 )
             self.runner = GenerationRunner(
-                self._orchestrator, self.settings.outputs_dir, tuple(self.settings.input_roots), self.repository
+                self._orchestrator,
+                self.settings.outputs_dir,
+                tuple(self.settings.input_roots),
+                self.repository,
+                allow_fallbacks=self.settings.allow_fallbacks,
             )
             if self.events is None:
                 self.events = live_sink(self.repository, self.presets, self.settings.models_dir)

@@ -49,8 +49,11 @@ class ModelSpec(BaseModel):
     description: str | None = None
     loras: tuple[str, ...] = ()
     loras_multipliers: tuple[float | str, ...] = ()
+    # Alternative presets (same architecture) tried in order when this one's weights are missing or
+    # corrupted -- only on a worker started with --allow-fallbacks; the substitution is recorded.
+    fallbacks: tuple[str, ...] = ()
 
-    @field_validator("urls", "urls2", "loras", "loras_multipliers", mode="before")
+    @field_validator("urls", "urls2", "loras", "loras_multipliers", "fallbacks", mode="before")
     @classmethod
     def _normalize_sources(cls, value: Any) -> Any:
         return _as_tuple(value)

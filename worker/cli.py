@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preload-model", default=env_default("preload_model"))
     _add_allow_download(run)
     run.add_argument(
+        "--allow-fallbacks",
+        action="store_true",
+        default=(env_default("allow_fallbacks") or "").lower() in ("1", "true", "yes"),
+        help=f"when a preset's weights are unavailable, run its `fallbacks` presets instead (recorded in "
+        f"result_data; env {ENV_VARS['allow_fallbacks']}; default: off)",
+    )
+    run.add_argument(
         "--http",
         metavar="HOST:PORT",
         help="serve live events (/ws), a status page (/) and /metrics here, e.g. 127.0.0.1:8765 (default: off)",
@@ -171,6 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         worker_id=args.worker_id or default_worker_id(),
         preload_model=args.preload_model,
         allow_download=args.allow_download,
+        allow_fallbacks=args.allow_fallbacks,
     )
     log.info("starting worker on %s", redact_url(settings.db_url), extra={"worker_id": settings.worker_id})
     address = None

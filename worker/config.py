@@ -37,6 +37,7 @@ class WorkerSettings:
     worker_id: str = field(default_factory=default_worker_id)
     preload_model: str | None = None
     allow_download: bool = False  # fetch missing Hub weights when a task needs them (off: never)
+    allow_fallbacks: bool = False  # run a preset's `fallbacks` when its own weights are unavailable
 
     def __post_init__(self) -> None:
         if self.lease_s < 3 * self.heartbeat_interval_s:
@@ -55,6 +56,7 @@ ENV_VARS = {
     "worker_id": "WAN_WORKER_ID",
     "preload_model": "WAN_PRELOAD_MODEL",
     "allow_download": "WAN_ALLOW_DOWNLOAD",
+    "allow_fallbacks": "WAN_ALLOW_FALLBACKS",
 }
 
 
