@@ -168,10 +168,7 @@ class Worker:
         for task_id in recovered.failed:
             log.error("failed task that exhausted its attempts", extra={**self._log_extra, "task_id": task_id})
         for task_id in blocked:
-            log.info(
-                "failed task whose prerequisite cannot complete",
-                extra={**self._log_extra, "task_id": task_id},
-            )
+            log.info("ended task blocked by its prerequisite or parent", extra={**self._log_extra, "task_id": task_id})
 
     # ---- one task -----------------------------------------------------------------------------------
 
