@@ -46,7 +46,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -136,13 +138,21 @@ class GpuInfo:
         return estimate_bytes * ALLOCATOR_SLACK + CUDA_CONTEXT_BYTES <= self.total_bytes
 
 
+def nvml_index(environ: Mapping[str, str] | None = None) -> int:
+    """NVML's index of the GPU this process uses: NVML numbers every GPU on the machine and ignores
+    CUDA_VISIBLE_DEVICES, so `CUDA_VISIBLE_DEVICES=3` (a `--gpus` child) is NVML device 3. 0 otherwise."""
+    env = os.environ if environ is None else environ
+    first = env.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    return int(first) if first.isdigit() else 0
+
+
 def detect_gpu() -> GpuInfo | None:
     """The first GPU (pynvml when installed, else torch.cuda); None on a machine without one."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index())
         memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
         name = pynvml.nvmlDeviceGetName(handle)
         return GpuInfo(name.decode() if isinstance(name, bytes) else str(name), int(memory.total), int(memory.free))

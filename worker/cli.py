@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("WAN_HTTP_TOKEN"),
         help="token the --http clients must send (env WAN_HTTP_TOKEN; required on a non-loopback address)",
     )
+    run.add_argument(
+        "--gpus",
+        default=env_default("gpus"),
+        help=f"one worker process per GPU, e.g. 0,1 or all (env {ENV_VARS['gpus']}; default: one worker, this process)",
+    )
 
     init_db = commands.add_parser("init-db", help="create or upgrade the database schema")
     _add_db(init_db)
@@ -152,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `run --gpus` restarts this command per GPU
     configure_logging(args.log_level, json_lines=args.log_json)
     handler = _COMMANDS[args.command]
     try:
@@ -165,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.gpus:
+        from worker.supervisor import run_supervisor
+
+        return run_supervisor(args, args.worker_id or default_worker_id())  # before torch/diffusers load
     from headless_model_management import HeadlessTaskQueue
 
     quiet_progress_bars()

@@ -57,6 +57,7 @@ ENV_VARS = {
     "preload_model": "WAN_PRELOAD_MODEL",
     "allow_download": "WAN_ALLOW_DOWNLOAD",
     "allow_fallbacks": "WAN_ALLOW_FALLBACKS",
+    "gpus": "WAN_GPUS",
 }
 
 

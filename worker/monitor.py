@@ -60,7 +60,11 @@ class Sample:
 class NvmlProbe:
     """Reads one GPU through NVML; `available` is False (and stays so) when NVML cannot be used."""
 
-    def __init__(self, index: int = 0) -> None:
+    def __init__(self, index: int | None = None) -> None:
+        if index is None:  # the GPU this process uses (a `--gpus` child sees one, NVML numbers them all)
+            from wan_engine.vram import nvml_index
+
+            index = nvml_index()
         self.index = index
         self.name: str | None = None
         self._handle: Any = None
