@@ -203,12 +203,36 @@ def experts_for_steps(
     Computed ahead of the call, from the same scheduler the call uses, with the pipelines' own rule
     (timestep >= boundary_ratio x num_train_timesteps -> high-noise expert).
     """
-    if not loaded.is_dual_expert or boundary_ratio is None:
-        return ["high"] * num_steps
     scheduler = scheduler_with_shift(loaded.base_scheduler, flow_shift)
     scheduler.set_timesteps(num_steps, device="cpu")
+    timesteps = [int(t) for t in scheduler.timesteps]
+    if len(set(timesteps)) < len(timesteps):
+        # Integer timesteps collide when the steps are many for the shift; multistep solvers (UniPC)
+        # then fail deep inside the loop, so refuse up front with the largest count that works.
+        limit = _max_distinct_steps(loaded, flow_shift, num_steps)
+        raise InvalidRequestError(
+            f"num_inference_steps={num_steps} at flow_shift {flow_shift:g} repeats scheduler timesteps "
+            f"({type(scheduler).__name__}); use at most {limit} steps or a smaller flow_shift"
+        )
+    if not loaded.is_dual_expert or boundary_ratio is None:
+        return ["high"] * num_steps
     boundary = boundary_ratio * scheduler.config.num_train_timesteps
     return ["high" if float(t) >= boundary else "low" for t in scheduler.timesteps]
+
+
+def _max_distinct_steps(loaded: LoadedModel, flow_shift: float, upper: int) -> int:
+    """The largest step count below `upper` whose timesteps are all distinct (binary search)."""
+    low, high = 1, upper - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        scheduler = scheduler_with_shift(loaded.base_scheduler, flow_shift)
+        scheduler.set_timesteps(middle, device="cpu")
+        timesteps = [int(t) for t in scheduler.timesteps]
+        if len(set(timesteps)) == len(timesteps):
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 class ExpertRecorder:

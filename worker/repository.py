@@ -467,7 +467,7 @@ class SqlTaskRepository:
             tasks.c.status == _Q, tasks.c.dependant_on.is_not(None)
         )
         failed: list[str] = []
-        for cycle in find_dependency_cycles(dict(conn.execute(waiting).tuples().all())):
+        for cycle in find_dependency_cycles({task_id: on for task_id, on in conn.execute(waiting)}):
             shown = [*cycle, cycle[0]] if len(cycle) <= CYCLE_IDS_SHOWN else [*cycle[:CYCLE_IDS_SHOWN], "..."]
             message = (
                 f"dependency cycle of {len(cycle)} task(s): {' -> '.join(shown)}; tasks on a cycle wait for each "

@@ -36,7 +36,7 @@ NAME = "multi"
 GPU_IDS = (f"{NAME}-gpu0", f"{NAME}-gpu1")
 LEASE_S = 8.0  # short: a task held by the killed child is re-queued within the test
 # Enough tiny denoising work that a task is still running while the test signals (aborted long before the end).
-SLOW = {"num_inference_steps": 1000, "resolution": "96x64", "video_length": 17}
+SLOW = {"num_inference_steps": 300, "resolution": "128x96", "video_length": 33}
 
 
 def tiny(prompt: str, **params: object) -> dict[str, object]:

@@ -84,7 +84,7 @@ def test_kill_9_during_segment_2_does_not_regenerate_segment_1(sqlite_stack: Sta
     stack = sqlite_stack
     images = key_images(stack.root / "inputs")
     roots = ("--input-roots", str(stack.root / "inputs"))
-    parent = stack.insert("travel_orchestrator", travel_params(images, num_inference_steps=600))
+    parent = stack.insert("travel_orchestrator", travel_params(images, num_inference_steps=300))
     first = stack.start_worker(*roots, name="doomed", lease_s=4)
     segment_2 = f"{parent}-seg001"
     segment_1 = f"{parent}-seg000"
@@ -117,7 +117,7 @@ def test_kill_9_during_segment_2_does_not_regenerate_segment_1(sqlite_stack: Sta
 def test_cancelling_the_orchestrator_cancels_its_open_children(sqlite_stack: Stack) -> None:
     stack = sqlite_stack
     images = key_images(stack.root / "inputs")
-    parent = stack.insert("travel_orchestrator", travel_params(images, num_inference_steps=1000))
+    parent = stack.insert("travel_orchestrator", travel_params(images, num_inference_steps=300, resolution="128x96"))
     stack.start_worker("--input-roots", str(stack.root / "inputs"))
     first_segment = f"{parent}-seg000"
     stack.wait_for(

@@ -109,3 +109,11 @@ def test_auto_on_a_cpu_runs_cpu_and_a_bad_profile_is_refused(orchestrator: WanOr
     assert result.memory_profile == "cpu"  # type: ignore[attr-defined]
     with pytest.raises(InvalidRequestError, match="turbo"):
         WanOrchestrator(Path("."), memory_profile="turbo")
+
+
+def test_step_counts_that_repeat_timesteps_are_refused_naming_the_limit(
+    orchestrator: WanOrchestrator, tmp_path: Path
+) -> None:
+    with pytest.raises(InvalidRequestError, match=r"num_inference_steps=600 .* use at most 333 steps"):
+        orchestrator.generate_t2v("a", output_path=tmp_path / "x.mp4", num_inference_steps=600, flow_shift=3.0)
+    assert not list(tmp_path.iterdir())

@@ -93,7 +93,7 @@ def test_cancel_and_timeout(queue: HeadlessTaskQueue) -> None:
 
 def test_stop_twice_requeues_a_running_task(queue: HeadlessTaskQueue) -> None:
     task_id = queue.submit_task(
-        GenerationTask(model="tiny_t2v", prompt="long", parameters={"num_inference_steps": 400})
+        GenerationTask(model="tiny_t2v", prompt="long", parameters={"num_inference_steps": 300, "resolution": "128x96"})
     )
     queue.start()
     deadline = time.monotonic() + 60
