@@ -39,9 +39,11 @@ def start_worker(
     extra: Iterable[str] = (),
     env: dict[str, str] | None = None,
     db_url: str | None = None,
+    global_args: Iterable[str] = (),
 ) -> WorkerProcess:
-    """Start `wan-worker run` on the stack's database (or `db_url`), with its own log file `<name>.log`."""
+    """Start `wan-worker [global_args] run` on the stack's database (or `db_url`), logging to `<name>.log`."""
     args = [
+        *global_args,
         "run",
         "--db",
         db_url or stack.db_url,

@@ -38,7 +38,7 @@ VACE = {**T2V, "model": "tiny_vace"}
 I2V = {**T2V, "model": "tiny_i2v"}
 SHELL_NAME = "guide;touch PWNED&&$(touch PWNED2)`touch PWNED3`.mp4"
 ABS_ESCAPE = f"/tmp/wan-escape-{uuid.uuid4().hex[:8]}"
-HOSTILE_IDS = ["../../escape-up", ABS_ESCAPE, "a/b/c", ".hidden", "x" * 300, "$(touch PWNED4)", "with space"]
+HOSTILE_IDS = ["../../escape-up", ABS_ESCAPE, "a/b/c", ".hidden" + "x" * 300, "$(touch PWNED4) with space"]
 CYCLE = {name: f"cycle-{name}-{uuid.uuid4().hex[:6]}" for name in ("self", "a", "b", "c", "d", "e")}
 
 
@@ -91,6 +91,7 @@ def cases(inputs: Path, outside: Path) -> list[Case]:
         Case("steps-zero", {**T2V, "num_inference_steps": 0}, ("num_inference_steps = 0",)),
         Case("steps-negative", {**T2V, "num_inference_steps": -5}, ("num_inference_steps = -5",)),
         Case("steps-huge", {**T2V, "num_inference_steps": 10**6}, ("num_inference_steps = 1000000",)),
+        Case("steps-repeat-timesteps", {**T2V, "num_inference_steps": 900}, ("num_inference_steps=900", "repeats")),
         Case("resolution-not-16", {**T2V, "resolution": "100x100"}, ("resolution = '100x100'", "multiples of 16")),
         Case("resolution-huge", {**T2V, "resolution": "16384x16384"}, ("resolution = '16384x16384'",)),
         Case("resolution-negative", {**T2V, "resolution": "-64x48"}, ("resolution = '-64x48'",)),
@@ -189,7 +190,7 @@ def battery(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> 
     files_before = set(all_files(root))
     worker = start_worker(stack, "battery", lease_s=10, extra=["--input-roots", str(inputs)])
     try:
-        wait_all_final(stack, [*bad_ids, *good_ids.values()], timeout=600, what="every battery row to end")
+        wait_all_final(stack, [*bad_ids, *good_ids.values()], timeout=300, what="every battery row to end")
         rows = read_rows(stack)
         yield Battery(
             stack=stack,

@@ -40,11 +40,11 @@ from tests.reliability.harness import (
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.postgres, pytest.mark.slow]
 
-TASKS = sized(12, 60)
+TASKS = sized(10, 60)
 WORKERS = 2
 LEASE_S = 15.0
 TERMINATE_EVERY_S = 1.0
-OUTAGE_S = sized(6.0, 20.0)
+OUTAGE_S = sized(5.0, 20.0)
 PARAMS = {"model": "tiny_t2v", "resolution": "64x48", "video_length": 9, "num_inference_steps": 6}
 OUTAGE_SIGNS = ("claim failed", "heartbeat failed", "database write failed", "stale sweep failed")
 

@@ -19,7 +19,7 @@ from tests.reliability.harness import all_files, insert_many, read_rows, start_w
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.slow]
 
-GOOD = sized(8, 30)
+GOOD = sized(6, 30)
 LEASE_S = 5.0
 MAX_ATTEMPTS = 3  # the column default: what a raw INSERT gets
 GOOD_PARAMS = {"model": "tiny_t2v", "resolution": "64x48", "video_length": 9, "num_inference_steps": 4}

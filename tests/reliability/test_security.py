@@ -206,11 +206,12 @@ def test_database_password_never_appears_in_output(postgres_stack: Stack, figure
     password = f"pw-{uuid.uuid4().hex}"
     app = f"wanrel_pw_{uuid.uuid4().hex[:8]}"
     url = with_query(_with_password(stack.db_url, password), application_name=app)
+    unreachable = _with_password("postgresql://postgres@127.0.0.1:1/test", password)  # start-up errors too
     outputs = {
         "init-db": _cli("init-db", "--db", url),
         "list": _cli("list", "--db", url),
-        "status": _cli("status", "no-such-task", "--db", url),
-        "unreachable": _cli("list", "--db", _with_password("postgresql://postgres@127.0.0.1:1/test", password)),
+        "unreachable": _cli("list", "--db", unreachable),
+        "run unreachable": _cli("run", "--db", unreachable, "--models-dir", str(stack.models_dir)),
     }
     slow = {"model": "tiny_t2v", "prompt": "slow", "resolution": "64x48", "video_length": 9}
     ids = insert_many(
@@ -220,7 +221,7 @@ def test_database_password_never_appears_in_output(postgres_stack: Stack, figure
             {"task_type": "t2v", "params": {**slow, "model": "no_such_model"}},
         ],
     )
-    worker = start_worker(stack, "pw-worker", lease_s=10, db_url=url, extra=["--log-level", "DEBUG"])
+    worker = start_worker(stack, "pw-worker", lease_s=10, db_url=url, global_args=["--log-level", "DEBUG"])
     stack.wait_for(lambda: read_rows(stack, ids[:1])[ids[0]]["status"] == "In Progress", 120, "the slow task")
     terminated = 0
     for _ in range(3):  # database errors get logged too
@@ -240,7 +241,7 @@ def test_database_password_never_appears_in_output(postgres_stack: Stack, figure
     assert "postgres:***@" in outputs["worker log"], "the worker should log its (redacted) database URL"
     assert "database ready: postgresql" in outputs["init-db"] and "***" in outputs["init-db"]
     assert "Connection refused" in outputs["unreachable"] or "connection" in outputs["unreachable"].lower()
-    assert terminated > 0 and len(outputs["worker log"].splitlines()) > 50, "the DEBUG log should be busy"
+    assert terminated > 0 and len(outputs["worker log"].splitlines()) > 20, "the worker log is too short to tell"
     figures.record(
         "security[postgres]",
         outputs_checked=len(outputs),
