@@ -29,10 +29,13 @@ from worker.events import EventSink, live_sink
 from worker.loop import RunContext, Worker
 from worker.migrate import upgrade_to_head
 from worker.params import (
+    PARALLEL_MODES,
     TASK_TYPE_MODES,
     GenerationParams,
     InvalidTaskError,
+    check_parallel_mode,
     model_key_for,
+    parallel_requested,
     parse_params_text,
     validate_params,
     validate_priority,
@@ -108,9 +111,11 @@ class GenerationRunner:
         input_roots: tuple[Path, ...] = (),
         store: TravelStore | None = None,
         allow_fallbacks: bool = False,
+        group_size: int = 1,
     ) -> None:
         self.orchestrator = orchestrator
         self.allow_fallbacks = allow_fallbacks
+        self.group_size = group_size  # ranks every generation runs on (worker.parallel); 1: this process alone
         self.outputs_dir = outputs_dir
         self.input_roots = tuple(input_roots)  # input files are read only from here and outputs_dir
         self.model_loads = 0
@@ -127,6 +132,29 @@ class GenerationRunner:
         if task.task_type in ("travel_orchestrator", "travel_stitch"):
             return None  # bookkeeping and ffmpeg only: no model needed
         return model_key_for(task.task_type, task.params_text)
+
+    def parallel_for(self, task: Task) -> int:
+        """GPUs the task asks for: its `parallel`, else its model preset's, else 1."""
+        requested = parallel_requested(task.params_text)
+        if requested is not None:
+            return requested
+        model = model_key_for(task.task_type, task.params_text)
+        if model is None or model not in self.orchestrator.presets:
+            return 1
+        return self.orchestrator.presets.get(model).settings.parallel or 1
+
+    def claimable(self, task: Task) -> bool:
+        """The claim rule: a worker whose group has G ranks runs every task it claims on all G of them, so
+        it claims the tasks that ask for at most G GPUs and that it can split G ways (one GPU: parallel 1
+        only; a group: not VACE, whose transformer diffusers cannot split). Travel orchestration and
+        stitching load no model and run anywhere."""
+        if task.task_type in ("travel_orchestrator", "travel_stitch"):
+            return True
+        if self.parallel_for(task) > self.group_size:
+            return False
+        if self.group_size == 1:
+            return True
+        return TASK_TYPE_MODES.get(task.task_type) in PARALLEL_MODES
 
     def ensure_model(self, model_key: str, context: RunContext | None = None) -> float | None:
         """Load `model_key` unless it is resident; returns the seconds spent loading (None: no load)."""
@@ -149,6 +177,7 @@ class GenerationRunner:
         params = validate_params(task.task_type, parse_params_text(task.params_text))
         mode = TASK_TYPE_MODES[task.task_type]
         self._check_model(params, mode)
+        self._check_parallel(params, mode)
         inputs = self._input_paths(params)  # before loading anything: a bad path fails at once
         context.check()
         _ran, load_s, fallback = self._ensure_model_or_fallback(str(params.model), context)
@@ -259,6 +288,16 @@ class GenerationRunner:
             elif value is not None:
                 kwargs[key] = resolve_input_path(value, roots, self.outputs_dir, key=key)
         return kwargs
+
+    def _check_parallel(self, params: GenerationParams, mode: str) -> None:
+        """A preset's `parallel` (the task's is checked with its params) and the group this worker has."""
+        parallel = params.parallel or self.orchestrator.presets.get(str(params.model)).settings.parallel or 1
+        check_parallel_mode(mode, max(parallel, self.group_size))
+        if parallel > self.group_size:
+            raise InvalidTaskError(
+                f"parallel = {parallel}: this worker runs generations on {self.group_size} GPU(s); start a group "
+                f"with `wan-worker run --parallel {parallel}`"
+            )
 
     def _check_model(self, params: GenerationParams, mode: str) -> None:
         preset = self.orchestrator.presets.get(str(params.model))
@@ -382,10 +421,13 @@ class HeadlessTaskQueue:
                 tuple(self.settings.input_roots),
                 self.repository,
                 allow_fallbacks=self.settings.allow_fallbacks,
+                group_size=self.settings.parallel,
             )
             if self.events is None:
                 self.events = live_sink(self.repository, self.presets, self.settings.models_dir)
-            self.worker = Worker(self.repository, self.runner, self.settings, events=self.events)
+            self.worker = Worker(
+                self.repository, self.runner, self.settings, events=self.events, accept=self.runner.claimable
+            )
         return self.worker
 
     def run_forever(self, preload_model: str | None = None, until_idle: bool = False) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from wan_engine.errors import InvalidRequestError
+from wan_engine.fp8 import FP8_ENV, check_fp8_device, fp8_from_env
 from wan_engine.generation_inputs import prepare_i2v_image, prepare_vace_inputs
 from wan_engine.generation_params import GenerationParams, resolve_params
 from wan_engine.generation_types import GenerationResult, ProgressCallback, ProgressEvent
@@ -36,9 +37,12 @@ from wan_engine.memory_profiles import (
     DEFAULT_VRAM_FRACTION,
     PROFILE_CHOICES,
     apply_profile,
+    apply_vram_limit,
     choose_profile,
+    device_budget_bytes,
     next_profile,
     tile_vae,
+    vram_limit_from_env,
 )
 from wan_engine.model_cache import ModelCache
 from wan_engine.model_sources import check_model, resolve_model
@@ -110,6 +114,8 @@ class WanOrchestrator:
         loras_dir: Path | None = None,
         memory_profile: str = "auto",
         vram_fraction: float = DEFAULT_VRAM_FRACTION,
+        fp8: bool | None = None,
+        vram_limit_gb: float | None = None,
     ) -> None:
         self.models_dir = Path(models_dir)
         self.loras_dir = Path(loras_dir) if loras_dir is not None else BUILTIN_LORAS_DIR
@@ -121,6 +127,11 @@ class WanOrchestrator:
             raise InvalidRequestError(f"memory_profile {memory_profile!r}: allowed {', '.join(PROFILE_CHOICES)}")
         self.memory_profile = memory_profile  # default for tasks that name none
         self.vram_fraction = vram_fraction
+        self.fp8 = fp8_from_env() if fp8 is None else fp8  # lossy, off by default (WAN_FP8)
+        if self.fp8:
+            check_fp8_device(self.device)
+        limit = vram_limit_from_env() if vram_limit_gb is None else vram_limit_gb
+        self.vram_limit_fraction = apply_vram_limit(self.device, limit)  # WAN_VRAM_LIMIT_GB: share or emulate a GPU
         self._loaded: LoadedModel | None = None
         self._lock = threading.RLock()
         self.model_cache = ModelCache.from_env(self.device)  # recently used models in pinned RAM (WAN_PINNED_CACHE_GB)
@@ -146,15 +157,38 @@ class WanOrchestrator:
             check = None if parked else resolve_model(preset, self.models_dir, allow_download=self.allow_download)
             _emit(progress, "loading_model")
             started = time.perf_counter()
-            # Free the device before the new weights arrive: park the old model in pinned RAM if it fits.
-            if self._loaded is None or not self.model_cache.park(self.current_model, self._loaded, keep=model_key):
+            # Free the device before the new weights arrive: park the old model in pinned RAM if it fits
+            # (only a resident one: an offloaded model's weights already live in host RAM).
+            old = self._loaded
+            if old is None or not old.resident or not self.model_cache.park(old.preset.key, old, keep=model_key):
                 self.unload_model()
             self._loaded = None
             restored = self.model_cache.take(model_key) if parked else None
-            self._loaded = restored or load_pipeline(preset, check, self.device, self.dtype)  # type: ignore[arg-type]
+            self._loaded = restored or load_pipeline(
+                preset,
+                check,  # type: ignore[arg-type]
+                self.device,
+                self.dtype,
+                fp8=self.fp8,
+                resident=self._load_resident(preset, check),  # type: ignore[arg-type]
+            )
             seconds = time.perf_counter() - started
             logger.info("model loaded", extra={"model": model_key, "seconds": round(seconds, 3)})
             return seconds
+
+    def _load_resident(self, preset: Any, check: Any) -> bool:
+        """Whether a fresh load goes straight onto the device: always off CUDA and with profile `gpu`;
+        never with an offload profile; with `auto`, when the all-resident estimate at the preset's default
+        size fits the VRAM budget (otherwise the first task's profile places the weights from host RAM, so
+        they never have to fit whole)."""
+        if self.device.type != "cuda" or self.memory_profile == "gpu":
+            return True
+        if self.memory_profile != "auto":
+            return False
+        estimate = estimate_vram(preset, check, fp8=self.fp8)
+        if estimate is None:
+            return True  # nothing says how big it is: try, the OOM ladder catches it
+        return estimate.profiles["gpu"] <= device_budget_bytes(self.device) * self.vram_fraction
 
     def unload_model(self) -> None:
         """Drop the resident model and return its memory (host and GPU)."""
@@ -172,6 +206,11 @@ class WanOrchestrator:
     def is_vace(self) -> bool:
         """True when the resident model is a VACE model (control video + mask + references)."""
         return self._loaded is not None and self._loaded.preset.model.architecture == "vace"
+
+    @property
+    def pipeline(self) -> Any:
+        """The resident diffusers pipeline, or None (context parallelism splits its transformers)."""
+        return self._loaded.pipe if self._loaded is not None else None
 
     # ----- generation ------------------------------------------------------------------------------
 
@@ -329,6 +368,11 @@ class WanOrchestrator:
         """Resolve names and parse multipliers before any work (errors name the bad entry)."""
         if not p.lora_names:
             return []
+        if loaded.fp8 is not None:
+            raise InvalidRequestError(
+                f"loras {list(p.lora_names)}: this worker runs {loaded.preset.key!r} with fp8 weights ({FP8_ENV}=on), "
+                "and LoRAs cannot be applied to fp8 layers; send the task to a worker without fp8"
+            )
         multipliers = parse_lora_multipliers(p.lora_multipliers, len(p.lora_names), dual=loaded.is_dual_expert)
         group = loaded.preset.model.group
         return [
@@ -348,7 +392,7 @@ class WanOrchestrator:
             if loaded.profile is not None:
                 return loaded.profile  # chosen (or stepped down to) by an earlier task: keep it
             requested = self._auto_profile(loaded, p)
-        current = loaded.profile or ("gpu" if loaded.device.type == "cuda" else "cpu")
+        current = loaded.profile or ("gpu" if loaded.device.type == "cuda" and loaded.loaded_on_device else "cpu")
         if requested != current:
             apply_profile(loaded.pipe, requested, loaded.device, current=current)
         loaded.profile = requested
@@ -357,20 +401,17 @@ class WanOrchestrator:
     def _auto_profile(self, loaded: LoadedModel, p: GenerationParams) -> str:
         if loaded.device.type != "cuda":
             return "cpu"
-        estimate = estimate_vram(
-            loaded.preset,
-            check_model(loaded.preset, self.models_dir),
-            width=p.width,
-            height=p.height,
-            frames=p.video_length,
-        )
-        free, _total = torch.cuda.mem_get_info(loaded.device)
-        budget = free + torch.cuda.memory_allocated(loaded.device)  # the resident weights are ours to move
-        profile = choose_profile(estimate.profiles if estimate else None, budget, self.vram_fraction)
+        check = check_model(loaded.preset, self.models_dir)
+        size = {"width": p.width, "height": p.height, "frames": p.video_length, "fp8": loaded.fp8 is not None}
+        estimate = estimate_vram(loaded.preset, check, **size)
+        budget = device_budget_bytes(loaded.device)
         vae = next((c for c in estimate.components if c.name == "vae"), None) if estimate else None
         if vae is not None and vae.weight_bytes + vae.activation_bytes > budget * self.vram_fraction:
-            tile_vae(loaded.pipe)  # the decode alone would not fit untiled
-        return profile
+            # The decode alone would not fit untiled: tile it, and choose the profile with the tiled decode
+            # (otherwise the full-frame decode would push every task down to the slowest profile).
+            tile_vae(loaded.pipe)
+            estimate = estimate_vram(loaded.preset, check, tiled_vae=True, **size)
+        return choose_profile(estimate.profiles if estimate else None, budget, self.vram_fraction)
 
     def _denoise_and_decode(
         self,
@@ -564,6 +605,7 @@ class WanOrchestrator:
                 "memory_profile_ladder": ladder,  # profiles that ran out of memory before this one
                 "negative_prompt": p.negative_prompt,
                 "speed": loaded.speed.brief(compiled_ran=not requests) if loaded.speed else None,
+                "fp8": loaded.fp8,
             },
             mode=mode,
             inputs=notes or {},

@@ -17,9 +17,15 @@ Sections (each guarded: a failure is recorded and the next one runs; a deadline 
   m14     14B and A14B in memory: plain eager vs the same modules after `apply_speed_path`; then a
           14B park/restore through the pinned-RAM cache
 
-Options: --sections (any of env,m13,daemon,switch,m14,a14b, run in that order of listing), --skip (extras: the
+          + the same bf16 modules group-offloaded under a VRAM cap (--vram-limit-gib, default 24) against
+          the resident run; then fp8 blocks on them (in place, last); m13 also loads the 1.3B with fp8
+
+  capped  the orchestrator under a VRAM cap (--capped-limit-gib, default 5): the 1.3B stays in host RAM at
+          load, `auto` picks an offload profile, the video is written
+
+Options: --sections (any of env,m13,capped,daemon,switch,m14,a14b, run in that order of listing), --skip (extras: the
 kernel / CFG-batching / VAE measurements; noise: plain with FA2; variant: compile without emulated casts; fp32:
-the float32 reference; pin14: the 14B park/restore), --daemon-steps, --daemon-tasks, --deadline-s.
+the float32 reference; pin14: the 14B park/restore; lowvram; fp8), --daemon-steps, --daemon-tasks, --deadline-s.
 
 Device:   bash bench/device_run.sh            (writes results.json, summary.md, bench.log under $OUT)
 CPU dry run of every code path on tiny models:  python bench/gpu_bench.py --tiny --out /tmp/bench
@@ -121,6 +127,8 @@ class Bench:
         self.log_file = (out / "bench.log").open("a")
         self.speed_settings = SpeedSettings()
         self.skip: set[str] = set()
+        self.vram_limit_gib = 24.0
+        self.capped_limit_gib = 5.0
 
     def log(self, message: str) -> None:
         line = f"[{time.monotonic() - self.started:7.1f}s] {message}"
@@ -416,6 +424,69 @@ def _median_forward(transformer: Any, inputs: dict[str, torch.Tensor], repeats: 
     return out, statistics.median(times)
 
 
+def _save_13b_folder(bench: Bench, folder: Path, res: dict[str, Any]) -> None:
+    from diffusers import WanPipeline
+
+    scale = bench.scale
+    transformer = build_transformer(scale.small, scale, seed=3)
+    pipe = WanPipeline(transformer=transformer, **build_common(scale))
+    _, seconds = timed(pipe.save_pretrained, folder, safe_serialization=True)
+    res["folder_gb"] = round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e9, 2)
+    res["save_s"] = round(seconds, 1)
+    res["transformer_gib"] = gib(module_bytes(transformer))
+    del pipe, transformer
+    free()
+    bench.log(f"saved 1.3B folder: {res['folder_gb']} GB in {res['save_s']}s")
+
+
+def section_capped(bench: Bench, state: dict[str, Any]) -> None:
+    """The orchestrator end to end under a VRAM cap: `auto` keeps the 1.3B weights in host RAM at load
+    (they do not fit), picks an offload profile from its estimate, and writes the video."""
+    from headless_wgp import WanOrchestrator
+
+    scale, res = bench.scale, bench.results.setdefault("capped", {})
+    models_dir: Path = state["models_dir"]
+    folder = models_dir / MODEL_13B_DIR
+    if not folder.is_dir():
+        _save_13b_folder(bench, folder, res)
+    limit = bench.capped_limit_gib if scale.device == "cuda" else None
+    orchestrator = WanOrchestrator(models_dir, vram_limit_gb=limit)
+    try:
+        load_s = orchestrator.load_model("t2v_1.3B")
+        loaded = orchestrator._loaded
+        assert loaded is not None
+        on_device_at_load = loaded.loaded_on_device
+        result = orchestrator.generate_t2v(
+            PROMPT,
+            output_path=state["work"] / "capped.mp4",
+            resolution=f"{scale.width}x{scale.height}",
+            video_length=scale.frames,
+            num_inference_steps=scale.steps,
+            seed=1,
+        )
+    finally:
+        if limit is not None:
+            torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
+        orchestrator.unload_model()
+        orchestrator.model_cache.clear()
+    steps = result.timings["step_times"]
+    res.update(
+        limit_gib=limit,
+        load_s=round(load_s, 2),
+        loaded_on_device=on_device_at_load,
+        memory_profile=result.memory_profile,
+        ladder=result.extra["memory_profile_ladder"],
+        vae_tiled=bool(getattr(loaded.pipe.vae, "use_tiling", False)),
+        step_times=[round(t, 3) for t in steps],
+        s_per_step=round(statistics.median(steps[1:] or steps), 4),
+        decode_s=round(result.timings["decode"], 2),
+        total_s=round(result.timings["total"], 2),
+        peak_vram_gib=None if result.peak_vram_gb is None else round(result.peak_vram_gb, 3),
+        output_bytes=result.output_path.stat().st_size,
+    )
+    bench.log(f"capped 1.3B: {json.dumps(res)}")
+
+
 def section_m13(bench: Bench, state: dict[str, Any]) -> None:
     from diffusers import AutoencoderKLWan, WanPipeline
 
@@ -428,15 +499,7 @@ def section_m13(bench: Bench, state: dict[str, Any]) -> None:
     folder = models_dir / MODEL_13B_DIR
 
     # 1. Save a full-size random 1.3B pipeline as a diffusers folder (what the orchestrator loads).
-    transformer = build_transformer(scale.small, scale, seed=3)
-    pipe = WanPipeline(transformer=transformer, **build_common(scale))
-    _, seconds = timed(pipe.save_pretrained, folder, safe_serialization=True)
-    res["folder_gb"] = round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e9, 2)
-    res["save_s"] = round(seconds, 1)
-    res["transformer_gib"] = gib(module_bytes(transformer))
-    del pipe, transformer
-    free()
-    bench.log(f"saved 1.3B folder: {res['folder_gb']} GB in {res['save_s']}s")
+    _save_13b_folder(bench, folder, res)
 
     # 2. Plain diffusers, as a user writes it (VAE in float32, the rest in bf16).
     def load_plain() -> Any:
@@ -537,6 +600,12 @@ def section_m13(bench: Bench, state: dict[str, Any]) -> None:
         bench.log(f"vs float32: {res['rel_err_forward_vs_fp32']}")
     state["orchestrator"] = orchestrator
 
+    # 7. Optional fp8 (WAN_FP8=on): the orchestrator's own fp8 load of the same folder.
+    if "fp8" not in bench.skip:
+        with bench.section("m13_fp8", 40) as run_it:
+            if run_it:
+                _m13_fp8(bench, models_dir, plain_latents, inputs, forwards["plain"], ceiling)
+
 
 def sdp_flags() -> dict[str, bool]:
     """torch's global SDPA kernel switches (a compiled `sdpa_kernel` must leave them as it found them)."""
@@ -590,6 +659,96 @@ def _m13_extras(
     )
     res["vae_decode"] = vae_res
     bench.log(f"vae decode: {vae_res}")
+
+
+def _m13_fp8(
+    bench: Bench,
+    models_dir: Path,
+    plain_latents: torch.Tensor,
+    inputs: dict[str, torch.Tensor],
+    reference: torch.Tensor,
+    ceiling: float | None,
+) -> None:
+    from headless_wgp import WanOrchestrator
+
+    scale, res = bench.scale, bench.results["m13"]
+    orchestrator = WanOrchestrator(models_dir, fp8=True)
+    seconds = orchestrator.load_model("t2v_1.3B")
+    loaded = orchestrator._loaded
+    assert loaded is not None
+    if not bench.speed_settings.require_cuda and scale.device != "cuda":
+        loaded.speed = apply_speed_path(loaded.pipe, scale.device, bench.speed_settings)
+    run = denoise(loaded.pipe, scale, scale.steps)
+    latents = run.pop("latents")
+    res["fp8"] = {
+        **run,
+        **mfu(scale.small, scale, run["s_per_step"], ceiling),
+        "load_s": round(seconds, 2),
+        "quantized": loaded.fp8,
+        "rel_err_latents_vs_plain": rel_err(latents, plain_latents),
+        "rel_err_forward_vs_plain": rel_err(_forward(loaded.main_transformer, inputs).cpu(), reference),
+        "ratio_vs_plain": round(run["s_per_step"] / res["plain"]["s_per_step"], 3),
+        "ratio_vs_ours": round(run["s_per_step"] / res["ours"]["s_per_step"], 3),
+    }
+    bench.log(f"fp8 1.3B: {json.dumps(strip(res['fp8']), default=str)}")
+    orchestrator.unload_model()
+    orchestrator.model_cache.clear()
+
+
+def _m14_lowvram(bench: Bench, pipe: Any, res: dict[str, Any], limit_gib: float) -> None:
+    """The same bf16 14B modules, group-offloaded (the `group_offload` profile) under a VRAM cap."""
+    from wan_engine.memory_profiles import apply_profile, apply_vram_limit
+
+    scale = bench.scale
+    device = torch.device(scale.device)
+    apply_profile(pipe, "cpu", device, current="gpu")
+    free()
+    fraction = None
+    try:
+        fraction = apply_vram_limit(device, limit_gib)  # None on the CPU dry run
+        _, setup_s = timed(apply_profile, pipe, "group_offload", device, current="cpu")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        run = denoise(pipe, scale, scale.large_steps)
+        reserved = gib(torch.cuda.max_memory_reserved()) if torch.cuda.is_available() else None
+    finally:
+        if fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
+        apply_profile(pipe, "gpu", device, current="group_offload")  # hooks off, back on the device
+        free()
+    latents = run.pop("latents")
+    res["lowvram"] = {
+        **run,
+        "limit_gib": limit_gib,
+        "memory_fraction": fraction,
+        "peak_reserved_gib": reserved,
+        "setup_s": round(setup_s, 2),
+        "ratio_vs_resident_ours": round(run["s_per_step"] / res["ours"]["s_per_step"], 3),
+        "ratio_vs_plain": round(run["s_per_step"] / res["plain"]["s_per_step"], 3),
+        "rel_err_latents_vs_resident_ours": rel_err(latents, res.pop("_ours_latents")),
+    }
+    bench.log(f"14B group offload under {limit_gib} GiB: {json.dumps(res['lowvram'])}")
+
+
+def _m14_fp8(bench: Bench, pipe: Any, res: dict[str, Any], plain_latents: torch.Tensor, ceiling: float | None) -> None:
+    """fp8 blocks on the same 14B modules (in place: run last), compiled as the orchestrator runs them."""
+    from wan_engine.fp8 import quantize_pipeline
+
+    scale = bench.scale
+    reports, seconds = timed(quantize_pipeline, pipe, torch.device(scale.device))
+    free()
+    run = denoise(pipe, scale, scale.large_steps)
+    latents = run.pop("latents")
+    res["fp8"] = {
+        **run,
+        **mfu(scale.large, scale, run["s_per_step"], ceiling),
+        "quantized": reports,
+        "quantize_s": round(seconds, 2),
+        "rel_err_latents_vs_plain": rel_err(latents, plain_latents),
+        "ratio_vs_plain": round(run["s_per_step"] / res["plain"]["s_per_step"], 3),
+        "ratio_vs_ours": round(run["s_per_step"] / res["ours"]["s_per_step"], 3),
+    }
+    bench.log(f"fp8 14B: {json.dumps(res['fp8'], default=str)}")
 
 
 def _resident_13b(bench: Bench, state: dict[str, Any]) -> None:
@@ -774,12 +933,12 @@ def section_m14(bench: Bench, state: dict[str, Any], dual: bool) -> None:
     report = apply_speed_path(pipe, scale.device, bench.speed_settings)
     res["speed_report"] = report.to_dict()
     run = denoise(pipe, scale, scale.large_steps)
-    res["rel_err_latents_vs_plain"] = rel_err(run.pop("latents"), plain_latents)
+    res["_ours_latents"] = run.pop("latents")  # the low-VRAM run's reference
+    res["rel_err_latents_vs_plain"] = rel_err(res["_ours_latents"], plain_latents)
     res["ours"] = {**run, **mfu(scale.large, scale, run["s_per_step"], ceiling)}
     res["ratio_s_per_step"] = round(run["s_per_step"] / res["plain"]["s_per_step"], 3)
     res["sdp_flags_after_ours"] = sdp_flags()
     bench.log(f"ours 14B: {run['s_per_step']} s/step ratio {res['ratio_s_per_step']} ({run['step_times']})")
-    del plain_latents
     bench.save()
 
     # 2. Switching: the 14B pipeline parked in pinned RAM and taken back, twice (the first park allocates).
@@ -829,6 +988,21 @@ def section_m14(bench: Bench, state: dict[str, Any], dual: bool) -> None:
         res["a14b_ratio_s_per_step"] = round(run["s_per_step"] / res["a14b_plain"]["s_per_step"], 3)
         res["a14b_expert_steps"] = f"{scale.dual_steps} steps, shift 12, boundary 0.875: high-noise then low-noise"
         bench.log(f"ours A14B: {run['s_per_step']} s/step ({run['step_times']})")
+        del dual_pipe, low, dual_plain_latents
+        free()
+
+    # 4. Low VRAM: group offload with CUDA streams under a 24 GiB cap, against the resident run above.
+    if "lowvram" not in bench.skip:
+        with bench.section("m14_lowvram", 90) as run_it:
+            if run_it:
+                _m14_lowvram(bench, pipe, res, bench.vram_limit_gib)
+    res.pop("_ours_latents", None)
+
+    # 5. Optional fp8 on the same modules (quantises them in place, so it runs last).
+    if "fp8" not in bench.skip:
+        with bench.section("m14_fp8", 45) as run_it:
+            if run_it:
+                _m14_fp8(bench, pipe, res, plain_latents, ceiling)
 
 
 def summary_markdown(results: dict[str, Any]) -> str:
@@ -858,6 +1032,21 @@ def summary_markdown(results: dict[str, Any]) -> str:
             f"{ours['mfu_vs_spec']} | {ours['compile_s']} | {err:.1e} | {plain['peak_vram_gib']} / "
             f"{ours['peak_vram_gib']} |"
         )
+    for name, key in (("1.3B", "m13"), ("14B", "m14")):
+        fp8 = results.get(key, {}).get("fp8")
+        if fp8:
+            lines.append(
+                f"\nfp8 {name}: {fp8['s_per_step']} s/step, x{fp8['ratio_vs_plain']} plain, "
+                f"x{fp8['ratio_vs_ours']} ours, "
+                f"rel. err latents {fp8['rel_err_latents_vs_plain']:.2e}, peak {fp8['peak_vram_gib']} GiB"
+            )
+    low = results.get("m14", {}).get("lowvram")
+    if low:
+        lines.append(
+            f"\n14B group offload under {low['limit_gib']} GiB: {low['s_per_step']} s/step, "
+            f"x{low['ratio_vs_resident_ours']} resident, peak {low['peak_vram_gib']} GiB allocated / "
+            f"{low['peak_reserved_gib']} GiB reserved"
+        )
     daemon = results.get("daemon")
     if daemon:
         lines.append(f"\ndaemon: {json.dumps({k: v for k, v in daemon.items() if k != 'tasks'})}")
@@ -879,7 +1068,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--daemon-steps", type=int, default=None)
     parser.add_argument("--force-speed", action="store_true", help="apply the speed path on a CPU too (dry run)")
     parser.add_argument("--daemon-tasks", type=int, default=None)
-    parser.add_argument("--skip", default="", help="sub-measurements to leave out: extras,variant,fp32,pin14")
+    parser.add_argument(
+        "--skip", default="", help="sub-measurements to leave out: extras,noise,variant,fp32,pin14,lowvram,fp8"
+    )
+    parser.add_argument("--vram-limit-gib", type=float, default=24.0, help="the 14B low-VRAM run's cap")
+    parser.add_argument("--capped-limit-gib", type=float, default=5.0, help="the capped 1.3B run's cap")
     args = parser.parse_args(argv)
     scale = TINY_SCALE if args.tiny else FULL
     if args.daemon_steps:
@@ -892,9 +1085,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args.out, args.deadline_s, scale)
     bench.speed_settings = SpeedSettings(require_cuda=not args.force_speed)
     bench.skip = set(filter(None, args.skip.split(",")))
+    bench.vram_limit_gib = args.vram_limit_gib
+    bench.capped_limit_gib = args.capped_limit_gib
     bench.results["command"] = " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])
     state: dict[str, Any] = {"work": work, "models_dir": work / "models"}
-    needs = {"env": 5, "m13": 120, "daemon": 185, "switch": 30, "m14": 150}
+    needs = {"env": 5, "m13": 120, "capped": 60, "daemon": 185, "switch": 30, "m14": 150}
     for name in args.sections.split(","):
         if name not in needs:
             continue  # "a14b" is an option of m14
@@ -905,6 +1100,8 @@ def main(argv: list[str] | None = None) -> int:
                 section_env(bench)
             elif name == "m13":
                 section_m13(bench, state)
+            elif name == "capped":
+                section_capped(bench, state)
             elif name == "m14":
                 section_m14(bench, state, dual="a14b" in args.sections.split(","))
             else:

@@ -5,8 +5,9 @@ The seed documents' GPU-only / hybrid RAM+VRAM / CPU-only modes, as diffusers of
     gpu            everything resident on the execution device (fastest)
     model_offload  one component on the device at a time (`enable_model_cpu_offload`)
     group_offload  block-level groups streamed from RAM, the next one prefetched on a CUDA stream
-                   (`enable_group_offload`): the hybrid mode
-    sequential     one leaf module at a time (`enable_sequential_cpu_offload`): least VRAM, slowest
+                   (`enable_group_offload`): the hybrid mode; the VAE stays on the device
+    sequential     one leaf module at a time (`enable_sequential_cpu_offload`): least VRAM, slowest;
+                   the VAE stays on the device
     cpu            everything on the CPU
 
 `auto` picks the first profile of that ladder whose estimated peak fits `vram_fraction` of the free
@@ -18,6 +19,7 @@ the same generation.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -26,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 LADDER = ("gpu", "model_offload", "group_offload", "sequential", "cpu")
 PROFILE_CHOICES = ("auto", *LADDER)
+VRAM_LIMIT_ENV = "WAN_VRAM_LIMIT_GB"
 DEFAULT_VRAM_FRACTION = 0.9  # headroom for the CUDA context, fragmentation and other processes
 
 
@@ -45,6 +48,54 @@ def choose_profile(
         return "gpu"  # nothing on disk says how big the model is: try resident, the ladder catches OOM
     budget = free_bytes * vram_fraction
     return next((name for name in LADDER[:-1] if profiles_bytes.get(name, 0) <= budget), "sequential")
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """`cuda` as `cuda:N` (the current device): the per-process memory calls need an index."""
+    if device.index is None:
+        return torch.device(device.type, torch.cuda.current_device())
+    return device
+
+
+def device_budget_bytes(device: torch.device) -> int:
+    """VRAM this process may use on `device`: free memory plus what it already holds, within the
+    per-process cap (`torch.cuda.set_per_process_memory_fraction`, e.g. from WAN_VRAM_LIMIT_GB),
+    which `mem_get_info` does not see."""
+    device = _indexed(device)
+    free, total = torch.cuda.mem_get_info(device)
+    budget = free + torch.cuda.memory_reserved(device)  # the resident weights are ours to move
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if get_fraction is not None:
+        budget = min(budget, int(get_fraction(device) * total))
+    return budget
+
+
+def vram_limit_from_env(environ: dict[str, str] | None = None) -> float | None:
+    """WAN_VRAM_LIMIT_GB as GiB (unset or empty: no cap)."""
+    value = (os.environ if environ is None else environ).get(VRAM_LIMIT_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        limit = float(value)
+    except ValueError:
+        raise ValueError(f"{VRAM_LIMIT_ENV}={value!r} is not a number of GiB") from None
+    if limit <= 0:
+        raise ValueError(f"{VRAM_LIMIT_ENV}={value!r}: must be a positive number of GiB")
+    return limit
+
+
+def apply_vram_limit(device: torch.device, limit_gib: float | None) -> float | None:
+    """Cap this process's VRAM at `limit_gib` (the allocator raises OOM beyond it); returns the fraction set."""
+    if limit_gib is None or device.type != "cuda":
+        return None
+    if limit_gib <= 0:
+        raise ValueError(f"VRAM limit {limit_gib} GiB: must be a positive number of GiB")
+    device = _indexed(device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, limit_gib * 1024**3 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    logger.info("VRAM capped", extra={"limit_gib": limit_gib, "fraction": round(fraction, 4)})
+    return fraction
 
 
 def _modules(pipe: Any) -> list[torch.nn.Module]:
@@ -83,9 +134,19 @@ def apply_profile(pipe: Any, profile: str, device: torch.device, *, current: str
             offload_type="block_level",
             num_blocks_per_group=1,
             use_stream=device.type == "cuda",  # overlap the next block's copy with this block's compute
+            # Group hooks onload on forward(), and the VAE is called through decode(): it would run with its
+            # top-level weights still in host RAM. It is small (0.5 GB); it stays on the device.
+            exclude_modules=["vae"] if getattr(pipe, "vae", None) is not None else None,
         )
     elif profile == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)
+        # The Wan VAE's decode breaks under accelerate's per-layer hooks (a weight left on the meta device
+        # reaches a tiled convolution); it is small (0.5 GB), so it stays on the device for this profile.
+        excluded = list(pipe._exclude_from_cpu_offload)
+        pipe._exclude_from_cpu_offload = [*excluded, "vae"]
+        try:
+            pipe.enable_sequential_cpu_offload(device=device)
+        finally:
+            pipe._exclude_from_cpu_offload = excluded  # only this profile keeps the VAE on the device
     else:
         raise ValueError(f"unknown memory profile {profile!r}; allowed: {', '.join(PROFILE_CHOICES)}")
     logger.info("memory profile applied", extra={"profile": profile, "previous": current})

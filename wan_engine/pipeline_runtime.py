@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from wan_engine.errors import InvalidRequestError, ModelUnavailableError
+from wan_engine.fp8 import quantize_pipeline
 from wan_engine.loras import LoraState
 from wan_engine.model_sources import ModelCheck
 from wan_engine.presets import Preset
@@ -49,7 +50,16 @@ class LoadedModel:
     loras: LoraState = field(default_factory=LoraState)
     image_view: Any = None  # TI2V: a WanImageToVideoPipeline over the same modules, built on first use
     speed: SpeedReport | None = None  # what the CUDA speed path did (attention kernel, compiled blocks)
-    profile: str | None = None  # memory profile applied (None: as loaded, all on the device)
+    profile: str | None = None  # memory profile applied (None: as loaded)
+    loaded_on_device: bool = True  # False: a fresh load kept in host RAM until a task's profile places it
+    fp8: dict[str, Any] | None = None  # per transformer, what fp8 quantisation did (None: model dtype)
+
+    @property
+    def resident(self) -> bool:
+        """All weights on the execution device (so parking it in pinned RAM is one device-to-host copy)."""
+        if self.profile is None:
+            return self.loaded_on_device
+        return self.profile == ("gpu" if self.device.type == "cuda" else "cpu")
 
     @property
     def is_dual_expert(self) -> bool:
@@ -105,8 +115,21 @@ def _load_expert(path2: Path, transformer_cls: Any, dtype: torch.dtype) -> Any:
     return transformer_cls.from_pretrained(path2, subfolder=subfolder, dtype=dtype, use_safetensors=True)
 
 
-def load_pipeline(preset: Preset, check: ModelCheck, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Load the preset's pipeline from a checked folder onto `device` (VAE kept in float32)."""
+def load_pipeline(
+    preset: Preset,
+    check: ModelCheck,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    fp8: bool = False,
+    resident: bool = True,
+) -> LoadedModel:
+    """Load the preset's pipeline from a checked folder (VAE kept in float32).
+
+    `resident`: move it onto `device` now; otherwise it stays in host RAM (profile `cpu`) and the
+    first task's memory profile places it, so a model larger than the VRAM budget never has to fit
+    whole. `fp8`: quantise the transformer blocks (wan_engine.fp8) before they reach the device.
+    """
     import diffusers
 
     assert check.path is not None, "load_pipeline needs a present ModelCheck"
@@ -132,7 +155,9 @@ def load_pipeline(preset: Preset, check: ModelCheck, device: torch.device, dtype
     if "transformer_2" in kwargs and pipe.config.boundary_ratio is None:
         pipe.register_to_config(boundary_ratio=DEFAULT_BOUNDARY_RATIO)
     pipe.set_progress_bar_config(disable=True)  # progress is reported as events, not a log bar
-    pipe.to(device)
+    fp8_reports = quantize_pipeline(pipe, device) if fp8 else None
+    if resident:
+        pipe.to(device)
     speed = apply_speed_path(pipe, device)  # CUDA only: probed attention kernel + regional compile (WAN_SPEED)
     return LoadedModel(
         preset=preset,
@@ -143,6 +168,8 @@ def load_pipeline(preset: Preset, check: ModelCheck, device: torch.device, dtype
         source=check.path,
         default_boundary_ratio=pipe.config.boundary_ratio,
         speed=speed,
+        loaded_on_device=resident,
+        fp8=fp8_reports,
     )
 
 
@@ -308,7 +335,10 @@ def encode_prompts(
 def decode_latents(pipe: Any, latents: torch.Tensor, num_reference_images: int = 0) -> np.ndarray:
     """Decode Wan latents to frames (F, H, W, 3) float in [0, 1], as the diffusers pipelines do."""
     vae = pipe.vae
-    latents = latents[:, :, num_reference_images:].to(next(vae.parameters()).device, vae.dtype)
+    # The execution device, not the VAE's weights' device: under model offload those are in host RAM
+    # until decode() moves them (diffusers' `_execution_device` follows the offload hooks).
+    device = getattr(pipe, "_execution_device", None) or next(vae.parameters()).device
+    latents = latents[:, :, num_reference_images:].to(device, vae.dtype)
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)

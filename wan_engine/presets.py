@@ -73,10 +73,13 @@ class PresetSettings(BaseModel):
     resolution: str | None = Field(default=None, pattern=_RESOLUTION_PATTERN)
     fps: int | None = Field(default=None, ge=1)
     negative_prompt: str | None = None
+    # GPUs a generation with this model is split over by default (a task's `parallel` overrides it);
+    # a worker property rather than a generation parameter, so not part of as_params().
+    parallel: int | None = Field(default=None, ge=1, le=64)
 
     def as_params(self) -> dict[str, Any]:
         """The settings this preset sets, as generation parameters (unset ones left out)."""
-        return self.model_dump(exclude_none=True)
+        return self.model_dump(exclude_none=True, exclude={"parallel"})
 
 
 class Preset(BaseModel):

@@ -287,7 +287,13 @@ def apply_speed_path(pipe: Any, device: torch.device | str, settings: SpeedSetti
     if backend == "auto":
         config = main.config
         dtype = main.dtype if device.type == "cuda" else torch.float32  # what the pipeline feeds attention
-        probes = _probe_cached(int(config.num_attention_heads), int(config.attention_head_dim), dtype, device)
+        try:
+            probes = _probe_cached(int(config.num_attention_heads), int(config.attention_head_dim), dtype, device)
+        except torch.OutOfMemoryError as exc:
+            # No room for the probe's tensors (a small GPU or a VRAM cap, with the model resident): keep
+            # diffusers' default kernel; the next load probes again.
+            torch.cuda.empty_cache()
+            probes = (BackendProbe("probe", error=f"OutOfMemoryError: {str(exc).splitlines()[0][:160]}"),)
         backend = choose_backend(probes)  # type: ignore[assignment]
     if backend is not None:
         _set_backend_locally(transformers, backend)

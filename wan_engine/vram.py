@@ -13,7 +13,7 @@ weights are absent, from its config instantiated on the meta device). The formul
     gpu            = sum_c W_c + max_c A_c   everything resident
     model_offload  = max_c (W_c + A_c)       one component on the GPU at a time (each Wan 2.2 expert is one)
     group_offload  = max_c (NB_c + 2 B_c + A_c)   block-level groups, the next one prefetched on a stream
-    sequential     = max_c (T_c + A_c)       one leaf module at a time
+    sequential     = max_c (T_c + A_c)       one leaf module at a time (the VAE: W_vae + A_vae, kept whole)
     cpu            = 0
 
 Activations (batch 1: the diffusers Wan pipelines run the conditional and unconditional passes one
@@ -49,7 +49,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,6 +67,7 @@ ALLOCATOR_SLACK = 1.10  # fragmentation of the caching allocator
 TEXT_TOKENS = 512  # Wan's max_sequence_length
 # Full-resolution feature maps alive at once while the VAE decodes one latent frame (measured, see above).
 VAE_COPIES, VAE_COPIES_RESIDUAL = 15, 24
+VAE_TILE = 256  # diffusers' AutoencoderKLWan tile_sample_min_height/width: one tile's feature maps at a time
 CLIP_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 16 x 16 patches + class token
 # Top-level ModuleList children (`blocks.N`, `vace_blocks.N`), the ComfyUI prefix aside: diffusers'
 # block-level group offloading moves these one by one and everything else (nested lists such as the
@@ -248,6 +249,7 @@ class _Geometry:
     frames: int
     attention: Attention
     vae: dict[str, Any] = field(default_factory=dict)
+    tiled_vae: bool = False  # the decode runs in tiles of VAE_TILE pixels (memory_profiles.tile_vae)
 
     @property
     def spatial(self) -> int:
@@ -286,7 +288,8 @@ def _activation_bytes(name: str, config: dict[str, Any], geo: _Geometry) -> int:
         patch = int(config.get("patch_size") or 1)
         base_dim = config.get("decoder_base_dim") or config.get("base_dim", 96)
         channels = int(base_dim) * int((config.get("dim_mult") or [1])[0])
-        pixels = (geo.height // patch) * (geo.width // patch)
+        height, width = (min(side, VAE_TILE) if geo.tiled_vae else side for side in (geo.height, geo.width))
+        pixels = (height // patch) * (width // patch)
         copies = VAE_COPIES_RESIDUAL if config.get("is_residual") else VAE_COPIES
         return copies * geo.temporal * pixels * channels * 4 + geo.frames * 3 * geo.height * geo.width * 4
     return 0
@@ -322,6 +325,17 @@ def _pipeline_folder(check: ModelCheck) -> Path | None:
     return next((c.path for c in check.candidates if (c.path / "model_index.json").is_file()), None)
 
 
+def _fp8_blocks(size: ComponentSize, dtype_bytes: int) -> ComponentSize:
+    """The same component with its repeated blocks stored at one byte per weight."""
+    saved = size.blocks_bytes - size.blocks_bytes // dtype_bytes
+    return replace(
+        size,
+        weight_bytes=size.weight_bytes - saved,
+        blocks_bytes=size.blocks_bytes // dtype_bytes,
+        largest_block_bytes=size.largest_block_bytes // dtype_bytes,
+    )
+
+
 def estimate_vram(
     preset: Preset,
     check: ModelCheck,
@@ -331,8 +345,13 @@ def estimate_vram(
     frames: int | None = None,
     attention: Attention = "sdpa",
     dtype_bytes: int = 2,
+    fp8: bool = False,
+    tiled_vae: bool = False,
 ) -> VramEstimate | None:
     """Estimated peak VRAM per profile at the preset's (or the given) resolution and frames.
+
+    `fp8`: the transformers' blocks hold one byte per weight (wan_engine.fp8) instead of `dtype_bytes`.
+    `tiled_vae`: the VAE decodes in tiles (its feature maps at one tile's size).
 
     None when nothing on disk says how big the model is (no pipeline folder found).
     """
@@ -345,7 +364,7 @@ def estimate_vram(
     default_w, default_h = (int(x) for x in str(defaults["resolution"]).split("x"))
     vae_config = _read_json(folder / "vae" / "config.json")
     frames = frames or int(defaults["video_length"])
-    geo = _Geometry(width or default_w, height or default_h, frames, attention, vae_config)
+    geo = _Geometry(width or default_w, height or default_h, frames, attention, vae_config, tiled_vae)
     index = _read_json(folder / "model_index.json")
     names = [n for n, v in index.items() if not n.startswith("_") and isinstance(v, list) and v and v[0]]
     if check.single_file_2 is not None or check.path2 is not None:
@@ -363,7 +382,8 @@ def estimate_vram(
         if shapes is None:
             shapes, source = _shapes_from_config(config_dir, str(library), str(class_name)), "config"
         if shapes is not None:
-            components.append(_size(name, shapes, element_bytes, activation, source))
+            size = _size(name, shapes, element_bytes, activation, source)
+            components.append(_fp8_blocks(size, dtype_bytes) if fp8 and name.startswith("transformer") else size)
     if not components:
         return None
     transformer = next((c for c in components if c.name == "transformer"), None)
@@ -371,7 +391,10 @@ def estimate_vram(
         "gpu": sum(c.weight_bytes for c in components) + max(c.activation_bytes for c in components),
         "model_offload": max(c.weight_bytes + c.activation_bytes for c in components),
         "group_offload": max(c.non_block_bytes + 2 * c.largest_block_bytes + c.activation_bytes for c in components),
-        "sequential": max(c.largest_tensor_bytes + c.activation_bytes for c in components),
+        # The VAE stays whole on the device under this profile (memory_profiles.apply_profile).
+        "sequential": max(
+            (c.weight_bytes if c.name == "vae" else c.largest_tensor_bytes) + c.activation_bytes for c in components
+        ),
         "cpu": 0,
     }
     config = _read_json(folder / "transformer" / "config.json")

@@ -110,6 +110,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=env_default("gpus"),
         help=f"one worker process per GPU, e.g. 0,1 or all (env {ENV_VARS['gpus']}; default: one worker, this process)",
     )
+    run.add_argument(
+        "--parallel",
+        type=int,
+        default=int(env_default("parallel", "1") or 1),
+        metavar="N",
+        help=f"run every generation on a group of N GPUs (context parallelism; with --gpus, one group per N of "
+        f"them); claims tasks asking for parallel <= N (env {ENV_VARS['parallel']}; default 1)",
+    )
+    run.add_argument(
+        "--fp8",
+        action="store_true",
+        default=(os.environ.get("WAN_FP8") or "").lower() in ("1", "on", "true", "yes"),
+        help="fp8 weights and matmuls in the transformer blocks: faster and half the VRAM, but lossy; LoRA "
+        "tasks fail on such a worker (env WAN_FP8; default: off)",
+    )
+    run.add_argument(
+        "--vram-limit-gb",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="use at most this much of each GPU (models that do not fit are offloaded; env WAN_VRAM_LIMIT_GB)",
+    )
 
     init_db = commands.add_parser("init-db", help="create or upgrade the database schema")
     _add_db(init_db)
@@ -171,10 +193,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.parallel < 1:
+        raise ValueError(f"--parallel {args.parallel}: must be at least 1")
+    # Engine switches travel as environment variables, so per-GPU workers and group ranks inherit them.
+    if args.fp8:
+        os.environ["WAN_FP8"] = "on"
+    if args.vram_limit_gb is not None:
+        if args.vram_limit_gb <= 0:
+            raise ValueError(f"--vram-limit-gb {args.vram_limit_gb}: must be a positive number of GiB")
+        os.environ["WAN_VRAM_LIMIT_GB"] = str(args.vram_limit_gb)
     if args.gpus:
         from worker.supervisor import run_supervisor
 
         return run_supervisor(args, args.worker_id or default_worker_id())  # before torch/diffusers load
+    if args.parallel > 1 and "RANK" not in os.environ:
+        from worker.parallel_launch import launch_group
+
+        return launch_group(args.argv, args.parallel)  # N ranks of this same command (torchrun's contract)
     from headless_model_management import HeadlessTaskQueue
 
     quiet_progress_bars()
@@ -189,7 +224,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         preload_model=args.preload_model,
         allow_download=args.allow_download,
         allow_fallbacks=args.allow_fallbacks,
+        parallel=args.parallel,
     )
+    group = None
+    if settings.parallel > 1:
+        from worker.parallel import join_group, run_follower
+
+        group = join_group(settings)
+        if not group.is_leader:
+            return run_follower(settings, group)  # no database, no HTTP: rank 0 sends every call
     log.info("starting worker on %s", redact_url(settings.db_url), extra={"worker_id": settings.worker_id})
     address = None
     if args.http:
@@ -197,7 +240,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         address = parse_address(args.http)
         check_bind(address[0], args.http_token)  # before anything loads: a refusal is immediate
-    queue = HeadlessTaskQueue(settings=settings)
+    orchestrator = None
+    if group is not None:
+        from worker.parallel import leader_orchestrator
+
+        orchestrator = leader_orchestrator(settings, group)
+    queue = HeadlessTaskQueue(settings=settings, orchestrator=orchestrator)
+    if orchestrator is not None:
+        orchestrator.on_out_of_step = queue.request_stop  # finish recording the task, then exit 1: group restarts
     unavailable = _log_model_reports(queue.presets, settings.models_dir, settings.allow_download)
     server = _start_live_server(queue, address, args.http_token, unavailable) if address else None
 
@@ -220,7 +270,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if server is not None:
             server.stop()
         queue.engine.dispose()
-    return 0
+        if orchestrator is not None:
+            orchestrator.close()  # the followers exit with this rank
+    return 1 if orchestrator is not None and orchestrator.out_of_step else 0
 
 
 def _start_live_server(queue: Any, address: tuple[str, int], token: str | None, unavailable: dict[str, str]) -> Any:

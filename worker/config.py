@@ -38,12 +38,15 @@ class WorkerSettings:
     preload_model: str | None = None
     allow_download: bool = False  # fetch missing Hub weights when a task needs them (off: never)
     allow_fallbacks: bool = False  # run a preset's `fallbacks` when its own weights are unavailable
+    parallel: int = 1  # ranks of this worker's group: every generation is split over all of them
 
     def __post_init__(self) -> None:
         if self.lease_s < 3 * self.heartbeat_interval_s:
             raise ValueError(
                 f"lease_s {self.lease_s} must be at least 3 x heartbeat_interval_s ({self.heartbeat_interval_s})"
             )
+        if self.parallel < 1:
+            raise ValueError(f"parallel {self.parallel}: must be at least 1")
 
 
 ENV_VARS = {
@@ -58,6 +61,7 @@ ENV_VARS = {
     "allow_download": "WAN_ALLOW_DOWNLOAD",
     "allow_fallbacks": "WAN_ALLOW_FALLBACKS",
     "gpus": "WAN_GPUS",
+    "parallel": "WAN_PARALLEL",
 }
 
 

@@ -94,8 +94,10 @@ class Worker:
         policy: RetryPolicy | None = None,
         affinity: ModelAffinity | None = None,
         events: EventSink | None = None,
+        accept: Callable[[Task], bool] | None = None,
     ) -> None:
         self.repository = repository
+        self.accept = accept  # which tasks this worker may claim at all (the GPUs a task needs, worker.parallel)
         self.events = events or NULL_SINK  # live progress: ETA, monitoring, WebSocket events (worker.events)
         self.runner = runner
         self.settings = settings
@@ -137,7 +139,8 @@ class Worker:
         """Sweep if due, claim one task and execute it. False when nothing was ready."""
         self._sweep_if_due()
         try:
-            task = self.repository.claim_next(self.settings.worker_id, self.settings.lease_s, self._choose)
+            extra = {"accept": self.accept} if self.accept is not None else {}
+            task = self.repository.claim_next(self.settings.worker_id, self.settings.lease_s, self._choose, **extra)
         except SQLAlchemyError as exc:
             log.warning("claim failed, database unreachable? %s", exc.__class__.__name__, extra=self._log_extra)
             self.stop_requested.wait(self._backoff())

@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MAX_PROMPT_CHARS = 10_000
 MAX_PARAMS_BYTES = 256 * 1024
 MIN_PRIORITY, MAX_PRIORITY = -1000, 1000  # a typo such as 10**9 would starve every other task
+MAX_PARALLEL = 64  # GPUs one generation may be split over (`parallel`)
+# Modes whose transformer diffusers can split over GPUs (it has no context-parallel plan for VACE).
+PARALLEL_MODES = frozenset({"t2v", "i2v", "flf2v", "ti2v"})
 
 # task_type -> model used when params name none (DESIGN.md: aliases map to a default model).
 TASK_TYPE_DEFAULT_MODELS: dict[str, str] = {
@@ -77,6 +80,9 @@ class GenerationParams(BaseModel):
     memory_profile: Literal["auto", "gpu", "model_offload", "group_offload", "sequential", "cpu"] | None = None
     lora_names: list[str] | None = Field(default=None, max_length=MAX_LORAS)
     lora_multipliers: str | None = Field(default=None, max_length=1000)
+    # GPUs to split this generation over (context parallelism); None: the preset's, else 1. Only a worker
+    # group of at least this many ranks claims the task (worker.repository, GenerationRunner.claimable).
+    parallel: int | None = Field(default=None, ge=1, le=MAX_PARALLEL)
 
     # Mode-specific keys, passed to the orchestrator apart from the common settings.
     MODE_KEYS: ClassVar[tuple[str, ...]] = ()
@@ -104,8 +110,8 @@ class GenerationParams(BaseModel):
         return value
 
     def generation_kwargs(self) -> dict[str, Any]:
-        """The non-None generation settings, without model, prompt and the mode's own keys."""
-        return self.model_dump(exclude_none=True, exclude={"model", "prompt", *self.MODE_KEYS})
+        """The non-None generation settings, without model, prompt, parallel and the mode's own keys."""
+        return self.model_dump(exclude_none=True, exclude={"model", "prompt", "parallel", *self.MODE_KEYS})
 
     def mode_kwargs(self) -> dict[str, Any]:
         """The mode's own keys (input files, control_scale) that are set."""
@@ -198,7 +204,32 @@ def validate_params(task_type: str, params: dict[str, Any]) -> GenerationParams:
         raise InvalidTaskError(describe_validation_error(exc, params, model_cls)) from None
     if validated.model is None:
         validated = validated.model_copy(update={"model": TASK_TYPE_DEFAULT_MODELS[task_type]})
+    check_parallel_mode(TASK_TYPE_MODES[task_type], validated.parallel or 1)
     return validated
+
+
+def check_parallel_mode(mode: str, parallel: int) -> None:
+    """`parallel` > 1 only where the transformer can be split (not VACE); the error names the value."""
+    if parallel > 1 and mode not in PARALLEL_MODES:
+        raise InvalidTaskError(
+            f"parallel = {parallel}: {mode} tasks run on one GPU (diffusers cannot split the VACE transformer "
+            f"over GPUs); use parallel 1, or a mode of {', '.join(sorted(PARALLEL_MODES))}"
+        )
+
+
+def parallel_requested(params_text: str) -> int | None:
+    """The row's `parallel`, cheaply and without raising: None when absent, 1 when not a valid count
+    (a worker of any size then claims the row and fails it with the validation message)."""
+    try:
+        params = json.loads(params_text)
+    except (ValueError, TypeError):
+        return 1
+    value = params.get("parallel") if isinstance(params, dict) else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PARALLEL:
+        return 1
+    return value
 
 
 def describe_validation_error(

@@ -29,9 +29,11 @@ from worker.task import FINAL_STATUSES, NewTask, Task, TaskStatus
 log = logging.getLogger(__name__)
 
 CLAIM_CANDIDATES = 50  # rows examined per claim, enough for the resident-model preference
+CLAIM_PAGES = 20  # windows read past rows this worker may not take (tasks needing more GPUs) before giving up
 CYCLE_IDS_SHOWN = 10  # task ids named in a dependency-cycle message
 
 Chooser = Callable[[list[Task]], Task | None]
+Acceptor = Callable[[Task], bool]
 
 _Q = TaskStatus.QUEUED.value
 _P = TaskStatus.IN_PROGRESS.value
@@ -51,7 +53,9 @@ class StaleRecovery:
 class TaskRepository(Protocol):
     """The operations the worker loop needs; implemented over SQL here and in memory by unit tests."""
 
-    def claim_next(self, worker_id: str, lease_s: float, choose: Chooser) -> Task | None: ...
+    def claim_next(
+        self, worker_id: str, lease_s: float, choose: Chooser, *, accept: Acceptor | None = None
+    ) -> Task | None: ...
     def heartbeat(self, task_id: str, worker_id: str, lease_s: float, progress: dict[str, Any] | None) -> bool: ...
     def get_status(self, task_id: str) -> TaskStatus | None: ...
     def mark_complete(self, task_id: str, worker_id: str, output: str | None, result: dict[str, Any]) -> bool: ...
@@ -195,7 +199,7 @@ class SqlTaskRepository:
         # SQLite timestamps have millisecond resolution: insertion order (rowid) breaks ties.
         return sa.literal_column("tasks.rowid") if self._sqlite else tasks.c.id
 
-    def _ready(self) -> sa.Select[Any]:
+    def _ready(self, page: int = 0) -> sa.Select[Any]:
         prerequisite = tasks.alias("prerequisite")
         prerequisite_done = (
             sa.select(prerequisite.c.id)
@@ -212,17 +216,31 @@ class SqlTaskRepository:
             )
             .order_by(*order)
             .limit(CLAIM_CANDIDATES)
+            .offset(page * CLAIM_CANDIDATES)
         )
 
-    def claim_next(self, worker_id: str, lease_s: float, choose: Chooser) -> Task | None:
+    def _candidates(self, conn: Connection, accept: Acceptor | None) -> list[Task]:
+        """The first window of ready rows holding any this worker accepts, filtered by `accept`."""
+        for page in range(CLAIM_PAGES if accept is not None else 1):
+            window = [_to_task(row) for row in conn.execute(self._ready(page)).mappings()]
+            accepted = window if accept is None else [task for task in window if accept(task)]
+            if accepted or len(window) < CLAIM_CANDIDATES:
+                return accepted
+        return []
+
+    def claim_next(
+        self, worker_id: str, lease_s: float, choose: Chooser, *, accept: Acceptor | None = None
+    ) -> Task | None:
         """Atomically move one ready task to In Progress for this worker (attempts + 1).
 
         Candidates are read without locks; only the chosen row is locked (Postgres: `FOR UPDATE SKIP
         LOCKED`, so concurrent workers pass over each other's picks instead of waiting or skipping the
-        whole candidate window). If another worker got there first, the next choice is tried.
+        whole candidate window). If another worker got there first, the next choice is tried. `accept`
+        filters the candidates in Python (a single-GPU worker never takes a task asking for 2 GPUs);
+        when a whole window is refused, the next window is read, so such tasks cannot hide the rest.
         """
         with self._tx() as conn:
-            candidates = [_to_task(row) for row in conn.execute(self._ready()).mappings()]
+            candidates = self._candidates(conn, accept)
             while candidates:
                 chosen = choose(candidates)
                 if chosen is None:

@@ -11,6 +11,9 @@ from the shared table like any other worker and the table already guarantees one
 - The parent's first SIGTERM/SIGINT is forwarded once to every child, as SIGTERM (each finishes its
   current task); a second one is forwarded again, as SIGINT (each abandons and re-queues it). The
   parent then waits for every child and exits 0.
+- With `--parallel N`, each child is a group of N GPUs (`CUDA_VISIBLE_DEVICES=<a>,<b>`, worker id
+  `<id>-gpu<a>-<b>`): the same `wan-worker run --parallel N`, which starts its N ranks (worker.parallel_launch).
+  `--gpus` must list a multiple of N GPUs.
 - Children run in their own session (a terminal's Ctrl-C reaches only the parent, which forwards it
   once, instead of every child counting it as well) and, on Linux, get SIGTERM if the parent dies.
 """
@@ -165,18 +168,40 @@ def child_http(address: tuple[str, int], position: int) -> str:
 
 
 def child_env(
-    environ: Mapping[str, str], gpu: int, children: int, gpus_found: bool, ram_bytes: int | None = None
+    environ: Mapping[str, str],
+    gpu: int | Sequence[int],
+    children: int,
+    gpus_found: bool,
+    ram_bytes: int | None = None,
 ) -> dict[str, str]:
     """The parent's environment for one child: only its GPU visible, no WAN_GPUS (it must not supervise
     again), NVML's GPU numbering, and its share of the default pinned-RAM model cache."""
     env = {key: value for key, value in environ.items() if key != ENV_GPUS}
-    env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    # A parallel group sees its GPUs as cuda:0..N-1, one per rank (LOCAL_RANK).
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in _as_tuple(gpu))
     # CUDA numbers GPUs fastest first by default; nvidia-smi and NVML by PCI bus: make `--gpus 1` mean one GPU.
     env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     if gpus_found and PINNED_CACHE_ENV not in env and ram_bytes:
         # Each child would otherwise take half the machine's RAM for parked models.
         env[PINNED_CACHE_ENV] = f"{ram_bytes * PINNED_RAM_FRACTION / children / 2**30:.2f}"
     return env
+
+
+def _as_tuple(gpu: int | Sequence[int]) -> tuple[int, ...]:
+    return (gpu,) if isinstance(gpu, int) else tuple(gpu)
+
+
+def gpu_groups(gpus: Sequence[int], parallel: int) -> list[tuple[int, ...]]:
+    """`--gpus` split into groups of `parallel` consecutive GPUs, one worker (group) each."""
+    if parallel < 1:
+        raise ValueError(f"--parallel {parallel}: must be at least 1")
+    if len(gpus) % parallel:
+        listed = ",".join(str(g) for g in gpus)
+        raise ValueError(
+            f"--gpus {listed} with --parallel {parallel}: {len(gpus)} GPUs do not split into groups of {parallel}; "
+            f"list a multiple of {parallel} GPUs"
+        )
+    return [tuple(gpus[i : i + parallel]) for i in range(0, len(gpus), parallel)]
 
 
 def describe_exit(code: int) -> str:
@@ -195,7 +220,7 @@ def describe_exit(code: int) -> str:
 class Child:
     """One GPU's worker process across its restarts."""
 
-    gpu: int
+    gpu: int  # the first (or only) GPU of this worker
     worker_id: str
     argv: list[str]
     env: dict[str, str]
@@ -205,6 +230,12 @@ class Child:
     consecutive_crashes: int = 0
     restarts: deque[float] = field(default_factory=lambda: deque(maxlen=64))
     finished: bool = False  # ended for good: clean exit, configuration error, or shutdown
+    gpus: tuple[int, ...] = ()  # all GPUs of a parallel group (empty: just `gpu`)
+
+    @property
+    def label(self) -> str:
+        gpus = self.gpus or (self.gpu,)
+        return f"GPU {gpus[0]}" if len(gpus) == 1 else f"GPUs {','.join(str(g) for g in gpus)}"
 
 
 def _new_session_and_parent_death_signal() -> None:
@@ -285,9 +316,7 @@ class Supervisor:
             log.error("could not start worker: %s", exc, extra={"worker_id": child.worker_id})
             self._schedule_restart(child, self.clock())
             return
-        log.info(
-            "started worker on GPU %d (pid %d)", child.gpu, child.process.pid, extra={"worker_id": child.worker_id}
-        )
+        log.info("started worker on %s (pid %d)", child.label, child.process.pid, extra={"worker_id": child.worker_id})
 
     def _forward_signals(self) -> None:
         while self._pending:
@@ -323,22 +352,22 @@ class Supervisor:
     def _on_exit(self, child: Child, code: int, now: float) -> None:
         extra = {"worker_id": child.worker_id}
         if self.stopping:
-            log.info("worker on GPU %d %s", child.gpu, describe_exit(code), extra=extra)
+            log.info("worker on %s %s", child.label, describe_exit(code), extra=extra)
             child.finished = True
         elif code == 0:
-            log.warning("worker on GPU %d stopped on its own (exit 0); not restarted", child.gpu, extra=extra)
+            log.warning("worker on %s stopped on its own (exit 0); not restarted", child.label, extra=extra)
             child.finished = True
         elif code == CONFIG_ERROR_EXIT:
             log.error(
-                "worker on GPU %d exited with code 2 (a configuration error, see its log); not restarted",
-                child.gpu,
+                "worker on %s exited with code 2 (a configuration error, see its log); not restarted",
+                child.label,
                 extra=extra,
             )
             child.finished = True
             self.config_error = True
         else:
             ran_s = now - child.started_at
-            log.error("worker on GPU %d %s after %.1f s", child.gpu, describe_exit(code), ran_s, extra=extra)
+            log.error("worker on %s %s after %.1f s", child.label, describe_exit(code), ran_s, extra=extra)
             if ran_s >= self.policy.stable_after_s:
                 child.consecutive_crashes = 0
             self._schedule_restart(child, now)
@@ -350,16 +379,16 @@ class Supervisor:
         extra = {"worker_id": child.worker_id}
         if decision.limited:
             log.error(
-                "worker on GPU %d: restart limit reached (%d per minute); restarting in %.1f s",
-                child.gpu,
+                "worker on %s: restart limit reached (%d per minute); restarting in %.1f s",
+                child.label,
                 self.policy.max_per_minute,
                 decision.delay_s,
                 extra=extra,
             )
         else:
             log.warning(
-                "restarting worker on GPU %d in %.1f s (crash %d in a row)",
-                child.gpu,
+                "restarting worker on %s in %.1f s (crash %d in a row)",
+                child.label,
                 decision.delay_s,
                 child.consecutive_crashes,
                 extra=extra,
@@ -389,18 +418,21 @@ def build_children(
     gpus_found: bool,
     http: tuple[str, int] | None = None,
     ram_bytes: int | None = None,
+    parallel: int = 1,
 ) -> list[Child]:
-    """One Child per GPU, each with its command line and environment."""
+    """One Child per GPU (per group of `parallel` GPUs), each with its command line and environment."""
     children = []
-    for position, gpu in enumerate(gpus):
-        worker_id = f"{base_worker_id}-gpu{gpu}"
+    for position, group in enumerate(gpu_groups(gpus, parallel)):
+        worker_id = f"{base_worker_id}-gpu{'-'.join(str(g) for g in group)}"
         address = child_http(http, position) if http else None
         children.append(
             Child(
-                gpu=gpu,
+                gpu=group[0],
                 worker_id=worker_id,
                 argv=child_argv(argv, worker_id, address),
-                env=child_env(environ, gpu, len(gpus), gpus_found, ram_bytes),
+                # Every rank is a process with its own pinned-RAM cache: share the budget per GPU.
+                env=child_env(environ, group, len(gpus), gpus_found, ram_bytes),
+                gpus=group if len(group) > 1 else (),
             )
         )
     return children
@@ -412,8 +444,10 @@ def run_supervisor(args: argparse.Namespace, base_worker_id: str) -> int:
 
     found = count_gpus()
     gpus = parse_gpus(args.gpus, found, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    parallel = getattr(args, "parallel", 1)
+    groups = gpu_groups(gpus, parallel)  # a count that does not split into groups is refused before any start
     if not found:
-        log.warning("no GPU found: the %d workers run on the CPU (CUDA_VISIBLE_DEVICES has no effect)", len(gpus))
+        log.warning("no GPU found: the %d workers run on the CPU (CUDA_VISIBLE_DEVICES has no effect)", len(groups))
     address = None
     if args.http:
         from worker.http_server import check_bind, parse_address
@@ -428,6 +462,8 @@ def run_supervisor(args: argparse.Namespace, base_worker_id: str) -> int:
         gpus_found=found > 0,
         http=address,
         ram_bytes=psutil.virtual_memory().total,
+        parallel=parallel,
     )
-    log.info("supervising %d workers on GPUs %s", len(children), ",".join(str(g) for g in gpus))
+    per = f" in groups of {parallel}" if parallel > 1 else ""
+    log.info("supervising %d workers on GPUs %s%s", len(children), ",".join(str(g) for g in gpus), per)
     return Supervisor(children).run()

@@ -16,8 +16,18 @@ import torch
 
 from headless_wgp import WanOrchestrator
 from wan_engine.errors import InvalidRequestError
-from wan_engine.memory_profiles import LADDER, choose_profile, next_profile
+from wan_engine.memory_profiles import (
+    DEFAULT_VRAM_FRACTION,
+    LADDER,
+    apply_vram_limit,
+    choose_profile,
+    next_profile,
+    vram_limit_from_env,
+)
+from wan_engine.model_sources import check_model
+from wan_engine.presets import load_presets
 from wan_engine.video_io import read_video_frames
+from wan_engine.vram import estimate_vram
 
 GIB = 1024**3
 ESTIMATE = {"gpu": 30 * GIB, "model_offload": 12 * GIB, "group_offload": 6 * GIB, "sequential": 2 * GIB, "cpu": 0}
@@ -117,3 +127,52 @@ def test_step_counts_that_repeat_timesteps_are_refused_naming_the_limit(
     with pytest.raises(InvalidRequestError, match=r"num_inference_steps=600 .* use at most 333 steps"):
         orchestrator.generate_t2v("a", output_path=tmp_path / "x.mp4", num_inference_steps=600, flow_shift=3.0)
     assert not list(tmp_path.iterdir())
+
+
+def test_vram_limit_from_the_environment() -> None:
+    assert vram_limit_from_env({}) is None
+    assert vram_limit_from_env({"WAN_VRAM_LIMIT_GB": "24"}) == 24.0
+    with pytest.raises(ValueError, match=r"WAN_VRAM_LIMIT_GB='lots' is not a number"):
+        vram_limit_from_env({"WAN_VRAM_LIMIT_GB": "lots"})
+    with pytest.raises(ValueError, match="positive"):
+        vram_limit_from_env({"WAN_VRAM_LIMIT_GB": "-2"})
+    assert apply_vram_limit(torch.device("cpu"), 24.0) is None, "no cap to set without a GPU"
+
+
+@pytest.mark.parametrize(
+    ("profile", "budget_gib", "resident"),
+    [
+        ("gpu", 0.0, True),  # asked for: loaded onto the device (the OOM ladder catches a misfit)
+        ("group_offload", 80.0, False),  # an offload profile never loads whole onto the device
+        ("auto", 80.0, True),
+        ("auto", 1e-6, False),  # weights larger than the budget stay in host RAM
+    ],
+)
+def test_a_fresh_load_goes_onto_the_gpu_only_when_it_fits(
+    tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch, profile: str, budget_gib: float, resident: bool
+) -> None:
+    import headless_wgp
+
+    orchestrator = WanOrchestrator(tiny_models_dir, device="cpu", memory_profile=profile)
+    orchestrator.device = torch.device("cuda")  # decide as on a GPU machine; nothing is moved here
+    monkeypatch.setattr(headless_wgp, "device_budget_bytes", lambda _device: int(budget_gib * GIB))
+    preset = orchestrator.presets.get("tiny_t2v")
+    check = check_model(preset, tiny_models_dir)
+    assert orchestrator._load_resident(preset, check) is resident
+
+
+def test_fp8_weights_can_make_a_model_fit_resident(tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import headless_wgp
+
+    preset = load_presets().get("tiny_t2v")
+    check = check_model(preset, tiny_models_dir)
+    bf16, fp8 = estimate_vram(preset, check), estimate_vram(preset, check, fp8=True)
+    assert bf16 is not None and fp8 is not None
+    budget = (bf16.profiles["gpu"] + fp8.profiles["gpu"]) / 2 / DEFAULT_VRAM_FRACTION  # between the two
+    monkeypatch.setattr(headless_wgp, "device_budget_bytes", lambda _device: int(budget))
+    decisions = []
+    for use_fp8 in (False, True):
+        orchestrator = WanOrchestrator(tiny_models_dir, device="cpu", fp8=use_fp8)
+        orchestrator.device = torch.device("cuda")
+        decisions.append(orchestrator._load_resident(preset, check))
+    assert decisions == [False, True]

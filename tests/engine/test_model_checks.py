@@ -229,7 +229,10 @@ def test_fit_and_recommended_profile(tiny_models_dir: Path, builtin_presets: Pre
     assert no_gpu.to_dict()["gpu"] == "no GPU"
     # A GPU just big enough for the sequential profile (with context and slack), and a roomy one.
     tight = GpuInfo("test", int(estimate.profiles["sequential"] * ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES + 1, None)
-    assert ModelReport(preset, check, estimate, tight).recommended_profile == "sequential"
+    # (the fastest profile whose estimate is no larger: with the VAE kept whole under `sequential`, a tiny
+    # model's full-frame decode dominates and model_offload costs the same)
+    expected = next(name for name in PROFILES if estimate.profiles[name] <= estimate.profiles["sequential"])
+    assert ModelReport(preset, check, estimate, tight).recommended_profile == expected
     roomy = GpuInfo("test", 80 * 2**30, None)
     assert ModelReport(preset, check, estimate, roomy).recommended_profile == "gpu"
     assert all(ModelReport(preset, check, estimate, roomy).fits.values())
@@ -311,3 +314,19 @@ def test_models_allow_download_needs_named_presets(tmp_path: Path, capsys) -> No
     args = build_parser().parse_args(["models", "--allow-download", "--models-dir", str(tmp_path)])
     assert cmd_models(args) == 2
     assert "--allow-download needs the keys" in capsys.readouterr().err
+
+
+def test_a_tiled_decode_is_estimated_at_one_tile(tiny_models_dir: Path, builtin_presets: PresetRegistry) -> None:
+    preset = builtin_presets.get("tiny_t2v")
+    check = check_model(preset, tiny_models_dir)
+    size = {"width": 1280, "height": 720, "frames": 81}
+    full, tiled = estimate_vram(preset, check, **size), estimate_vram(preset, check, tiled_vae=True, **size)
+    assert full is not None and tiled is not None
+    vae_full, vae_tiled = (next(c for c in e.components if c.name == "vae") for e in (full, tiled))
+    output = 81 * 3 * 720 * 1280 * 4  # the decoded video itself stays whole
+    feature_maps = (vae_full.activation_bytes - output, vae_tiled.activation_bytes - output)
+    assert feature_maps[1] * 1280 * 720 == feature_maps[0] * 256 * 256  # one tile's feature maps, not a frame's
+    small = {"width": 256, "height": 256, "frames": 81}  # one tile: tiling changes nothing
+    assert (
+        estimate_vram(preset, check, **small).profiles == estimate_vram(preset, check, tiled_vae=True, **small).profiles
+    )
