@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.config import (
+    DB_STARTUP_WAIT_S,
     ENV_VARS,
     LEASE_S,
     WorkerSettings,
@@ -20,7 +21,7 @@ from worker.config import (
     env_default,
     parse_input_roots,
 )
-from worker.db import DEFAULT_DB_URL, create_db_engine, redact_url
+from worker.db import DEFAULT_DB_URL, DatabaseUnreachable, create_db_engine, redact_url, wait_for_database
 from worker.logs import configure_logging, quiet_progress_bars
 from worker.task import TaskStatus
 
@@ -83,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=env_default("input_roots"),
         help=f"directories inputs may be read from, ':' or ',' separated (env {ENV_VARS['input_roots']};"
         " default: the working directory)",
+    )
+    run.add_argument(
+        "--db-wait-seconds",
+        type=float,
+        default=float(os.environ.get("WAN_DB_STARTUP_WAIT_SECONDS") or DB_STARTUP_WAIT_S),
+        help=f"at start-up, wait this long for an unreachable database, retrying with back-off (env "
+        f"WAN_DB_STARTUP_WAIT_SECONDS; default {DB_STARTUP_WAIT_S:.0f}; SQLite is not waited for)",
     )
     run.add_argument("--lease-seconds", type=float, default=float(env_default("lease_s", str(LEASE_S)) or LEASE_S))
     run.add_argument("--worker-id", default=env_default("worker_id"))
@@ -184,12 +192,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = _COMMANDS[args.command]
     try:
         return handler(args)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, DatabaseUnreachable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
 # ---- commands ------------------------------------------------------------------------------------
+
+
+def _wait_for_database(url: str, timeout_s: float) -> bool:
+    """Wait for the database at start-up (a stop signal ends the wait: False)."""
+    import threading
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return wait_for_database(url, timeout_s, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -226,6 +247,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         allow_fallbacks=args.allow_fallbacks,
         parallel=args.parallel,
     )
+    if os.environ.get("RANK", "0") == "0" and not _wait_for_database(settings.db_url, args.db_wait_seconds):
+        return 0  # stopped (SIGTERM/SIGINT) while waiting for the database
     group = None
     if settings.parallel > 1:
         from worker.parallel import join_group, run_follower

@@ -14,6 +14,7 @@ LEASE_S = 60.0  # a task whose worker is silent this long is re-queued
 HEARTBEAT_INTERVAL_S = 1.0  # lease renewal + progress write + cancel check, from a background thread
 POLL_INTERVAL_S = 1.0  # idle wait between claim attempts
 STALE_SWEEP_INTERVAL_S = 15.0  # how often a running worker looks for other workers' expired leases
+DB_STARTUP_WAIT_S = 120.0  # `run` waits this long for a database that is not up yet (a reboot, a restart)
 DB_RETRY_MAX_S = 30.0  # longest back-off between attempts to reach a lost database
 
 

@@ -8,6 +8,8 @@ machines sharing one Postgres agree on lease expiry.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -131,3 +133,39 @@ def redact_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return "<unparseable database URL>"
+
+
+class DatabaseUnreachable(RuntimeError):
+    """The database did not answer within the start-up wait; the message names it and the last error."""
+
+
+def wait_for_database(url: str, timeout_s: float, stop: threading.Event, *, max_delay_s: float = 10.0) -> bool:
+    """Block until the database at `url` answers (True) or `stop` is set (False).
+
+    A worker started with its database server (a reboot, a restarting Postgres) waits for it with
+    back-off instead of exiting; past `timeout_s` it raises `DatabaseUnreachable` naming the database
+    and the last error, so a wrong URL still fails clearly. SQLite is local: one try, no wait.
+    """
+    engine = create_db_engine(url)
+    deadline = time.monotonic() + max(0.0, timeout_s)
+    delay = 0.5
+    try:
+        while True:
+            try:
+                with engine.connect() as connection:
+                    connection.execute(sa.text("SELECT 1"))
+                return True
+            except sa.exc.OperationalError as exc:
+                reason = str(exc.orig or exc).strip().splitlines()[0][:200]
+                left = deadline - time.monotonic()
+                if is_sqlite(engine) or left <= 0:
+                    raise DatabaseUnreachable(
+                        f"database {redact_url(url)} unreachable (waited {timeout_s:.0f}s): {reason}"
+                    ) from exc
+                pause = min(delay, left)
+                log.warning("database %s unreachable (%s); retrying in %.1fs", redact_url(url), reason, pause)
+                if stop.wait(pause):
+                    return False
+                delay = min(delay * 2, max_delay_s)
+    finally:
+        engine.dispose()
