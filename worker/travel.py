@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
@@ -29,13 +30,14 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import travel_between_images as travel
-from wan_engine.video_io import iter_video_frames
+from wan_engine.video_io import iter_video_frames, remove_partial_files
 from worker.params import MAX_PROMPT_CHARS, InvalidTaskError, describe_validation_error, parse_params_text
 from worker.paths import output_stem, resolve_input_path
 from worker.task import NewTask, Task, TaskDeferred, TaskOutcome, TaskStatus
 
 DEFAULT_TRAVEL_MODEL = "vace_14B_cocktail_2_2"
 TRAVEL_TASK_TYPES = ("travel_orchestrator", "travel_segment", "travel_stitch")
+log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.5  # stitch progress callbacks come per frame; the row needs far fewer
 
 
@@ -305,6 +307,7 @@ class TravelCoordinator:
             )
 
         output_path = self.outputs_dir / f"{output_stem(task.id)}.mp4"
+        _remove_partials(output_stem(task.id), self.outputs_dir, task.id)
         result = generate(params, guide, mask, output_path, progress)
         result["inputs_fitted"] = {"start_image": start_note, "end_image": end_note}
         result["segment_index"] = params.segment_index
@@ -347,6 +350,7 @@ class TravelCoordinator:
 
         started = time.perf_counter()
         output = self.outputs_dir / f"{output_stem(params.orchestrator)}.mp4"
+        _remove_partials(output_stem(params.orchestrator), self.outputs_dir, task.id)
         result = travel.stitch_videos(paths, params.overlaps, output, params.fps, params.crossfade_sharpen, progress)
         return TaskOutcome(
             str(result.output_path),
@@ -359,3 +363,9 @@ class TravelCoordinator:
                 "stitch_seconds": round(time.perf_counter() - started, 3),
             },
         )
+
+
+def _remove_partials(stem: str, directory: Path, task_id: str) -> None:
+    """Delete what a killed earlier attempt left half-written under this output's name."""
+    for stale in remove_partial_files(stem, directory):
+        log.warning("removed a killed attempt's partial output %s", stale.name, extra={"task_id": task_id})

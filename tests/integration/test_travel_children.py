@@ -128,3 +128,24 @@ def test_dependency_sweep_names_the_failing_segment_in_the_orchestrator_message(
     row = repository.get(parent)
     assert row is not None and row.status.value == "Failed"
     assert f"{parent}-seg000" in str(row.error_message) and "segment exploded" in str(row.error_message)
+
+
+def test_a_stitch_rerun_removes_what_a_killed_attempt_left_half_written(
+    setup: tuple[SqlTaskRepository, TravelCoordinator, list[str]], tmp_path: Path
+) -> None:
+    from wan_engine.video_io import read_video_info, write_video
+
+    repository, coordinator, images = setup
+    params = {"input_images": images, "base_prompts": "p", "segment_frames": 9, "frame_overlap": 2, "model": "m"}
+    parent = repository.insert(NewTask("travel_orchestrator", params))
+    coordinator.run_orchestrator(_claim(repository, parent))
+    for index, child in enumerate(c for c in repository.children_of(parent) if c.task_type == "travel_segment"):
+        video = write_video(np.full((9, 48, 64, 3), 40 * index, np.uint8), tmp_path / f"seg{index}.mp4", 16)
+        repository.mark_complete(_claim(repository, child.id).id, "w", str(video), {"frames": 9})
+    outputs = coordinator.outputs_dir
+    outputs.mkdir(parents=True, exist_ok=True)
+    leftover = outputs / f".{parent}.999999.partial.mp4"  # the temp name of a stitch killed mid-write
+    leftover.write_bytes(b"half a video")
+    outcome = coordinator.run_stitch(_claim(repository, f"{parent}-stitch"), lambda *_: None)
+    assert not leftover.exists()
+    assert read_video_info(Path(outcome.output_location)).frames == 16  # 9 + 9 - 2 cross-faded
