@@ -126,9 +126,9 @@ def load_pipeline(
 ) -> LoadedModel:
     """Load the preset's pipeline from a checked folder (VAE kept in float32).
 
-    `resident`: move it onto `device` now; otherwise it stays in host RAM (profile `cpu`) and the
-    first task's memory profile places it, so a model larger than the VRAM budget never has to fit
-    whole. `fp8`: quantise the transformer blocks (wan_engine.fp8) before they reach the device.
+    `resident`: move it onto `device` now; otherwise it stays in host RAM (`loaded_on_device` False)
+    and the first task's memory profile places it, so a model larger than the VRAM budget never has
+    to fit whole. `fp8`: quantise the transformer blocks (wan_engine.fp8) before they reach the device.
     """
     import diffusers
 
