@@ -23,9 +23,12 @@ Sections (each guarded: a failure is recorded and the next one runs; a deadline 
   capped  the orchestrator under a VRAM cap (--capped-limit-gib, default 5): the 1.3B stays in host RAM at
           load, `auto` picks an offload profile, the video is written
 
-Options: --sections (any of env,m13,capped,daemon,switch,m14,a14b, run in that order of listing), --skip (extras: the
-kernel / CFG-batching / VAE measurements; noise: plain with FA2; variant: compile without emulated casts; fp32:
-the float32 reference; pin14: the 14B park/restore; lowvram; fp8), --daemon-steps, --daemon-tasks, --deadline-s.
+  fp8switch  an fp8 1.3B parked in pinned RAM and taken back twice: the same frames after
+
+Options: --sections (any of env,m13,capped,fp8switch,daemon,switch,m14,a14b, run in that order of listing),
+--skip (extras: the kernel / CFG-batching / VAE measurements; noise: plain with FA2; variant: compile without
+emulated casts; fp32: the float32 reference; pin14: the 14B park/restore; lowvram; fp8), --daemon-steps,
+--daemon-tasks, --deadline-s.
 
 Device:   bash bench/device_run.sh            (writes results.json, summary.md, bench.log under $OUT)
 CPU dry run of every code path on tiny models:  python bench/gpu_bench.py --tiny --out /tmp/bench
@@ -485,6 +488,40 @@ def section_capped(bench: Bench, state: dict[str, Any]) -> None:
         output_bytes=result.output_path.stat().st_size,
     )
     bench.log(f"capped 1.3B: {json.dumps(res)}")
+
+
+def section_fp8_switch(bench: Bench, state: dict[str, Any]) -> None:
+    """An fp8 model through the pinned-RAM cache: park, take back, and the same frames as before."""
+    from headless_wgp import WanOrchestrator
+    from wan_engine.video_io import read_video_frames
+
+    scale, res = bench.scale, bench.results.setdefault("fp8_switch", {})
+    models_dir: Path = state["models_dir"]
+    folder = models_dir / MODEL_13B_DIR
+    if not folder.is_dir():
+        _save_13b_folder(bench, folder, res)
+    orchestrator = WanOrchestrator(models_dir, fp8=True)
+    params = {"resolution": f"{scale.width}x{scale.height}", "video_length": 17, "num_inference_steps": 2, "seed": 4}
+    try:
+        orchestrator.load_model("t2v_1.3B")
+        before = orchestrator.generate_t2v(PROMPT, output_path=state["work"] / "fp8_a.mp4", **params)
+        loaded, cache = orchestrator._loaded, orchestrator.model_cache
+        assert loaded is not None
+        for _ in range(2):  # the first park allocates the pinned slab, the second reuses it
+            assert cache.park("t2v_1.3B", loaded), "the fp8 model fits the pinned-RAM budget"
+            assert cache.take("t2v_1.3B") is loaded
+        after = orchestrator.generate_t2v(PROMPT, output_path=state["work"] / "fp8_b.mp4", **params)
+    finally:
+        orchestrator.unload_model()
+        orchestrator.model_cache.clear()
+    a, b = (read_video_frames(r.output_path).astype(int) for r in (before, after))
+    res.update(
+        transfers=cache.stats()["transfers"],
+        same_frames=bool((a == b).all()),
+        max_abs_diff=int(abs(a - b).max()),
+        fp8=before.extra["fp8"],
+    )
+    bench.log(f"fp8 park/restore: {json.dumps(res, default=str)}")
 
 
 def section_m13(bench: Bench, state: dict[str, Any]) -> None:
@@ -1089,7 +1126,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.capped_limit_gib = args.capped_limit_gib
     bench.results["command"] = " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])
     state: dict[str, Any] = {"work": work, "models_dir": work / "models"}
-    needs = {"env": 5, "m13": 120, "capped": 60, "daemon": 185, "switch": 30, "m14": 150}
+    needs = {"env": 5, "m13": 120, "capped": 60, "fp8switch": 60, "daemon": 185, "switch": 30, "m14": 150}
     for name in args.sections.split(","):
         if name not in needs:
             continue  # "a14b" is an option of m14
@@ -1102,6 +1139,8 @@ def main(argv: list[str] | None = None) -> int:
                 section_m13(bench, state)
             elif name == "capped":
                 section_capped(bench, state)
+            elif name == "fp8switch":
+                section_fp8_switch(bench, state)
             elif name == "m14":
                 section_m14(bench, state, dual="a14b" in args.sections.split(","))
             else:
