@@ -247,7 +247,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         allow_fallbacks=args.allow_fallbacks,
         parallel=args.parallel,
     )
-    if os.environ.get("RANK", "0") == "0" and not _wait_for_database(settings.db_url, args.db_wait_seconds):
+    leader = os.environ.get("RANK", "0") == "0"  # group ranks > 0 touch neither the database nor HTTP
+    address = None
+    if args.http and leader:
+        from worker.http_server import check_bind, parse_address
+
+        address = parse_address(args.http)
+        check_bind(address[0], args.http_token)  # before anything starts: a refusal is immediate
+    if leader and not _wait_for_database(settings.db_url, args.db_wait_seconds):
         return 0  # stopped (SIGTERM/SIGINT) while waiting for the database
     group = None
     if settings.parallel > 1:
@@ -257,12 +264,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not group.is_leader:
             return run_follower(settings, group)  # no database, no HTTP: rank 0 sends every call
     log.info("starting worker on %s", redact_url(settings.db_url), extra={"worker_id": settings.worker_id})
-    address = None
-    if args.http:
-        from worker.http_server import check_bind, parse_address
-
-        address = parse_address(args.http)
-        check_bind(address[0], args.http_token)  # before anything loads: a refusal is immediate
     orchestrator = None
     if group is not None:
         from worker.parallel import leader_orchestrator

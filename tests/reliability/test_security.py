@@ -211,7 +211,10 @@ def test_database_password_never_appears_in_output(postgres_stack: Stack, figure
         "init-db": _cli("init-db", "--db", url),
         "list": _cli("list", "--db", url),
         "unreachable": _cli("list", "--db", unreachable),
-        "run unreachable": _cli("run", "--db", unreachable, "--models-dir", str(stack.models_dir)),
+        # A few seconds of the start-up wait: its retry warnings and final error name the database too.
+        "run unreachable": _cli(
+            "run", "--db", unreachable, "--models-dir", str(stack.models_dir), "--db-wait-seconds", "3"
+        ),
     }
     slow = {"model": "tiny_t2v", "prompt": "slow", "resolution": "64x48", "video_length": 9}
     ids = insert_many(
