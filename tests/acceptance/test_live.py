@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.acceptance.conftest import Stack, _make_stack, wan_worker_command
@@ -136,6 +137,8 @@ def record(url: str, events: list[dict[str, Any]], ready: threading.Event, stop:
                 message = ws.recv(timeout=0.2)
             except TimeoutError:
                 continue
+            except ConnectionClosed:  # the worker shut down (end of the scenario): nothing more to record
+                return
             event = json.loads(message)
             if event["event"] == "hello":
                 ready.set()
