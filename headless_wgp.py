@@ -23,7 +23,7 @@ import torch
 from wan_engine.errors import InvalidRequestError
 from wan_engine.fp8 import FP8_ENV, check_fp8_device, fp8_from_env
 from wan_engine.generation_inputs import prepare_i2v_image, prepare_vace_inputs
-from wan_engine.generation_params import GenerationParams, resolve_params
+from wan_engine.generation_params import ResolvedParams, resolve_params
 from wan_engine.generation_types import GenerationResult, ProgressCallback, ProgressEvent
 from wan_engine.loras import (
     LoraRequest,
@@ -354,7 +354,7 @@ class WanOrchestrator:
             )
         return loaded
 
-    def _resolve(self, loaded: LoadedModel, prompt: Any, params: dict[str, Any]) -> GenerationParams:
+    def _resolve(self, loaded: LoadedModel, prompt: Any, params: dict[str, Any]) -> ResolvedParams:
         resolved = resolve_params(loaded.preset, prompt, params)
         multiple = loaded.side_multiple
         if resolved.width % multiple or resolved.height % multiple:
@@ -364,7 +364,7 @@ class WanOrchestrator:
             )
         return resolved
 
-    def _lora_requests(self, loaded: LoadedModel, p: GenerationParams) -> list[LoraRequest]:
+    def _lora_requests(self, loaded: LoadedModel, p: ResolvedParams) -> list[LoraRequest]:
         """Resolve names and parse multipliers before any work (errors name the bad entry)."""
         if not p.lora_names:
             return []
@@ -382,7 +382,7 @@ class WanOrchestrator:
 
     # ----- the shared generation path ----------------------------------------------------------------
 
-    def _place(self, loaded: LoadedModel, p: GenerationParams) -> str:
+    def _place(self, loaded: LoadedModel, p: ResolvedParams) -> str:
         """Apply the task's memory profile (or the orchestrator's default; `auto` decides from the
         VRAM estimate at this task's size and the free VRAM); returns the profile that will run."""
         requested = p.memory_profile_requested or self.memory_profile
@@ -398,7 +398,7 @@ class WanOrchestrator:
         loaded.profile = requested
         return requested
 
-    def _auto_profile(self, loaded: LoadedModel, p: GenerationParams) -> str:
+    def _auto_profile(self, loaded: LoadedModel, p: ResolvedParams) -> str:
         if loaded.device.type != "cuda":
             return "cpu"
         check = check_model(loaded.preset, self.models_dir)
@@ -416,7 +416,7 @@ class WanOrchestrator:
     def _denoise_and_decode(
         self,
         loaded: LoadedModel,
-        p: GenerationParams,
+        p: ResolvedParams,
         call: dict[str, Any],
         prompt_embeds: Any,
         negative_embeds: Any,
@@ -463,7 +463,7 @@ class WanOrchestrator:
     def _run(
         self,
         loaded: LoadedModel,
-        p: GenerationParams,
+        p: ResolvedParams,
         output_path: Path,
         progress: ProgressCallback | None,
         *,

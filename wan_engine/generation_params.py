@@ -43,7 +43,7 @@ _RESOLUTION = re.compile(r"^(\d+)x(\d+)$")
 
 
 @dataclass(frozen=True)
-class GenerationParams:
+class ResolvedParams:
     """Fully resolved, validated parameters of one generation (any mode: the inputs come separately)."""
 
     prompt: str
@@ -117,7 +117,7 @@ def random_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 
 
-def resolve_params(preset: Preset, prompt: Any, params: dict[str, Any]) -> GenerationParams:
+def resolve_params(preset: Preset, prompt: Any, params: dict[str, Any]) -> ResolvedParams:
     """Merge defaults < preset < params and validate every value."""
     known = set(BUILTIN_DEFAULTS) | PASS_THROUGH_KEYS | LORA_KEYS
     unknown = sorted(set(params) - known)
@@ -142,7 +142,7 @@ def resolve_params(preset: Preset, prompt: Any, params: dict[str, Any]) -> Gener
     guidance2 = merged["guidance2_scale"]
     guidance2 = guidance if guidance2 is None else _float("guidance2_scale", guidance2, 0.0, MAX_GUIDANCE)
     seed = _int("seed", merged["seed"], -1, MAX_SEED)
-    return GenerationParams(
+    return ResolvedParams(
         prompt=prompt,
         negative_prompt=merged["negative_prompt"],
         width=width,

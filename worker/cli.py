@@ -21,8 +21,8 @@ from worker.config import (
     env_default,
     parse_input_roots,
 )
-from worker.db import DEFAULT_DB_URL, DatabaseUnreachable, create_db_engine, redact_url, wait_for_database
 from worker.logs import configure_logging, quiet_progress_bars
+from worker.store.schema import DEFAULT_DB_URL, DatabaseUnreachable, create_db_engine, redact_url, wait_for_database
 from worker.task import TaskStatus
 
 log = logging.getLogger("worker.cli")
@@ -224,11 +224,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ValueError(f"--vram-limit-gb {args.vram_limit_gb}: must be a positive number of GiB")
         os.environ["WAN_VRAM_LIMIT_GB"] = str(args.vram_limit_gb)
     if args.gpus:
-        from worker.supervisor import run_supervisor
+        from worker.processes.supervisor import run_supervisor
 
         return run_supervisor(args, args.worker_id or default_worker_id())  # before torch/diffusers load
     if args.parallel > 1 and "RANK" not in os.environ:
-        from worker.parallel_launch import launch_group
+        from worker.processes.group_launch import launch_group
 
         return launch_group(args.argv, args.parallel)  # N ranks of this same command (torchrun's contract)
     from headless_model_management import HeadlessTaskQueue
@@ -250,7 +250,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     leader = os.environ.get("RANK", "0") == "0"  # group ranks > 0 touch neither the database nor HTTP
     address = None
     if args.http and leader:
-        from worker.http_server import check_bind, parse_address
+        from worker.live.http_server import check_bind, parse_address
 
         address = parse_address(args.http)
         check_bind(address[0], args.http_token)  # before anything starts: a refusal is immediate
@@ -258,17 +258,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0  # stopped (SIGTERM/SIGINT) while waiting for the database
     group = None
     if settings.parallel > 1:
-        from worker.parallel import join_group, run_follower
+        from worker.processes.group_ranks import join_group, run_follower
 
         group = join_group(settings)
         if not group.is_leader:
-            return run_follower(settings, group)  # no database, no HTTP: rank 0 sends every call
+            return run_follower(settings, group, _group_orchestrator)  # no database, no HTTP: rank 0 sends every call
     log.info("starting worker on %s", redact_url(settings.db_url), extra={"worker_id": settings.worker_id})
     orchestrator = None
     if group is not None:
-        from worker.parallel import leader_orchestrator
+        from worker.processes.group_ranks import group_leader_proxy
 
-        orchestrator = leader_orchestrator(settings, group)
+        orchestrator = group_leader_proxy(settings, group, _group_orchestrator)
     queue = HeadlessTaskQueue(settings=settings, orchestrator=orchestrator)
     if orchestrator is not None:
         orchestrator.on_out_of_step = queue.request_stop  # finish recording the task, then exit 1: group restarts
@@ -299,10 +299,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if orchestrator is not None and orchestrator.out_of_step else 0
 
 
+def _group_orchestrator(settings: WorkerSettings, device: str, allow_download: bool) -> Any:
+    """One rank's orchestrator on its device (`--parallel N`)."""
+    from headless_wgp import WanOrchestrator
+    from wan_engine.presets import BUILTIN_PRESETS_DIR, load_presets
+
+    presets = load_presets(BUILTIN_PRESETS_DIR, settings.presets_dir)
+    return WanOrchestrator(settings.models_dir, presets, device=device, allow_download=allow_download)
+
+
 def _start_live_server(queue: Any, address: tuple[str, int], token: str | None, unavailable: dict[str, str]) -> Any:
-    """`--http`: the live sink publishes events for the server (worker.http_server)."""
-    from worker.events import live_sink
-    from worker.http_server import LiveServer
+    """`--http`: the live sink publishes events for the server (worker.live.http_server)."""
+    from worker.live.events import live_sink
+    from worker.live.http_server import LiveServer
 
     queue.events = live_sink(queue.repository, queue.presets, queue.settings.models_dir, publish=True)
     server = LiveServer(
@@ -320,7 +329,7 @@ def _start_live_server(queue: Any, address: tuple[str, int], token: str | None, 
 
 
 def cmd_init_db(args: argparse.Namespace) -> int:
-    from worker.migrate import upgrade_to_head
+    from worker.store.migrate import upgrade_to_head
 
     engine = create_db_engine(args.db)
     upgrade_to_head(engine)
@@ -330,8 +339,8 @@ def cmd_init_db(args: argparse.Namespace) -> int:
 
 
 def _repository(db_url: str) -> Any:
-    from worker.migrate import upgrade_to_head
-    from worker.repository import SqlTaskRepository
+    from worker.store.migrate import upgrade_to_head
+    from worker.store.repository import SqlTaskRepository
 
     engine = create_db_engine(db_url)
     upgrade_to_head(engine)
@@ -340,7 +349,7 @@ def _repository(db_url: str) -> Any:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from headless_model_management import GenerationTask, HeadlessTaskQueue
-    from worker.params import parse_params_text
+    from worker.tasks.params import parse_params_text
 
     queue = HeadlessTaskQueue(args.db, presets_dir=args.presets_dir)
     task = GenerationTask(
@@ -380,9 +389,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _follow(args: argparse.Namespace) -> int:
     from wan_engine.presets import BUILTIN_PRESETS_DIR, load_presets
-    from worker.eta import EtaEstimator, PresetShapes, detect_device
-    from worker.eta_static import StaticCostModel
-    from worker.follow import follow_task
+    from worker.live.eta import EtaEstimator, PresetShapes, detect_device
+    from worker.live.eta_static import StaticCostModel
+    from worker.live.follow import follow_task
 
     repository = _repository(args.db)
     presets = load_presets(BUILTIN_PRESETS_DIR, _optional_path(env_default("presets_dir")))

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from worker.db import DEFAULT_DB_URL
+from worker.store.schema import DEFAULT_DB_URL
 
 LEASE_S = 60.0  # a task whose worker is silent this long is re-queued
 HEARTBEAT_INTERVAL_S = 1.0  # lease renewal + progress write + cancel check, from a background thread

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from worker.db import create_db_engine
-from worker.migrate import upgrade_to_head
+from worker.store.migrate import upgrade_to_head
+from worker.store.schema import create_db_engine
 
 WORKER_START_TIMEOUT_S = 90.0
 

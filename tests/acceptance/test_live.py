@@ -34,7 +34,7 @@ A_STEPS = 8
 # B: about a minute of steps on this CPU (63 ms each when idle), cancelled a few seconds in: it must
 # outlast a Chromium screenshot and `status --follow` starting, on a loaded machine too.
 B_PARAMS = {"resolution": "256x256", "video_length": 33, "num_inference_steps": 300}
-BAR_RGB = (46, 160, 67)  # --bar in worker/static/style.css
+BAR_RGB = (46, 160, 67)  # --bar in worker/live/static/style.css
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",

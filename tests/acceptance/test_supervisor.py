@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from tests.acceptance.conftest import Stack, wan_worker_command
 from wan_engine.vram import nvml_index
-from worker.supervisor import (
+from worker.processes.supervisor import (
     Child,
     RestartPolicy,
     Supervisor,

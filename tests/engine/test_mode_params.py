@@ -1,10 +1,10 @@
-"""Task params of the vace / i2v / flf2v / ti2v task types (worker.params): required inputs, unknown keys."""
+"""Task params of the vace / i2v / flf2v / ti2v task types (worker.tasks.params): required inputs, unknown keys."""
 
 from __future__ import annotations
 
 import pytest
 
-from worker.params import (
+from worker.tasks.params import (
     TASK_TYPE_DEFAULT_MODELS,
     TASK_TYPE_MODES,
     FLF2VParams,

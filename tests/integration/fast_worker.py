@@ -2,7 +2,7 @@
 
     python -m tests.integration.fast_worker --db URL --log FILE [--worker-id ID] [--ready FILE --go FILE]
 
-It builds the real `worker.loop.Worker` over the real `SqlTaskRepository`; the runner only appends the
+It builds the real `worker.loop.worker.Worker` over the real `SqlTaskRepository`; the runner only appends the
 task id to its log file. With --ready/--go it signals that it has started and waits for the go file,
 so that several processes begin claiming at the same moment.
 """
@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 from worker.config import WorkerSettings
-from worker.db import create_db_engine
-from worker.loop import RunContext, Worker
-from worker.repository import SqlTaskRepository
+from worker.loop.worker import RunContext, Worker
+from worker.store.repository import SqlTaskRepository
+from worker.store.schema import create_db_engine
 from worker.task import Task, TaskOutcome
+from worker.tasks.claim_filter import ClaimFilter
 
 
 class FastRunner:
@@ -34,7 +35,9 @@ class FastRunner:
     def resident_model(self) -> str | None:
         return None
 
-    def model_for(self, task: Task) -> str | None:
+    claim_filter = ClaimFilter()
+
+    def device_name(self) -> str | None:
         return None
 
     def run(self, task: Task, context: RunContext) -> TaskOutcome:

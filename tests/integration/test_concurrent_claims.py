@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from worker.db import create_db_engine
-from worker.migrate import upgrade_to_head
-from worker.repository import SqlTaskRepository
+from worker.store.migrate import upgrade_to_head
+from worker.store.repository import SqlTaskRepository
+from worker.store.schema import create_db_engine
 from worker.task import NewTask, TaskStatus
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

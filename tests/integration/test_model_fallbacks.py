@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from headless_model_management import GenerationRunner
 from headless_wgp import WanOrchestrator
 from wan_engine.errors import ModelUnavailableError
 from wan_engine.presets import BUILTIN_PRESETS_DIR, load_presets
-from worker.lease import LeaseKeeper
-from worker.loop import RunContext
+from worker.loop.lease import LeaseKeeper
+from worker.loop.worker import RunContext
 from worker.task import Task, TaskOutcome, TaskStatus
+from worker.tasks.runner import GenerationRunner
 
 
 class _NoStore:

@@ -20,9 +20,9 @@ import sqlalchemy as sa
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
-from worker.db import create_db_engine
-from worker.migrate import MIGRATIONS_DIR, upgrade_to_head
-from worker.repository import SqlTaskRepository
+from worker.store.migrate import MIGRATIONS_DIR, upgrade_to_head
+from worker.store.repository import SqlTaskRepository
+from worker.store.schema import create_db_engine
 from worker.task import NewTask, Task, TaskStatus
 
 MINIMAL_INSERT = """INSERT INTO tasks (task_type, params) VALUES ('t2v', '{"model": "t2v_1.3B", "prompt": "a cat"}')"""

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker.db import create_db_engine
-from worker.migrate import upgrade_to_head
-from worker.params import InvalidTaskError
-from worker.repository import SqlTaskRepository
+from worker.store.migrate import upgrade_to_head
+from worker.store.repository import SqlTaskRepository
+from worker.store.schema import create_db_engine
 from worker.task import NewTask, Task, TaskDeferred, TaskOutcome
-from worker.travel import TravelCoordinator
+from worker.tasks.params import InvalidTaskError
+from worker.tasks.travel import TravelCoordinator
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Run by `torchrun --standalone --nproc-per-node 2` from test_group.py: the real worker-side group machinery
-(rank 0's LeaderOrchestrator, rank 1's serve_follower) over tiny real Wan pipelines, on gloo.
+(rank 0's GroupLeaderProxy, rank 1's serve_follower) over tiny real Wan pipelines, on gloo.
 
 Rank 0 writes `report.json` in the output directory: what each rank saw (tokens per transformer block,
 transformer calls), the latents rank 0 decoded, and the outputs it wrote. The test compares them with a
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from headless_wgp import WanOrchestrator
 from wan_engine.context_parallel import destroy_group, init_group
 from wan_engine.generation_types import ProgressEvent
-from worker.parallel import GroupChannel, LeaderOrchestrator, serve_follower
+from worker.processes.group_ranks import GroupChannel, GroupLeaderProxy, serve_follower
 
 CANCEL_AT_STEP = 2
 
@@ -75,7 +75,7 @@ def start_image(out: Path) -> Path:
 def generate_other_modes(group: Any, orchestrator: WanOrchestrator, probe: Probe, out: Path) -> dict[str, Any]:
     """TI2V (per-token timesteps) and Wan 2.1 I2V (CLIP image tokens): the latents each decodes.
 
-    `group` is a LeaderOrchestrator or, for the single-process reference, the orchestrator itself."""
+    `group` is a GroupLeaderProxy or, for the single-process reference, the orchestrator itself."""
     latents = {}
     cases = [
         ("tiny_ti2v", "generate_t2v", {}),
@@ -91,7 +91,7 @@ def generate_other_modes(group: Any, orchestrator: WanOrchestrator, probe: Probe
 
 
 def leader(orchestrator: WanOrchestrator, channel: GroupChannel, out: Path, probe: Probe) -> dict[str, Any]:
-    group = LeaderOrchestrator(orchestrator, channel)
+    group = GroupLeaderProxy(orchestrator, channel)
     report: dict[str, Any] = {}
     group.load_model("tiny_t2v")
     probe.attach(orchestrator)

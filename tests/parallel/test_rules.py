@@ -12,15 +12,15 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy.engine import Engine
 
-from headless_model_management import GenerationRunner
 from wan_engine.context_parallel import allowed_degrees, check_degree, check_tokens, enable_context_parallel
 from wan_engine.presets import BUILTIN_PRESETS_DIR, load_presets
-from worker.db import create_db_engine
-from worker.migrate import upgrade_to_head
-from worker.params import InvalidTaskError, parallel_requested, validate_params
-from worker.repository import CLAIM_CANDIDATES, SqlTaskRepository
-from worker.supervisor import build_children, gpu_groups
+from worker.processes.supervisor import build_children, gpu_groups
+from worker.store.migrate import upgrade_to_head
+from worker.store.repository import CLAIM_CANDIDATES, SqlTaskRepository
+from worker.store.schema import create_db_engine
 from worker.task import NewTask, Task
+from worker.tasks.params import InvalidTaskError, parallel_requested, validate_params
+from worker.tasks.runner import GenerationRunner
 
 pytestmark = pytest.mark.parallel
 
@@ -141,29 +141,29 @@ def _runner(group_size: int, presets_dir: Path | None = None) -> GenerationRunne
 
 def test_one_gpu_claims_parallel_one_only() -> None:
     runner = _runner(1)
-    assert runner.claimable(_task())
-    assert runner.claimable(_task(parallel=1))
-    assert not runner.claimable(_task(parallel=2))
-    assert runner.claimable(_task("vace", video_guide="g.mp4"))
+    assert runner.claim_filter(_task())
+    assert runner.claim_filter(_task(parallel=1))
+    assert not runner.claim_filter(_task(parallel=2))
+    assert runner.claim_filter(_task("vace", video_guide="g.mp4"))
 
 
 def test_a_group_claims_up_to_its_size_and_no_vace() -> None:
     runner = _runner(2)
-    assert runner.claimable(_task())
-    assert runner.claimable(_task(parallel=2))
-    assert runner.claimable(_task("i2v", image_start="a.png", parallel=2))
-    assert not runner.claimable(_task(parallel=4))
-    assert not runner.claimable(_task("vace", video_guide="g.mp4"))
-    assert not runner.claimable(_task("travel_segment"))
-    assert runner.claimable(_task("travel_orchestrator"))  # loads no model
+    assert runner.claim_filter(_task())
+    assert runner.claim_filter(_task(parallel=2))
+    assert runner.claim_filter(_task("i2v", image_start="a.png", parallel=2))
+    assert not runner.claim_filter(_task(parallel=4))
+    assert not runner.claim_filter(_task("vace", video_guide="g.mp4"))
+    assert not runner.claim_filter(_task("travel_segment"))
+    assert runner.claim_filter(_task("travel_orchestrator"))  # loads no model
 
 
 def test_a_preset_parallel_counts_unless_the_task_says_otherwise(tmp_path: Path) -> None:
     (tmp_path / "tiny_t2v.json").write_text(json.dumps({"parallel": 2}))
     single = _runner(1, tmp_path)
-    assert not single.claimable(_task(model="tiny_t2v"))
-    assert single.claimable(_task(model="tiny_t2v", parallel=1))
-    assert _runner(2, tmp_path).claimable(_task(model="tiny_t2v"))
+    assert not single.claim_filter(_task(model="tiny_t2v"))
+    assert single.claim_filter(_task(model="tiny_t2v", parallel=1))
+    assert _runner(2, tmp_path).claim_filter(_task(model="tiny_t2v"))
 
 
 # ---- the claim filter in the repository (SQLite and Postgres) -------------------------------------------
@@ -185,7 +185,7 @@ def test_claim_passes_over_tasks_needing_more_gpus(engine: Engine) -> None:
     repo = SqlTaskRepository(engine)
     wide = repo.insert(NewTask("t2v", {"prompt": "wide", "parallel": 2}, priority=5))
     narrow = repo.insert(NewTask("t2v", {"prompt": "narrow"}))
-    single, group = _runner(1).claimable, _runner(2).claimable
+    single, group = _runner(1).claim_filter, _runner(2).claim_filter
     claimed = repo.claim_next("one-gpu", 60, _first, accept=single)
     assert claimed is not None and claimed.id == narrow
     assert repo.claim_next("one-gpu", 60, _first, accept=single) is None  # the wide task stays queued
@@ -198,7 +198,7 @@ def test_a_full_window_of_refused_tasks_does_not_hide_the_rest(engine: Engine) -
     for n in range(CLAIM_CANDIDATES + 5):
         repo.insert(NewTask("t2v", {"prompt": f"wide {n}", "parallel": 2}, priority=1))
     narrow = repo.insert(NewTask("t2v", {"prompt": "narrow"}))
-    claimed = repo.claim_next("one-gpu", 60, _first, accept=_runner(1).claimable)
+    claimed = repo.claim_next("one-gpu", 60, _first, accept=_runner(1).claim_filter)
     assert claimed is not None and claimed.id == narrow
 
 

@@ -29,7 +29,7 @@ from tests.acceptance.conftest import Stack, WorkerProcess, _make_stack
 from tests.reliability.conftest import Figures
 from tests.reliability.harness import all_files, insert_many, read_rows, start_worker, wait_all_final
 from wan_engine.video_io import read_video_info, write_video
-from worker.params import MAX_PARAMS_BYTES, MAX_PROMPT_CHARS
+from worker.tasks.params import MAX_PARAMS_BYTES, MAX_PROMPT_CHARS
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.slow]
 

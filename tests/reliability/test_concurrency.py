@@ -24,9 +24,9 @@ import pytest
 import sqlalchemy as sa
 
 from tests.reliability.conftest import Figures, sized
-from worker.db import create_db_engine
-from worker.migrate import upgrade_to_head
-from worker.repository import SqlTaskRepository
+from worker.store.migrate import upgrade_to_head
+from worker.store.repository import SqlTaskRepository
+from worker.store.schema import create_db_engine
 from worker.task import NewTask
 
 pytestmark = pytest.mark.slow

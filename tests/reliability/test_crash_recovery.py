@@ -91,7 +91,7 @@ def _fail_if_dead(worker: WorkerProcess, what: str) -> None:
 def _last_claim_without_load(worker: WorkerProcess) -> str | None:
     """The task id of the log's last claim if no model load finished after it."""
     text = worker.log_text()
-    index = text.rfind("INFO worker.loop claimed ")
+    index = text.rfind("INFO worker.loop.worker claimed ")
     if index < 0 or "loaded model in" in text[index:]:
         return None
     claimed = claims_by_task([text[index:].split("\n", 1)[0]])

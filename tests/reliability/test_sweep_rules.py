@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from worker.db import create_db_engine
-from worker.migrate import upgrade_to_head
-from worker.params import MAX_PRIORITY, MIN_PRIORITY, InvalidTaskError, validate_priority
-from worker.repository import CYCLE_IDS_SHOWN, SqlTaskRepository, find_dependency_cycles
+from worker.store.migrate import upgrade_to_head
+from worker.store.repository import CYCLE_IDS_SHOWN, SqlTaskRepository, find_dependency_cycles
+from worker.store.schema import create_db_engine
 from worker.task import NewTask, TaskStatus
+from worker.tasks.params import MAX_PRIORITY, MIN_PRIORITY, InvalidTaskError, validate_priority
 
 
 def test_find_dependency_cycles() -> None:

@@ -1,4 +1,4 @@
-"""worker.eta: learned and static time estimates; the ETA error figure on tiny real models.
+"""worker.live.eta: learned and static time estimates; the ETA error figure on tiny real models.
 
 The figure: a worker runs the same kind of task several times on the tiny Wan model (real diffusers
 pipeline, CPU). The first task is predicted from the static FLOP estimate, every later one from the
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from worker.eta import (
+from worker.live.eta import (
     EtaEstimator,
     PresetShapes,
     StageTimes,
@@ -23,7 +23,7 @@ from worker.eta import (
     merge_sample,
     sample_from_result,
 )
-from worker.eta_static import step_flops
+from worker.live.eta_static import step_flops
 from worker.task import Task, TaskStatus
 
 SHAPE = TaskShape("tiny_t2v", 64, 48, 9, 4, "cpu")
@@ -268,7 +268,7 @@ FIGURE_TARGET = 0.10
 def test_eta_error_figure_on_tiny_models(tmp_path: Path, tiny_models_dir: Path, capsys: Any) -> None:
     from headless_model_management import GenerationTask, HeadlessTaskQueue
     from worker.config import WorkerSettings
-    from worker.events import live_sink
+    from worker.live.events import live_sink
 
     settings = WorkerSettings(
         db_url=f"sqlite:///{tmp_path / 'tasks.db'}",

@@ -17,15 +17,17 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from worker.config import WorkerSettings
-from worker.db import create_db_engine
-from worker.events import LiveSink, NullSink
-from worker.http_server import LiveServer, check_bind, parse_address
-from worker.live_hub import LiveHub
-from worker.loop import RunContext, Worker
-from worker.migrate import upgrade_to_head
-from worker.monitor import GpuReading, NvmlProbe, ResourceMonitor
-from worker.repository import SqlTaskRepository
+from worker.live.events import LiveSink
+from worker.live.http_server import LiveServer, check_bind, parse_address
+from worker.live.hub import LiveHub
+from worker.live.monitor import GpuReading, NvmlProbe, ResourceMonitor
+from worker.loop.events import NullSink
+from worker.loop.worker import RunContext, Worker
+from worker.store.migrate import upgrade_to_head
+from worker.store.repository import SqlTaskRepository
+from worker.store.schema import create_db_engine
 from worker.task import NewTask, Task, TaskOutcome, TaskStatus
+from worker.tasks.claim_filter import ClaimFilter
 
 GIB = 1024**3
 PARAMS = {"model": "tiny_t2v", "prompt": "a cat"}
@@ -76,8 +78,10 @@ class Runner:
     def resident_model(self) -> str | None:
         return "tiny_t2v"
 
-    def model_for(self, task: Task) -> str | None:
-        return "tiny_t2v"
+    claim_filter = ClaimFilter()
+
+    def device_name(self) -> str | None:
+        return None
 
     def run(self, task: Task, context: RunContext) -> TaskOutcome:
         return self.body(task, context)
@@ -286,7 +290,7 @@ def test_migration_0002_downgrades_and_upgrades_again(db_url: str) -> None:
     from alembic import command
     from alembic.config import Config
 
-    from worker.migrate import MIGRATIONS_DIR
+    from worker.store.migrate import MIGRATIONS_DIR
 
     engine = create_db_engine(db_url)
     upgrade_to_head(engine)

@@ -1,4 +1,4 @@
-"""worker.loop.Worker against an in-memory repository and fake runners: every way a task can end.
+"""worker.loop.worker.Worker against an in-memory repository and fake runners: every way a task can end.
 
 The fake repository keeps the same guarded-write semantics as the SQL one (a worker's writes only land
 while the row is `In Progress` and held by that worker), so a user's `Cancelled` is never overwritten.
@@ -19,11 +19,12 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from worker.config import WorkerSettings
-from worker.loop import RunContext, Worker
-from worker.params import InvalidTaskError, model_key_for
-from worker.repository import Chooser, StaleRecovery
-from worker.retry import RetryPolicy
+from worker.loop.retry import RetryPolicy
+from worker.loop.worker import RunContext, Worker
+from worker.store.repository import Acceptor, Chooser, StaleRecovery
 from worker.task import Task, TaskOutcome, TaskStatus
+from worker.tasks.claim_filter import ClaimFilter
+from worker.tasks.params import InvalidTaskError
 
 Q, P, C, F, X = (s for s in TaskStatus)
 
@@ -112,7 +113,9 @@ class FakeRepository:
         if time.monotonic() < self.outage_until:
             raise db_down()
 
-    def claim_next(self, worker_id: str, lease_s: float, choose: Chooser) -> Task | None:
+    def claim_next(
+        self, worker_id: str, lease_s: float, choose: Chooser, *, accept: Acceptor | None = None
+    ) -> Task | None:
         with self._lock:
             self._reachable()
             self.claims += 1
@@ -128,7 +131,8 @@ class FakeRepository:
                 and (row.dependant_on is None or self.rows[row.dependant_on].status is C)
             ]
             ready.sort(key=lambda row: (-row.priority, row.seq))
-            chosen = choose([row.task() for row in ready])
+            candidates = [row.task() for row in ready]
+            chosen = choose([task for task in candidates if accept is None or accept(task)])
             if chosen is None:
                 return None
             row = self.rows[chosen.id]
@@ -260,11 +264,13 @@ class FakeRunner:
     def resident_model(self) -> str | None:
         return self.resident
 
-    def model_for(self, task: Task) -> str | None:
-        return model_key_for(task.task_type, task.params_text)
+    claim_filter = ClaimFilter()
+
+    def device_name(self) -> str | None:
+        return None
 
     def run(self, task: Task, context: RunContext) -> TaskOutcome:
-        model = self.model_for(task)
+        model = ClaimFilter.model_of(task)
         if model != self.resident:
             self.resident = model
             self.loads.append(model or "?")
@@ -308,7 +314,7 @@ def outputs(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def fast_db_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Database back-off capped at a few ms so the outage tests run fast (the logic is unchanged)."""
-    monkeypatch.setattr("worker.loop.DB_RETRY_MAX_S", 0.005)
+    monkeypatch.setattr("worker.loop.worker.DB_RETRY_MAX_S", 0.005)
 
 
 # ---- success and failure ----------------------------------------------------------------------------

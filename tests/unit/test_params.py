@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from worker.params import (
+from worker.loop.retry import is_permanent
+from worker.tasks.params import (
     MAX_PARAMS_BYTES,
     MAX_PROMPT_CHARS,
     SUPPORTED_TASK_TYPES,
@@ -20,7 +21,6 @@ from worker.params import (
     parse_params_text,
     validate_params,
 )
-from worker.retry import is_permanent
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from worker.params import InvalidTaskError
-from worker.paths import output_stem, resolve_input_path
-from worker.retry import RetryPolicy, is_permanent
+from worker.loop.retry import RetryPolicy, is_permanent
 from worker.task import Task, TaskStatus
+from worker.tasks.params import InvalidTaskError
+from worker.tasks.paths import output_stem, resolve_input_path
 
 
 def running(attempts: int, max_attempts: int = 3) -> Task:

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 import pytest
 
-from worker.params import model_key_for
-from worker.scheduling import ModelAffinity
+from worker.loop.scheduling import ModelAffinity
 from worker.task import Task, TaskStatus
+from worker.tasks.params import model_key_for
 
 _ids = itertools.count()
 

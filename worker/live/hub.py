@@ -19,9 +19,9 @@ from collections import OrderedDict, deque
 from datetime import datetime
 from typing import Any
 
-from worker.events import LiveSink, make_event
-from worker.params import model_key_for
+from worker.live.events import LiveSink, make_event
 from worker.task import Task, TaskStatus
+from worker.tasks.params import model_key_for
 
 log = logging.getLogger(__name__)
 

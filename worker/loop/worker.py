@@ -18,11 +18,11 @@ from typing import Any, Protocol, TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.config import DB_RETRY_MAX_S, WorkerSettings
-from worker.events import NULL_SINK, EventSink
-from worker.lease import LeaseKeeper
-from worker.repository import TaskRepository
-from worker.retry import RetryPolicy, describe
-from worker.scheduling import ModelAffinity
+from worker.loop.events import NULL_SINK, EventSink
+from worker.loop.lease import LeaseKeeper
+from worker.loop.retry import RetryPolicy, describe
+from worker.loop.scheduling import ModelAffinity
+from worker.store.repository import TaskRepository
 from worker.task import Task, TaskDeferred, TaskOutcome, TaskStatus
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,20 @@ class RunContext:
             raise ShutdownAbort("second stop signal: abandoning the task")
 
 
+class ClaimRule(Protocol):
+    """Plain-data claim filter (worker.tasks.claim_filter): pure functions of a row, safe inside a claim."""
+
+    def __call__(self, task: Task) -> bool: ...
+    def model_of(self, task: Task) -> str | None: ...
+
+
 class TaskRunner(Protocol):
-    """Executes tasks; owns the resident model (headless_model_management.GenerationRunner)."""
+    """Executes tasks; owns the resident model (worker.tasks.runner.GenerationRunner)."""
+
+    claim_filter: ClaimRule
 
     def resident_model(self) -> str | None: ...
-    def model_for(self, task: Task) -> str | None: ...
+    def device_name(self) -> str | None: ...
     def run(self, task: Task, context: RunContext) -> TaskOutcome | TaskDeferred: ...
 
 
@@ -94,11 +103,9 @@ class Worker:
         policy: RetryPolicy | None = None,
         affinity: ModelAffinity | None = None,
         events: EventSink | None = None,
-        accept: Callable[[Task], bool] | None = None,
     ) -> None:
         self.repository = repository
-        self.accept = accept  # which tasks this worker may claim at all (the GPUs a task needs, worker.parallel)
-        self.events = events or NULL_SINK  # live progress: ETA, monitoring, WebSocket events (worker.events)
+        self.events = events or NULL_SINK  # live progress: ETA, monitoring, WebSocket events (worker.live.events)
         self.runner = runner
         self.settings = settings
         self.policy = policy or RetryPolicy()
@@ -122,7 +129,8 @@ class Worker:
 
     def run_forever(self, until_idle: bool = False) -> None:
         """Serve tasks until stopped (or, with until_idle, until no task is ready)."""
-        self._with_db_retry(lambda: self.repository.register_worker(self.settings.worker_id, _gpu_name()))
+        gpu = self.runner.device_name()
+        self._with_db_retry(lambda: self.repository.register_worker(self.settings.worker_id, gpu))
         log.info("worker started", extra=self._log_extra)
         try:
             while not self.stop_requested.is_set():
@@ -138,9 +146,16 @@ class Worker:
     def run_once(self) -> bool:
         """Sweep if due, claim one task and execute it. False when nothing was ready."""
         self._sweep_if_due()
+        # Everything the claim needs is read now, as plain data: nothing calls back into the runner (or
+        # preset / model code) while the claim transaction holds its lock.
+        rule = self.runner.claim_filter
+        resident = self.runner.resident_model()
+
+        def choose(candidates: list[Task]) -> Task | None:
+            return self.affinity.choose(candidates, resident, rule.model_of)
+
         try:
-            extra = {"accept": self.accept} if self.accept is not None else {}
-            task = self.repository.claim_next(self.settings.worker_id, self.settings.lease_s, self._choose, **extra)
+            task = self.repository.claim_next(self.settings.worker_id, self.settings.lease_s, choose, accept=rule)
         except SQLAlchemyError as exc:
             log.warning("claim failed, database unreachable? %s", exc.__class__.__name__, extra=self._log_extra)
             self.stop_requested.wait(self._backoff())
@@ -150,9 +165,6 @@ class Worker:
             return False
         self._execute(task)
         return True
-
-    def _choose(self, candidates: list[Task]) -> Task | None:
-        return self.affinity.choose(candidates, self.runner.resident_model(), self.runner.model_for)
 
     def _sweep_if_due(self) -> None:
         if time.monotonic() < self._next_sweep:
@@ -294,12 +306,3 @@ def _is_expected(exc: BaseException) -> bool:
 def _progress_text(task: Task, lease: LeaseKeeper) -> str:
     progress = lease.progress or {}
     return f"stage {progress.get('stage', 'start')} step {progress.get('step', 0)}/{progress.get('total_steps', 0)}"
-
-
-def _gpu_name() -> str | None:
-    try:
-        import torch
-
-        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    except Exception:
-        return None

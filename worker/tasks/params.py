@@ -81,7 +81,7 @@ class GenerationParams(BaseModel):
     lora_names: list[str] | None = Field(default=None, max_length=MAX_LORAS)
     lora_multipliers: str | None = Field(default=None, max_length=1000)
     # GPUs to split this generation over (context parallelism); None: the preset's, else 1. Only a worker
-    # group of at least this many ranks claims the task (worker.repository, GenerationRunner.claimable).
+    # group of at least this many ranks claims the task (worker.store.repository, GenerationRunner.claimable).
     parallel: int | None = Field(default=None, ge=1, le=MAX_PARALLEL)
 
     # Mode-specific keys, passed to the orchestrator apart from the common settings.

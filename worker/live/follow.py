@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from worker.eta import EtaEstimator
+from worker.live.eta import EtaEstimator
 from worker.task import TaskStatus
 
 POLL_S = 0.5

@@ -6,7 +6,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from worker.params import InvalidTaskError
+from worker.tasks.params import InvalidTaskError
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 

@@ -31,9 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import travel_between_images as travel
 from wan_engine.video_io import iter_video_frames, remove_partial_files
-from worker.params import MAX_PROMPT_CHARS, InvalidTaskError, describe_validation_error, parse_params_text
-from worker.paths import output_stem, resolve_input_path
 from worker.task import NewTask, Task, TaskDeferred, TaskOutcome, TaskStatus
+from worker.tasks.params import MAX_PROMPT_CHARS, InvalidTaskError, describe_validation_error, parse_params_text
+from worker.tasks.paths import output_stem, resolve_input_path
 
 DEFAULT_TRAVEL_MODEL = "vace_14B_cocktail_2_2"
 TRAVEL_TASK_TYPES = ("travel_orchestrator", "travel_segment", "travel_stitch")

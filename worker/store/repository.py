@@ -2,7 +2,7 @@
 
 The worker loop, the queue API and the CLI call these named operations; nothing else builds SQL.
 Where the two backends must differ (claiming, the database clock) the difference is isolated here:
-Postgres claims with `FOR UPDATE SKIP LOCKED`; SQLite with `BEGIN IMMEDIATE` (see worker.db) and a
+Postgres claims with `FOR UPDATE SKIP LOCKED`; SQLite with `BEGIN IMMEDIATE` (see worker.store.schema) and a
 conditional update. Every status write by a worker is guarded by (status='In Progress', worker_id),
 so a user's `Cancelled` is never overwritten.
 """
@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from worker.db import eta_stats, is_sqlite, tasks, workers
+from worker.store.schema import eta_stats, is_sqlite, tasks, workers
 from worker.task import FINAL_STATUSES, NewTask, Task, TaskStatus
 
 log = logging.getLogger(__name__)

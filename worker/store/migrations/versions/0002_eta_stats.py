@@ -1,7 +1,7 @@
 """Learned timings for ETAs, and `updated_at` kept true when other programs change a status.
 
 `eta_stats`: one row per (model, resolution, frames, memory profile, device), the key the estimator
-looks up before a task runs; running averages updated when a task completes (worker.eta).
+looks up before a task runs; running averages updated when a task completes (worker.live.eta).
 
 A trigger stamps `updated_at` when a statement changes `status` without setting it (a user's raw
 `UPDATE tasks SET status = 'Cancelled' ...`), so the live server, which looks for rows changed since

@@ -4,7 +4,7 @@ A Wan step costs 2 x params x tokens for the linear layers plus 4 x tokens^2 x d
 self-attention (and cross-attention to the 512 text tokens), once per transformer pass (two with CFG).
 The sizes come from the safetensors headers (wan_engine.vram, nothing is loaded). The throughput is a
 per-GPU table calibrated on the H100 baselines of DESIGN.md, or a matmul measured once on this CPU.
-These are rough; the learned timings (worker.eta) replace them after the first task of a kind.
+These are rough; the learned timings (worker.live.eta) replace them after the first task of a kind.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from worker.eta import StageTimes, TaskShape
+from worker.live.eta import StageTimes, TaskShape
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 One port, one small server (the `websockets` library's threaded sync server): `/ws` upgrades to a
 WebSocket that streams the hub's JSON events; plain GETs are answered from `process_request`:
 
-    /               the status page (worker/static: queue, current task, recent results, GPU memory)
+    /               the status page (worker/live/static: queue, current task, recent results, GPU memory)
     /static/NAME    its script and style sheet
     /api/status     the page's data as JSON
     /thumb/ID.jpg   the first frame of a task's output (ffmpeg from imageio-ffmpeg), cached
@@ -41,10 +41,10 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.sync.server import Server, ServerConnection, serve
 
-from worker.events import LiveSink
-from worker.live_hub import LiveHub
-from worker.params import model_key_for
+from worker.live.events import LiveSink
+from worker.live.hub import LiveHub
 from worker.task import TaskStatus
+from worker.tasks.params import model_key_for
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ THUMB_CACHE = 256
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 FINAL = [s.value for s in TaskStatus if s.is_final]
 # The library logs every connection at INFO; keep its warnings only.
-_QUIET_LOG = logging.getLogger("worker.http_server.websockets")
+_QUIET_LOG = logging.getLogger("worker.live.http_server.websockets")
 _QUIET_LOG.setLevel(logging.WARNING)
 
 

@@ -1,6 +1,6 @@
 """Database schema and engine creation (SQLite by default, any SQLAlchemy URL, Postgres through psycopg 3).
 
-The schema here mirrors the Alembic migrations in `worker/migrations`; the migrations are what create and
+The schema here mirrors the Alembic migrations in `worker/store/migrations`; the migrations are what create and
 upgrade real databases. All timestamps are naive UTC taken from the database clock, so that several
 machines sharing one Postgres agree on lease expiry.
 """
@@ -64,7 +64,7 @@ workers = sa.Table(
 )
 
 
-# Learned timings per kind of task (migration 0002; read and written by worker.eta through the repository).
+# Learned timings per kind of task (migration 0002; read and written by worker.live.eta through the repository).
 eta_stats = sa.Table(
     "eta_stats",
     metadata,

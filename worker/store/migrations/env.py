@@ -1,10 +1,10 @@
-"""Alembic environment: runs on the connection handed in by `worker.migrate` (or on sqlalchemy.url)."""
+"""Alembic environment: runs on the connection handed in by `worker.store.migrate` (or on sqlalchemy.url)."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from worker.db import create_db_engine, metadata
+from worker.store.schema import create_db_engine, metadata
 
 config = context.config
 

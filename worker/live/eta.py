@@ -3,7 +3,7 @@
 A kind of task is (model, resolution, frames, memory profile) on one device. When a task completes its
 timings (result_data["timings"]: encode, step_times, decode, write) are folded into a running average
 kept in the `eta_stats` table; the next task of that kind is predicted from it. Before any history a
-static estimate (worker.eta_static: the transformer's FLOPs per step over the GPU's effective throughput,
+static estimate (worker.live.eta_static: the transformer's FLOPs per step over the GPU's effective throughput,
 or a throughput measured on this CPU) stands in. While a task runs, its own step times are blended in.
 
 The estimator never does I/O in `remaining` (called from the step loop): the learned rows are read
@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from worker.params import model_key_for
 from worker.task import Task
+from worker.tasks.params import model_key_for
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ STATIC_PRIOR_STEPS = 1.0  # a static one is a guess: the task's own steps take o
 
 
 class StaticEstimator(Protocol):
-    """Stage times before any history (worker.eta_static.StaticCostModel)."""
+    """Stage times before any history (worker.live.eta_static.StaticCostModel)."""
 
     def times(self, shape: TaskShape) -> StageTimes | None: ...
 
@@ -42,7 +42,7 @@ Merge = Callable[[dict[str, Any] | None], dict[str, Any]]
 
 
 class EtaStore(Protocol):
-    """Where learned timings live (worker.repository.SqlTaskRepository)."""
+    """Where learned timings live (worker.store.repository.SqlTaskRepository)."""
 
     def eta_stats(self) -> list[dict[str, Any]]: ...
     def update_eta_stats(self, key: dict[str, Any], merge: Merge) -> None: ...

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.repository import TaskRepository
+from worker.store.repository import TaskRepository
 from worker.task import TaskStatus
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from the shared table like any other worker and the table already guarantees one
   current task); a second one is forwarded again, as SIGINT (each abandons and re-queues it). The
   parent then waits for every child and exits 0.
 - With `--parallel N`, each child is a group of N GPUs (`CUDA_VISIBLE_DEVICES=<a>,<b>`, worker id
-  `<id>-gpu<a>-<b>`): the same `wan-worker run --parallel N`, which starts its N ranks (worker.parallel_launch).
+  `<id>-gpu<a>-<b>`): the same `wan-worker run --parallel N`, which starts its N ranks (worker.processes.group_launch).
   `--gpus` must list a multiple of N GPUs.
 - Children run in their own session (a terminal's Ctrl-C reaches only the parent, which forwards it
   once, instead of every child counting it as well) and, on Linux, get SIGTERM if the parent dies.
@@ -450,7 +450,7 @@ def run_supervisor(args: argparse.Namespace, base_worker_id: str) -> int:
         log.warning("no GPU found: the %d workers run on the CPU (CUDA_VISIBLE_DEVICES has no effect)", len(groups))
     address = None
     if args.http:
-        from worker.http_server import check_bind, parse_address
+        from worker.live.http_server import check_bind, parse_address
 
         address = parse_address(args.http)
         check_bind(address[0], args.http_token)

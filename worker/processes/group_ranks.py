@@ -1,7 +1,7 @@
 """`parallel: N`: one generation on the N ranks of a torchrun group (context parallelism).
 
 Rank 0 is the worker everybody knows: it claims from the table, writes the outputs and the rows, and
-serves --http. Its orchestrator is a `LeaderOrchestrator`, which sends every orchestrator call to the
+serves --http. Its orchestrator is a `GroupLeaderProxy`, which sends every orchestrator call to the
 other ranks (`Command`, one `broadcast_object_list`) and runs it itself; ranks > 0 run `serve_follower`,
 which executes each command on their own orchestrator. So every rank loads the same model, and runs
 the same pipeline call with the same seed, its transformers split over the group (Ulysses degree N).
@@ -45,6 +45,10 @@ from worker.config import WorkerSettings
 
 if TYPE_CHECKING:
     from headless_wgp import WanOrchestrator
+    from wan_engine.presets import PresetRegistry
+
+# Builds this rank's orchestrator on a device (the CLI passes `headless_wgp.WanOrchestrator`'s constructor).
+OrchestratorFactory = Callable[[WorkerSettings, str, bool], "WanOrchestrator"]
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +174,9 @@ class _LeaderCall:
             self.pending = self.pending or exc
 
 
-class LeaderOrchestrator:
-    """Rank 0's orchestrator: every call runs on all ranks of the group (see the module docstring).
-
-    Attributes it does not define (presets, current_model, model_cache, ...) are the wrapped one's.
-    """
+class GroupLeaderProxy:
+    """Rank 0's stand-in for its orchestrator (the `worker.tasks.orchestrator.Orchestrator` protocol): every
+    call runs here and on all other ranks of the group (see the module docstring)."""
 
     def __init__(
         self,
@@ -195,10 +197,13 @@ class LeaderOrchestrator:
         self._closed = threading.Event()
         self._pinger: threading.Thread | None = None
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "orchestrator":  # not set yet (copy, unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.orchestrator, name)
+    @property
+    def presets(self) -> PresetRegistry:
+        return self.orchestrator.presets
+
+    @property
+    def current_model(self) -> str | None:
+        return self.orchestrator.current_model
 
     # ---- model residency --------------------------------------------------------------------------
 
@@ -388,14 +393,6 @@ def serve_follower(orchestrator: WanOrchestrator, channel: GroupChannel) -> int:
 # ---- entry points (worker.cli cmd_run with --parallel N inside a group) --------------------------------
 
 
-def _orchestrator(settings: WorkerSettings, info: GroupInfo, *, allow_download: bool) -> WanOrchestrator:
-    from headless_wgp import WanOrchestrator
-    from wan_engine.presets import BUILTIN_PRESETS_DIR, load_presets
-
-    presets = load_presets(BUILTIN_PRESETS_DIR, settings.presets_dir)
-    return WanOrchestrator(settings.models_dir, presets, device=str(info.device), allow_download=allow_download)
-
-
 def join_group(settings: WorkerSettings) -> GroupInfo:
     """Join the torchrun group this process was started in; its size must be `settings.parallel`."""
     from wan_engine.context_parallel import init_group
@@ -406,20 +403,20 @@ def join_group(settings: WorkerSettings) -> GroupInfo:
     return info
 
 
-def leader_orchestrator(settings: WorkerSettings, info: GroupInfo) -> LeaderOrchestrator:
+def group_leader_proxy(settings: WorkerSettings, info: GroupInfo, build: OrchestratorFactory) -> GroupLeaderProxy:
     """Rank 0's orchestrator (the worker's): every call also runs on the followers."""
-    orchestrator = _orchestrator(settings, info, allow_download=settings.allow_download)
-    leader = LeaderOrchestrator(orchestrator, GroupChannel(info))
+    orchestrator = build(settings, str(info.device), settings.allow_download)
+    leader = GroupLeaderProxy(orchestrator, GroupChannel(info))
     leader.start_pings()
     return leader
 
 
-def run_follower(settings: WorkerSettings, info: GroupInfo) -> int:
+def run_follower(settings: WorkerSettings, info: GroupInfo, build: OrchestratorFactory) -> int:
     """A rank > 0: serve rank 0's commands until it stops; the exit code of the rank."""
     from wan_engine.context_parallel import destroy_group
 
     # Only rank 0 downloads (before it sends the load): the followers then find the files locally.
-    orchestrator = _orchestrator(settings, info, allow_download=False)
+    orchestrator = build(settings, str(info.device), False)
     log.info("rank %d of %d ready on %s", info.rank, info.world_size, info.device)
     code = serve_follower(orchestrator, GroupChannel(info))
     if code == 0:

@@ -1,6 +1,6 @@
-"""Live events: the sink the worker loop reports to, and the live sink behind progress, ETA and monitoring.
+"""The live sink behind progress, ETA and monitoring: the loop's `EventSink` (worker.loop.events) made real.
 
-The loop calls an `EventSink` at claim, progress, completion, failure and cancel. The default is a no-op.
+The loop calls its sink at claim, progress, completion, failure and cancel; the default is a no-op.
 `LiveSink` (what `wan-worker run` and `HeadlessTaskQueue` use) adds `eta_seconds` and `vram_gb` to each
 progress report, puts the monitor's peak / mean into result_data, folds the timings of each completed
 task into the learned ETA table, and, when a live server runs, publishes events on a bounded queue.
@@ -18,13 +18,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from worker.eta import EtaEstimator, PresetShapes, detect_device
-from worker.eta_static import StaticCostModel
-from worker.monitor import ResourceMonitor
-from worker.params import model_key_for
+from worker.live.eta import EtaEstimator, PresetShapes, detect_device
+from worker.live.eta_static import StaticCostModel
+from worker.live.monitor import ResourceMonitor
 from worker.task import Task
+from worker.tasks.params import model_key_for
 
 log = logging.getLogger(__name__)
 
@@ -39,42 +39,6 @@ EVENT_TYPES = (
     "models_unavailable",
 )
 OUTBOX_SIZE = 4096
-
-
-class EventSink(Protocol):
-    """What the worker loop reports to. Implementations never raise and never block the step loop."""
-
-    def started(self, task: Task, resident_model: str | None) -> None: ...
-    def progress(self, task: Task, progress: dict[str, Any]) -> None: ...  # may add keys in place
-    def result_extras(self, task: Task) -> dict[str, Any]: ...  # merged into result_data
-    def completed(self, task: Task, output: str | None, result: dict[str, Any]) -> None: ...
-    def failed(self, task: Task, error: BaseException, message: str, retrying: bool) -> None: ...
-    def cancelled(self, task: Task) -> None: ...
-
-
-class NullSink:
-    """The default sink: does nothing."""
-
-    def started(self, task: Task, resident_model: str | None) -> None:
-        pass
-
-    def progress(self, task: Task, progress: dict[str, Any]) -> None:
-        pass
-
-    def result_extras(self, task: Task) -> dict[str, Any]:
-        return {}
-
-    def completed(self, task: Task, output: str | None, result: dict[str, Any]) -> None:
-        pass
-
-    def failed(self, task: Task, error: BaseException, message: str, retrying: bool) -> None:
-        pass
-
-    def cancelled(self, task: Task) -> None:
-        pass
-
-
-NULL_SINK = NullSink()
 
 
 def make_event(name: str, task_id: str | None = None, **data: Any) -> dict[str, Any]:

@@ -1,0 +1,236 @@
+"""GenerationRunner: runs a claimed task on the resident model, switching models only when it must.
+
+The loop hands it a claimed `Task`; it validates the params (before anything loads), resolves the input
+files inside the input roots, loads the task's model unless it is resident, picks the generate method of
+the task's mode and returns the outcome. Travel tasks go to the `TravelCoordinator`. It also builds the
+plain-data `ClaimFilter` the claim applies, so no preset code runs inside a claim transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wan_engine.errors import ModelUnavailableError
+from wan_engine.video_io import remove_partial_files
+from worker.loop.worker import RunContext
+from worker.task import Task, TaskDeferred, TaskOutcome
+from worker.tasks.claim_filter import ClaimFilter
+from worker.tasks.orchestrator import Orchestrator
+from worker.tasks.params import (
+    TASK_TYPE_MODES,
+    GenerationParams,
+    InvalidTaskError,
+    check_parallel_mode,
+    parse_params_text,
+    validate_params,
+    validate_priority,
+)
+from worker.tasks.paths import output_stem, resolve_input_path
+from worker.tasks.travel import TRAVEL_TASK_TYPES, TravelCoordinator, TravelSegmentParams, TravelStore
+
+log = logging.getLogger(__name__)
+
+# The preset architectures each task mode accepts (the orchestrator checks what the weights can do).
+MODE_ARCHITECTURES: dict[str, tuple[str, ...]] = {
+    "t2v": ("t2v", "ti2v"),
+    "vace": ("vace",),
+    "i2v": ("i2v", "flf2v", "ti2v"),
+    "flf2v": ("flf2v", "i2v"),
+    "ti2v": ("ti2v",),
+}
+
+
+class GenerationRunner:
+    """Runs a claimed task on the resident model; switches models only when the task needs another."""
+
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        outputs_dir: Path,
+        input_roots: tuple[Path, ...] = (),
+        store: TravelStore | None = None,
+        allow_fallbacks: bool = False,
+        group_size: int = 1,
+    ) -> None:
+        self.orchestrator = orchestrator
+        self.allow_fallbacks = allow_fallbacks
+        self.group_size = group_size  # ranks every generation runs on (worker.processes.group_ranks); 1: alone
+        self.outputs_dir = outputs_dir
+        self.input_roots = tuple(input_roots)  # input files are read only from here and outputs_dir
+        self.model_loads = 0
+        self.model_switches = 0
+        self.load_seconds = 0.0
+        self.travel = (
+            TravelCoordinator(store, outputs_dir, self.input_roots, self._travel_resolution) if store else None
+        )
+        # Computed once from the presets: the claim transaction applies it as plain data (worker.store).
+        self.claim_filter = ClaimFilter.from_presets(orchestrator.presets, group_size)
+
+    def resident_model(self) -> str | None:
+        return self.orchestrator.current_model
+
+    def device_name(self) -> str | None:
+        """The GPU this runner generates on, for the `workers` table (None when torch cannot tell)."""
+        try:
+            import torch
+
+            return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        except Exception:
+            return None
+
+    def ensure_model(self, model_key: str, context: RunContext | None = None) -> float | None:
+        """Load `model_key` unless it is resident; returns the seconds spent loading (None: no load)."""
+        previous = self.orchestrator.current_model
+        if previous == model_key:
+            return None
+        if context is not None:
+            context.report("loading_model", model=model_key)
+        seconds = self.orchestrator.load_model(model_key)
+        self.model_loads += 1
+        self.model_switches += previous is not None
+        self.load_seconds += seconds
+        log.info("loaded model in %.2fs (previous: %s)", seconds, previous, extra={"model": model_key})
+        return seconds
+
+    def run(self, task: Task, context: RunContext) -> TaskOutcome | TaskDeferred:
+        validate_priority(task.priority)  # rows from other programs: refused before anything loads
+        if task.task_type in TRAVEL_TASK_TYPES:
+            return self._run_travel(task, context)
+        params = validate_params(task.task_type, parse_params_text(task.params_text))
+        mode = TASK_TYPE_MODES[task.task_type]
+        self._check_model(params, mode)
+        self._check_parallel(params, mode)
+        inputs = self._input_paths(params)  # before loading anything: a bad path fails at once
+        context.check()
+        _ran, load_s, fallback = self._ensure_model_or_fallback(str(params.model), context)
+        context.check()
+        self.outputs_dir.mkdir(parents=True, exist_ok=True)
+        output_path = self.outputs_dir / f"{output_stem(task.id)}.mp4"
+        for stale in remove_partial_files(output_stem(task.id), self.outputs_dir):  # left by a killed attempt
+            log.warning("removed a killed attempt's partial output %s", stale.name, extra={"task_id": task.id})
+        generate = self.orchestrator.generate_t2v
+        if mode == "vace":
+            generate = self.orchestrator.generate_vace
+        elif mode in ("i2v", "flf2v") or (mode == "ti2v" and "image_start" in inputs):
+            generate = self.orchestrator.generate_i2v
+        result = generate(
+            params.prompt,
+            output_path=output_path,
+            progress=lambda event: context.report(event.stage, event.step, event.total_steps),
+            **inputs,
+            **params.generation_kwargs(),
+        )
+        result_data = {
+            **result.to_dict(),
+            "model_loaded": load_s is not None,
+            "load_seconds": round(load_s or 0.0, 3),
+            "model_fallback": fallback,
+            "attempt": task.attempts,
+            "worker_id": context.worker_id,
+        }
+        return TaskOutcome(str(result.output_path), result_data)
+
+    def _ensure_model_or_fallback(
+        self, model_key: str, context: RunContext
+    ) -> tuple[str, float | None, dict[str, str] | None]:
+        """Load the task's model; when its weights are unavailable and fallbacks are allowed, the first
+        loadable preset of its `fallbacks` list (the seeds' alternative models). Returns the model that
+        ran, the load time and what was substituted (None: no substitution)."""
+        try:
+            return model_key, self.ensure_model(model_key, context), None
+        except ModelUnavailableError as exc:
+            spec = self.orchestrator.presets.get(model_key).model
+            alternatives = spec.fallbacks
+            if not (self.allow_fallbacks and alternatives):
+                raise
+            for alternative in alternatives:
+                if self.orchestrator.presets.get(alternative).model.architecture != spec.architecture:
+                    continue  # a fallback must run the same mode with the same inputs
+                try:
+                    load_s = self.ensure_model(alternative, context)
+                except ModelUnavailableError:
+                    continue
+                log.warning("model unavailable, ran fallback %s", alternative, extra={"model": model_key})
+                return alternative, load_s, {"requested": model_key, "ran": alternative, "reason": str(exc)[:500]}
+            raise ModelUnavailableError(f"{exc} Fallbacks {', '.join(alternatives)} are unavailable too.") from exc
+
+    # ---- travel between images ---------------------------------------------------------------------
+
+    def _run_travel(self, task: Task, context: RunContext) -> TaskOutcome | TaskDeferred:
+        if self.travel is None:
+            raise InvalidTaskError(f"{task.task_type} tasks need a worker with a task store (the daemon)")
+        self.outputs_dir.mkdir(parents=True, exist_ok=True)
+        if task.task_type == "travel_orchestrator":
+            return self.travel.run_orchestrator(task)
+        if task.task_type == "travel_stitch":
+            return self.travel.run_stitch(task, context.report)
+
+        def generate(
+            params: TravelSegmentParams,
+            guide: np.ndarray,
+            mask: np.ndarray,
+            output_path: Path,
+            progress: Callable[[str, int, int], None],
+        ) -> dict[str, Any]:
+            load_s = self.ensure_model(params.model, context)
+            context.check()
+            result = self.orchestrator.generate_vace(
+                params.prompt,
+                video_guide=guide,
+                video_mask=mask,
+                output_path=output_path,
+                progress=lambda event: progress(event.stage, event.step, event.total_steps),
+                **params.generation_kwargs(),
+            )
+            return {**result.to_dict(), "model_loaded": load_s is not None, "load_seconds": round(load_s or 0.0, 3)}
+
+        return self.travel.run_segment(task, generate, context.report, context.report_parent)
+
+    def _travel_resolution(self, model: str, resolution: str | None) -> tuple[int, int]:
+        """The (width, height) a travel runs at: its resolution param, else the VACE model's preset."""
+        preset = self.orchestrator.presets.get(model)
+        if preset.model.architecture != "vace":
+            raise InvalidTaskError(f"travel needs a VACE model; {model!r} is a {preset.model.architecture} model")
+        value = resolution or preset.settings.resolution or ""
+        width, _, height = value.partition("x")
+        if not (width.isdigit() and height.isdigit()) or int(width) % 16 or int(height) % 16:
+            raise InvalidTaskError(f"resolution = {value!r}: must look like '832x480' with multiples of 16")
+        return int(width), int(height)
+
+    def _input_paths(self, params: GenerationParams) -> dict[str, Any]:
+        """The mode's keys with every file path resolved inside the input roots / outputs dir."""
+        kwargs = params.mode_kwargs()
+        roots = list(self.input_roots)
+        for key in params.PATH_KEYS:
+            value = kwargs.get(key)
+            if isinstance(value, list):
+                kwargs[key] = [
+                    resolve_input_path(v, roots, self.outputs_dir, key=f"{key}[{i}]") for i, v in enumerate(value)
+                ]
+            elif value is not None:
+                kwargs[key] = resolve_input_path(value, roots, self.outputs_dir, key=key)
+        return kwargs
+
+    def _check_parallel(self, params: GenerationParams, mode: str) -> None:
+        """A preset's `parallel` (the task's is checked with its params) and the group this worker has."""
+        parallel = params.parallel or self.orchestrator.presets.get(str(params.model)).settings.parallel or 1
+        check_parallel_mode(mode, max(parallel, self.group_size))
+        if parallel > self.group_size:
+            raise InvalidTaskError(
+                f"parallel = {parallel}: this worker runs generations on {self.group_size} GPU(s); start a group "
+                f"with `wan-worker run --parallel {parallel}`"
+            )
+
+    def _check_model(self, params: GenerationParams, mode: str) -> None:
+        preset = self.orchestrator.presets.get(str(params.model))
+        allowed = MODE_ARCHITECTURES[mode]
+        if preset.model.architecture not in allowed:
+            raise InvalidTaskError(
+                f"model {params.model!r} is a {preset.model.architecture} model; {mode} tasks need one of "
+                f"architecture {', '.join(allowed)}"
+            )
