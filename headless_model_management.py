@@ -20,18 +20,16 @@ import psutil
 
 from wan_engine.presets import BUILTIN_PRESETS_DIR, PresetRegistry, load_presets
 from worker.config import WorkerSettings
-from worker.live.events import live_sink
+from worker.live.events import LiveSink, live_sink
 from worker.loop.events import EventSink
 from worker.loop.worker import Worker
 from worker.store.migrate import upgrade_to_head
 from worker.store.repository import SqlTaskRepository
 from worker.store.schema import DEFAULT_DB_URL, create_db_engine
 from worker.task import NewTask, Task, TaskStatus
-from worker.tasks.params import (
-    validate_params,
-    validate_priority,
-)
+from worker.tasks.params import validate_priority
 from worker.tasks.runner import GenerationRunner
+from worker.tasks.validation import validate_task
 
 if TYPE_CHECKING:
     from headless_wgp import WanOrchestrator
@@ -121,7 +119,9 @@ class HeadlessTaskQueue:
         preset = self.presets.get(task.model)
         task_type = task.task_type or preset.model.architecture
         params = {"model": task.model, "prompt": task.prompt, **task.parameters}
-        validate_params(task_type, params)
+        # The runner's own checks (schema, architecture, engine resolver, scheduler steps): a task that
+        # gets in here is not then failed by the worker for its params.
+        validate_task(task_type, params, self.presets, self.settings.models_dir)
         validate_priority(task.priority)
         return self.repository.insert(
             NewTask(
@@ -217,6 +217,24 @@ class HeadlessTaskQueue:
         self._thread = threading.Thread(target=self.run_forever, args=(preload_model,), name="wan-worker", daemon=True)
         self._thread.start()
 
+    def use_live_events(self, publish: bool = True) -> LiveSink:
+        """Build and install the live sink (ETA, resource monitor; an outbox for the live server when
+        `publish`); returns it. Call before the worker starts: the worker keeps the sink it was built with."""
+        if self.worker is not None:
+            raise RuntimeError("use_live_events() must be called before the worker is built")
+        sink = live_sink(self.repository, self.presets, self.settings.models_dir, publish=publish)
+        self.events = sink
+        return sink
+
+    def resident_model(self) -> str | None:
+        """The model loaded on the device now (None before the first task or preload)."""
+        return self.runner.resident_model() if self.runner else None
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once a stop was requested (`request_stop`): a further request aborts the current task."""
+        return self.worker is not None and self.worker.stop_requested.is_set()
+
     def request_stop(self) -> None:
         """Graceful stop (finish the current task); a second call abandons and re-queues it."""
         if self.worker is not None:
@@ -240,6 +258,10 @@ class HeadlessTaskQueue:
         close_events = getattr(self.events, "close", None)  # the live sink's monitor thread
         if close_events is not None:
             close_events()
+        self.dispose()
+
+    def dispose(self) -> None:
+        """Release the database connections only: no stop, the events are left as they are (`close` does all)."""
         self.engine.dispose()
 
 

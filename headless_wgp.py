@@ -2,10 +2,16 @@
 
 The orchestrator keeps at most one model resident, loads another only when asked, and runs
 generations on it: text-to-video, VACE (control video + mask + reference images) and image-to-video
-(start image, optionally an end image). A generation reads like the diffusers pipelines it drives:
-1. resolve + validate params and read the conditioning files, 2. apply the LoRAs, 3. encode the
-prompt, 4. denoise (progress/cancel per step, LoRA schedules), 5. decode with the VAE, 6. write the
-video atomically. Nothing here knows about the task queue.
+(start image, optionally an end image). A generation reads like the diffusers pipelines it drives
+(`WanOrchestrator._run`; the steps live in `wan_engine.generation_run`):
+1. inputs: resolve + validate params and read the conditioning files,
+2. experts: plan which transformer runs each step (Wan 2.2 boundary; `wan_engine.experts`),
+3. LoRAs: resolve them, load exactly this call's set and weight it for step 0,
+4. encode the prompt once,
+5. denoise (progress/cancel per step, LoRA schedules; on out-of-memory 5-6 retry one memory profile lower),
+6. decode with the VAE,
+7. write the video atomically.
+Nothing here knows about the task queue.
 """
 
 from __future__ import annotations
@@ -20,18 +26,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from wan_engine import generation_run as gen
 from wan_engine.errors import InvalidRequestError
-from wan_engine.fp8 import FP8_ENV, check_fp8_device, fp8_from_env
+from wan_engine.experts import plan_experts
+from wan_engine.fp8 import check_fp8_device, fp8_from_env
 from wan_engine.generation_inputs import prepare_i2v_image, prepare_vace_inputs
 from wan_engine.generation_params import ResolvedParams, resolve_params
 from wan_engine.generation_types import GenerationResult, ProgressCallback, ProgressEvent
-from wan_engine.loras import (
-    LoraRequest,
-    apply_loras,
-    describe_loras,
-    parse_lora_multipliers,
-    resolve_lora_path,
-    set_step_weights,
+from wan_engine.limits import (
+    DEFAULT_CONTROL_SCALE,
+    MAX_CONTROL_SCALE,
+    MAX_IMAGE_REFS,
+    MIN_CONTROL_SCALE,
+    MODE_ARCHITECTURES,
 )
 from wan_engine.memory_profiles import (
     DEFAULT_VRAM_FRACTION,
@@ -40,57 +47,22 @@ from wan_engine.memory_profiles import (
     apply_vram_limit,
     choose_profile,
     device_budget_bytes,
-    next_profile,
     tile_vae,
     vram_limit_from_env,
 )
 from wan_engine.model_cache import ModelCache
 from wan_engine.model_sources import check_model, resolve_model
-from wan_engine.pipeline_runtime import (
-    ExpertRecorder,
-    LoadedModel,
-    check_image_conditioning,
-    decode_latents,
-    encode_prompts,
-    experts_for_steps,
-    load_pipeline,
-    scheduled,
-)
+from wan_engine.pipeline_runtime import LoadedModel, check_image_conditioning, load_pipeline
 from wan_engine.presets import BUILTIN_PRESETS_DIR, PresetRegistry, load_presets
-from wan_engine.speed import eager_blocks
-from wan_engine.video_io import write_video
 from wan_engine.vram import estimate_vram
 
 __all__ = ["GenerationResult", "ProgressCallback", "ProgressEvent", "WanOrchestrator"]
 
 logger = logging.getLogger(__name__)
 
-MAX_SEQUENCE_LENGTH = 512  # Wan's text length; the pipelines' __call__ default
-T2V_ARCHITECTURES = ("t2v", "ti2v", "vace")  # a VACE model without a guide video is plain T2V
-I2V_ARCHITECTURES = ("i2v", "flf2v", "ti2v")
-MAX_CONTROL_SCALE = 10.0
-MAX_IMAGE_REFS = 16
+T2V_ARCHITECTURES = (*MODE_ARCHITECTURES["t2v"], "vace")  # a VACE model without a guide video is plain T2V
+I2V_ARCHITECTURES = MODE_ARCHITECTURES["i2v"]
 BUILTIN_LORAS_DIR = Path(__file__).resolve().parent / "loras"
-
-
-def _peak_rss_gb() -> float | None:
-    """Peak resident memory of this process so far (Linux/macOS getrusage; current RSS elsewhere)."""
-    try:
-        import resource
-        import sys
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 1024**3 if sys.platform == "darwin" else peak / 1024**2  # bytes vs KiB
-    except (ImportError, OSError):
-        import psutil
-
-        return psutil.Process().memory_info().rss / 1024**3
-
-
-def _emit(progress: ProgressCallback | None, stage: str, step: int = 0, total: int = 1) -> None:
-    # Exceptions from the callback (cancel / shutdown) propagate on purpose.
-    if progress is not None:
-        progress(ProgressEvent(stage=stage, step=step, total_steps=total))  # type: ignore[arg-type]
 
 
 class WanOrchestrator:
@@ -155,7 +127,7 @@ class WanOrchestrator:
                 return 0.0
             parked = model_key in self.model_cache  # switching back: a copy from pinned RAM, no disk read
             check = None if parked else resolve_model(preset, self.models_dir, allow_download=self.allow_download)
-            _emit(progress, "loading_model")
+            gen.emit(progress, "loading_model")
             started = time.perf_counter()
             # Free the device before the new weights arrive: park the old model in pinned RAM if it fits
             # (only a resident one: an offloaded model's weights already live in host RAM).
@@ -264,12 +236,8 @@ class WanOrchestrator:
                     f"Model {loaded.preset.key!r} is a VACE model: a vace generation needs video_guide "
                     "(a control video or image)."
                 )
-            scale = control_scale if control_scale is not None else 1.0
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= MAX_CONTROL_SCALE:
-                raise InvalidRequestError(f"Invalid control_scale: {control_scale!r}; must be from 0 to 10.")
-            refs = [Path(r) for r in (image_refs or [])]
-            if len(refs) > MAX_IMAGE_REFS:
-                raise InvalidRequestError(f"Invalid image_refs: {len(refs)} images; at most {MAX_IMAGE_REFS}.")
+            scale = _control_scale(control_scale)
+            refs = _image_refs(image_refs)
             resolved = self._resolve(loaded, prompt, params)
             started = time.perf_counter()
             inputs = prepare_vace_inputs(
@@ -364,22 +332,6 @@ class WanOrchestrator:
             )
         return resolved
 
-    def _lora_requests(self, loaded: LoadedModel, p: ResolvedParams) -> list[LoraRequest]:
-        """Resolve names and parse multipliers before any work (errors name the bad entry)."""
-        if not p.lora_names:
-            return []
-        if loaded.fp8 is not None:
-            raise InvalidRequestError(
-                f"loras {list(p.lora_names)}: this worker runs {loaded.preset.key!r} with fp8 weights ({FP8_ENV}=on), "
-                "and LoRAs cannot be applied to fp8 layers; send the task to a worker without fp8"
-            )
-        multipliers = parse_lora_multipliers(p.lora_multipliers, len(p.lora_names), dual=loaded.is_dual_expert)
-        group = loaded.preset.model.group
-        return [
-            LoraRequest(name, resolve_lora_path(name, self.loras_dir, group), multiplier)
-            for name, multiplier in zip(p.lora_names, multipliers, strict=True)
-        ]
-
     # ----- the shared generation path ----------------------------------------------------------------
 
     def _place(self, loaded: LoadedModel, p: ResolvedParams) -> str:
@@ -413,53 +365,6 @@ class WanOrchestrator:
             estimate = estimate_vram(loaded.preset, check, tiled_vae=True, **size)
         return choose_profile(estimate.profiles if estimate else None, budget, self.vram_fraction)
 
-    def _denoise_and_decode(
-        self,
-        loaded: LoadedModel,
-        p: ResolvedParams,
-        call: dict[str, Any],
-        prompt_embeds: Any,
-        negative_embeds: Any,
-        on_step_end: Any,
-        last_mark: list[float],
-        recorder: ExpertRecorder,
-        requests: Any,
-        boundary: float | None,
-        pipe: Any,
-        progress: ProgressCallback | None,
-        num_reference_images: int,
-    ) -> tuple[Any, float]:
-        """Steps 3 and 4 of `_run`: denoise, then decode (frames, end of denoising); retried as a whole on OOM."""
-        _emit(progress, "denoising", 0, p.num_inference_steps)
-        kwargs: dict[str, Any] = {
-            **call,
-            "prompt_embeds": prompt_embeds,
-            "negative_prompt_embeds": negative_embeds,
-            "height": p.height,
-            "width": p.width,
-            "num_frames": p.video_length,
-            "num_inference_steps": p.num_inference_steps,
-            "guidance_scale": p.guidance_scale,
-            "generator": torch.Generator(device="cpu").manual_seed(p.seed),
-            "output_type": "latent",  # decode ourselves, to time the VAE on its own
-            "callback_on_step_end": on_step_end,
-            "max_sequence_length": MAX_SEQUENCE_LENGTH,
-        }
-        if loaded.is_dual_expert:
-            kwargs["guidance_scale_2"] = p.guidance2_scale
-        last_mark[0] = time.perf_counter()
-        with (
-            scheduled(loaded, p.flow_shift, boundary, pipe) as run_pipe,
-            recorder.attached(run_pipe),
-            eager_blocks(bool(requests)),  # LoRA scales change per step: compiled blocks would recompile
-        ):
-            latents = run_pipe(**kwargs).frames
-        denoised = time.perf_counter()
-        # 4. Decode with the VAE (VACE reference frames are dropped first).
-        _emit(progress, "decoding")
-        frames = decode_latents(loaded.pipe, latents, num_reference_images)
-        return frames, denoised
-
     def _run(
         self,
         loaded: LoadedModel,
@@ -474,153 +379,70 @@ class WanOrchestrator:
         num_reference_images: int = 0,
         pipe: Any = None,
     ) -> GenerationResult:
-        started = time.perf_counter() - inputs_seconds
-        on_cuda = loaded.device.type == "cuda"
-        if on_cuda:
-            torch.cuda.reset_peak_memory_stats(loaded.device)
-        dual = loaded.is_dual_expert
-        do_cfg = p.guidance_scale > 1.0  # diffusers' rule: CFG for both experts hangs on guidance_scale
-        boundary = p.switch_threshold / 1000.0 if dual else None
-        experts = experts_for_steps(loaded, p.flow_shift, p.num_inference_steps, boundary)
-        requests = self._lora_requests(loaded, p)
-        prepared = time.perf_counter()
+        """Steps 2-7 of the module docstring for every mode; step 1 (inputs) is the caller's."""
+        clock = gen.start_clock(loaded, inputs_seconds)  # 1. inputs were read in `inputs_seconds`
+        # 2. Experts: which transformer runs each step (refuses step counts that repeat timesteps).
+        plan = plan_experts(loaded, p)
+        # 3. LoRAs: resolve the names (errors before any work), then load exactly this call's set.
+        requests = gen.lora_requests(loaded, p, self.loras_dir)
+        clock.mark("prepared")
+        loras = gen.prepare_loras(loaded, requests, plan)
+        clock.mark("loras")
+        # 4. Encode the prompt once (timed on its own; the pipeline then gets embeddings).
+        embeds = gen.encode_prompt(loaded, p, progress)
+        clock.mark("encode")
+        state = gen.DenoiseState()
 
-        # 1. LoRAs: load (or reuse, or unload) so the pipeline holds exactly this call's set.
-        lora_state = apply_loras(loaded.pipe, loaded.loras, requests, experts)
-        if requests:
-            set_step_weights(loaded.pipe, lora_state, requests, 0, experts)
-        loras_ready = time.perf_counter()
+        def attempt() -> np.ndarray:
+            # 5. Denoise: per-step timing, progress (and cancel), LoRA schedule per expert.
+            latents = gen.denoise(
+                loaded, p, call=call, embeds=embeds, plan=plan, loras=loras, state=state, progress=progress, pipe=pipe
+            )
+            clock.mark("denoise")
+            # 6. Decode with the VAE.
+            return gen.decode(loaded, latents, num_reference_images, progress)
 
-        # 2. Encode the prompt once (timed on its own; the pipeline then gets embeddings).
-        _emit(progress, "encoding_prompt")
-        prompt_embeds, negative_embeds = encode_prompts(
-            loaded.pipe,
-            p.prompt,
-            p.negative_prompt,
-            do_cfg=do_cfg,
-            device=loaded.device,
-            max_length=MAX_SEQUENCE_LENGTH,
-        )
-        encoded = time.perf_counter()
-
-        # 3. Denoise: per-step timing, progress (and cancel), LoRA schedule through callback_on_step_end.
-        recorder = ExpertRecorder()
-        step_times: list[float] = []
-        timesteps: list[Any] = []
-        last_mark = [time.perf_counter()]
-
-        def on_step_end(step_pipe: Any, index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict:
-            now = time.perf_counter()
-            step_times.append(now - last_mark[0])
-            timesteps.append(timestep)  # a device tensor: float() here would sync the GPU every step
-            recorder.step = index + 1  # calls from here on belong to the next step
-            if requests and index + 1 < len(experts):
-                set_step_weights(loaded.pipe, lora_state, requests, index + 1, experts)
-            _emit(progress, "denoising", index + 1, p.num_inference_steps)
-            last_mark[0] = time.perf_counter()
-            return callback_kwargs
-
+        # 5-6 run as one attempt: on out-of-memory, again one memory profile lower (same seed).
         profile = self._place(loaded, p)
-        ladder: list[dict[str, Any]] = []
-        while True:
-            try:
-                frames, denoised = self._denoise_and_decode(
-                    loaded,
-                    p,
-                    call,
-                    prompt_embeds,
-                    negative_embeds,
-                    on_step_end,
-                    last_mark,
-                    recorder,
-                    requests,
-                    boundary,
-                    pipe,
-                    progress,
-                    num_reference_images,
-                )
-                break
-            except torch.OutOfMemoryError as exc:
-                lower = next_profile(profile)
-                if lower is None:
-                    raise
-                # Step down within the same attempt: less VRAM, a tiled VAE, the same seed.
-                ladder.append({"profile": profile, "error": str(exc).splitlines()[0][:200]})
-                logger.warning("out of memory; retrying", extra={"model": loaded.preset.key, "profile": lower})
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                apply_profile(loaded.pipe, lower, loaded.device, current=loaded.profile)
-                loaded.profile = profile = lower
-                tile_vae(loaded.pipe)
-                step_times.clear()
-                timesteps.clear()
-                recorder.reset()
-        decoded = time.perf_counter()
-
-        # 5. Write atomically (temp name + rename).
-        _emit(progress, "writing_video")
-        written_path = write_video(frames, output_path, p.fps)
-        finished = time.perf_counter()
-
-        steps = len(step_times)
-        observed = recorder.experts_per_step(steps) if dual else None
-        if observed is not None and list(observed) != experts:
-            logger.warning("experts differ from the plan", extra={"planned": experts, "observed": list(observed)})
-        result = GenerationResult(
-            output_path=written_path,
-            model=loaded.preset.key,
-            seed=p.seed,
-            seed_was_random=p.seed_was_random,
-            frames=int(frames.shape[0]),
-            width=int(frames.shape[2]),
-            height=int(frames.shape[1]),
-            fps=p.fps,
-            num_inference_steps=p.num_inference_steps,
-            guidance_scale=p.guidance_scale,
-            guidance2_scale=p.guidance2_scale if dual else None,
-            flow_shift=p.flow_shift,
-            switch_threshold=p.switch_threshold if dual else None,
-            timesteps=tuple(float(t) for t in timesteps),
-            experts_used=observed,
-            timings={
-                "inputs": inputs_seconds,
-                "loras": loras_ready - prepared,
-                "encode": encoded - loras_ready,
-                "denoise": denoised - encoded,
-                "decode": decoded - denoised,
-                "write": finished - decoded,
-                "total": finished - started,
-                "step_times": step_times,
-                "mean_step": sum(step_times) / steps if steps else None,
-            },
-            memory_profile=profile,
-            device=str(loaded.device),
-            dtype=str(loaded.dtype).removeprefix("torch."),
-            peak_vram_gb=torch.cuda.max_memory_allocated(loaded.device) / 1024**3 if on_cuda else None,
-            peak_rss_gb=_peak_rss_gb(),
-            video_length_adjusted_from=p.video_length_adjusted_from,
-            extra={
-                "transformer_calls_per_step": list(recorder.calls_per_step(steps)),
-                "memory_profile_requested": p.memory_profile_requested or self.memory_profile,
-                "memory_profile_ladder": ladder,  # profiles that ran out of memory before this one
-                "negative_prompt": p.negative_prompt,
-                "speed": loaded.speed.brief(compiled_ran=not requests) if loaded.speed else None,
-                "fp8": loaded.fp8,
-            },
+        frames, profile, ladder = gen.memory_ladder(loaded, profile, attempt, on_retry=state.reset)
+        clock.mark("decode")
+        # 7. Write atomically (temp name + rename).
+        written_path = gen.write(frames, output_path, p.fps, progress)
+        clock.mark("write")
+        return gen.build_result(
+            loaded,
+            p,
+            frames=frames,
+            written_path=written_path,
+            clock=clock,
+            state=state,
+            plan=plan,
+            loras=loras,
+            profile=profile,
+            ladder=ladder,
+            profile_requested=p.memory_profile_requested or self.memory_profile,
             mode=mode,
-            inputs=notes or {},
-            loras=[
-                {**record, "from_preset": p.loras_from_preset}
-                for record in describe_loras(lora_state, requests, experts, dual)
-            ],
+            notes=notes,
+            inputs_seconds=inputs_seconds,
         )
-        logger.info(
-            "generation finished",
-            extra={
-                "model": result.model,
-                "mode": mode,
-                "seed": result.seed,
-                "seconds": round(result.timings["total"], 3),
-            },
+
+
+def _control_scale(value: Any) -> float:
+    """VACE's control_scale (None: the default), within the bounds of wan_engine.limits."""
+    scale = DEFAULT_CONTROL_SCALE if value is None else value
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float))
+        or not MIN_CONTROL_SCALE <= scale <= MAX_CONTROL_SCALE
+    ):
+        raise InvalidRequestError(
+            f"Invalid control_scale: {value!r}; must be from {MIN_CONTROL_SCALE:g} to {MAX_CONTROL_SCALE:g}."
         )
-        return result
+    return float(scale)
+
+
+def _image_refs(image_refs: list[Path] | None) -> list[Path]:
+    refs = [Path(r) for r in (image_refs or [])]
+    if len(refs) > MAX_IMAGE_REFS:
+        raise InvalidRequestError(f"Invalid image_refs: {len(refs)} images; at most {MAX_IMAGE_REFS}.")
+    return refs

@@ -25,11 +25,11 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
+from wan_engine.limits import MAX_FRAMES, MAX_SEED
 from wan_engine.video_io import MP4_CRF, iter_video_frames, partial_path_for, read_video_info, to_uint8
 
 MIN_SEGMENT_FRAMES = 5
-MAX_SEGMENT_FRAMES = 1001
-MAX_SEED = 2**63 - 1
+MAX_SEGMENT_FRAMES = MAX_FRAMES
 GUIDE_GREY = 127  # "nothing here" in the VACE guide: ~0 once the pipeline maps [0, 255] to [-1, 1]
 MASK_KEEP = 0  # black: VACE keeps the guide frame
 MASK_GENERATE = 255  # white: VACE generates the frame
@@ -127,19 +127,36 @@ def plan_travel(
       own + overlap frames, re-aligned up to 4N+1.
     - `base_prompts` / `negative_prompts`: one, or one per segment. Seeds are `seed_base + index`.
     """
+    num_segments = _check_counts(num_images, seed_base)
+    notes: list[str] = []  # every adjusted value, in the order the steps below adjust them
+    own = _plan_own_frames(segment_frames, num_segments, notes)
+    overlaps = _plan_overlaps(frame_overlap, own, notes)
+    prompts, negatives = _plan_prompts(base_prompts, negative_prompts, num_segments)
+    segments = _plan_segments(own, overlaps, prompts, negatives, seed_base, notes)
+    total = sum(s.frames for s in segments) - sum(overlaps)
+    return TravelPlan(segments=tuple(segments), overlaps=tuple(overlaps), total_frames=total, notes=tuple(notes))
+
+
+def _per_segment(num_segments: int) -> str:
+    return f"one value, or one per segment ({num_segments})"
+
+
+def _check_counts(num_images: Any, seed_base: Any) -> int:
+    """Validate the key-image count and the seed; return the number of segments."""
     if not _is_int(num_images) or num_images < 2:
         raise TravelPlanError(f"num_images={num_images!r} is invalid; allowed: an integer >= 2 (key images)")
-    num_segments = int(num_images) - 1
-    num_joins = num_segments - 1
     if not _is_int(seed_base) or not 0 <= seed_base <= MAX_SEED:
         raise TravelPlanError(
             f"seed_base={seed_base!r} is invalid; allowed: an integer in [0, {MAX_SEED}] (resolve -1 before planning)"
         )
-    notes: list[str] = []
+    return int(num_images) - 1
 
-    per_segment = f"one value, or one per segment ({num_segments})"
+
+def _plan_own_frames(segment_frames: int | Sequence[int], num_segments: int, notes: list[str]) -> list[int]:
+    """Each segment's own frame count, validated and rounded to 4N+1 (noting every rounding)."""
+    values = _expand("segment_frames", segment_frames, num_segments, (1, num_segments), _per_segment(num_segments))
     own: list[int] = []
-    for i, value in enumerate(_expand("segment_frames", segment_frames, num_segments, (1, num_segments), per_segment)):
+    for i, value in enumerate(values):
         if not _is_int(value) or not MIN_SEGMENT_FRAMES <= value <= MAX_SEGMENT_FRAMES:
             raise TravelPlanError(
                 f"segment_frames[{i}]={value!r} is invalid; allowed: an integer in "
@@ -149,11 +166,15 @@ def plan_travel(
         if quantized != value:
             notes.append(f"segment_frames[{i}] {value} -> {quantized} (4N+1)")
         own.append(quantized)
+    return own
 
+
+def _plan_overlaps(frame_overlap: int | Sequence[int], own: list[int], notes: list[str]) -> list[int]:
+    """The overlap at each join, validated, made even and capped by the shorter neighbour (noting each change)."""
+    num_joins = len(own) - 1
     per_join = f"one value, or one per join ({num_joins})"
-    overlap_values = _expand("frame_overlap", frame_overlap, num_joins, (1, num_joins), per_join)
     overlaps: list[int] = []
-    for j, value in enumerate(overlap_values):
+    for j, value in enumerate(_expand("frame_overlap", frame_overlap, num_joins, (1, num_joins), per_join)):
         if not _is_int(value) or value < 0:
             raise TravelPlanError(f"frame_overlap[{j}]={value!r} is invalid; allowed: an integer >= 0 (made even)")
         even = int(value) - int(value) % 2  # even: a chained segment then re-aligns to 4N+1 by at most 2 frames
@@ -165,7 +186,14 @@ def plan_travel(
             notes.append(f"frame_overlap[{j}] {even} -> {cap} (capped by the shorter neighbour)")
             even = cap
         overlaps.append(even)
+    return overlaps
 
+
+def _plan_prompts(
+    base_prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None, num_segments: int
+) -> tuple[list[str], list[str]]:
+    """One prompt and one negative prompt per segment, each checked to be a string."""
+    per_segment = _per_segment(num_segments)
     prompts = _expand("base_prompts", base_prompts, num_segments, (1, num_segments), per_segment)
     negatives = _expand(
         "negative_prompts",
@@ -178,9 +206,15 @@ def plan_travel(
         for i, text in enumerate(values):
             if not isinstance(text, str):
                 raise TravelPlanError(f"{name}[{i}]={text!r} is invalid; allowed: a string")
+    return prompts, negatives
 
+
+def _plan_segments(
+    own: list[int], overlaps: list[int], prompts: list[str], negatives: list[str], seed_base: int, notes: list[str]
+) -> list[SegmentPlan]:
+    """The segments: each requests its own frames plus its incoming overlap, re-aligned up to 4N+1."""
     segments = []
-    for i in range(num_segments):
+    for i in range(len(own)):
         overlap_in = overlaps[i - 1] if i else 0
         wanted = own[i] + overlap_in
         frames = _align_up(wanted)
@@ -204,8 +238,7 @@ def plan_travel(
                 seed=(seed_base + i) % (MAX_SEED + 1),
             )
         )
-    total = sum(s.frames for s in segments) - sum(overlaps)
-    return TravelPlan(segments=tuple(segments), overlaps=tuple(overlaps), total_frames=total, notes=tuple(notes))
+    return segments
 
 
 # ---------------------------------------------------------------------------------------- guide and mask
@@ -380,6 +413,49 @@ def stitch_videos(
     """
     paths = [Path(p) for p in paths]
     overlaps = list(overlaps)
+    _check_stitch_args(paths, overlaps, fps)
+    weights = [crossfade_weights(int(o), sharpen) for o in overlaps]
+    width, height, total = _check_clips(paths, overlaps)
+    output_path = _mp4_path(Path(output_path))
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path_for(output_path)
+    pipe: _Mp4Pipe | None = None
+    try:
+        pipe = _Mp4Pipe(tmp, width, height, fps)
+        _encode_clips(_emitter(pipe, progress, total), paths, overlaps, weights, (width, height))
+        pipe.finish()
+        os.replace(tmp, output_path)
+    except BaseException:
+        # Also on KeyboardInterrupt or a cancel raised from `progress`: never leave the temporary file.
+        if pipe is not None:
+            pipe.abort()
+        tmp.unlink(missing_ok=True)
+        raise
+    return StitchResult(output_path=output_path, frames=pipe.frames, width=width, height=height)
+
+
+def _emitter(pipe: _Mp4Pipe, progress: Callable[[int, int], None] | None, total: int) -> Callable[[np.ndarray], None]:
+    """Write one frame to `pipe`, then report progress(frames_written, total)."""
+
+    def emit(frame: np.ndarray) -> None:
+        pipe.write(frame)
+        if progress is not None:
+            progress(pipe.frames, total)
+
+    return emit
+
+
+def _joins_of(overlaps: list[int], i: int) -> tuple[int, int]:
+    """Clip i's overlap with the previous clip and with the next one (0 at either end)."""
+    return (overlaps[i - 1] if i else 0), (overlaps[i] if i < len(overlaps) else 0)
+
+
+def _mp4_path(output_path: Path) -> Path:
+    return output_path if output_path.suffix.lower() == ".mp4" else output_path.with_suffix(".mp4")
+
+
+def _check_stitch_args(paths: list[Path], overlaps: list[int], fps: int) -> None:
+    """The arguments themselves: at least one clip, one non-negative integer overlap per join, fps >= 1."""
     if not paths:
         raise ValueError("stitch_videos needs at least one clip")
     if len(overlaps) != len(paths) - 1:
@@ -389,9 +465,13 @@ def stitch_videos(
             raise ValueError(f"overlaps[{j}]={overlap!r} is invalid; allowed: an integer >= 0")
     if not _is_int(fps) or fps < 1:
         raise ValueError(f"fps={fps!r} is invalid; allowed: an integer >= 1")
-    weights = [crossfade_weights(int(o), sharpen) for o in overlaps]
 
-    # Check every clip before encoding anything: sizes must agree and each clip must cover its overlaps.
+
+def _check_clips(paths: list[Path], overlaps: list[int]) -> tuple[int, int, int]:
+    """Check every clip before encoding anything; return (width, height, stitched frame count).
+
+    Sizes must agree (and be even, for yuv420p) and each clip must cover its overlaps.
+    """
     infos = [read_video_info(p) for p in paths]
     width, height = infos[0].width, infos[0].height
     if width % 2 or height % 2:
@@ -402,58 +482,58 @@ def stitch_videos(
                 f"clip {i} ({path}) is {info.width}x{info.height}, but clip 0 ({paths[0]}) is {width}x{height}; "
                 "all clips must share one size"
             )
-        need_in, need_out = (overlaps[i - 1] if i else 0), (overlaps[i] if i < len(overlaps) else 0)
+        need_in, need_out = _joins_of(overlaps, i)
         if info.frames < need_in + need_out:
             raise ValueError(
                 f"clip {i} ({path}) has {info.frames} frames, fewer than its overlaps with its neighbours "
                 f"({need_in} + {need_out}); lower the overlap"
             )
-    total = sum(info.frames for info in infos) - sum(overlaps)
+    return width, height, sum(info.frames for info in infos) - sum(overlaps)
 
-    output_path = Path(output_path)
-    if output_path.suffix.lower() != ".mp4":
-        output_path = output_path.with_suffix(".mp4")
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path_for(output_path)
-    pipe: _Mp4Pipe | None = None
-    try:
-        pipe = _Mp4Pipe(tmp, width, height, fps)
 
-        def emit(frame: np.ndarray) -> None:
-            pipe.write(frame)  # type: ignore[union-attr]
-            if progress is not None:
-                progress(pipe.frames, total)  # type: ignore[union-attr]
+def _encode_clips(
+    emit: Callable[[np.ndarray], None],
+    paths: list[Path],
+    overlaps: list[int],
+    weights: list[np.ndarray],
+    size: tuple[int, int],
+) -> None:
+    """Stream every clip through `emit`, cross-fading each join."""
+    tail: list[np.ndarray] = []  # the previous clip's last `overlap` frames, the only frames held back
+    for i, path in enumerate(paths):
+        fade_in = weights[i - 1] if i else np.zeros(0, dtype=np.float32)
+        tail = _encode_clip(emit, i, path, _joins_of(overlaps, i), tail, fade_in, size)
 
-        tail: list[np.ndarray] = []  # the previous clip's last `overlap` frames, the only frames held back
-        for i, path in enumerate(paths):
-            need_in = overlaps[i - 1] if i else 0
-            need_out = overlaps[i] if i < len(overlaps) else 0
-            held: deque[np.ndarray] = deque()
-            read = 0
-            with contextlib.closing(iter_video_frames(path)) as frames:
-                for frame in frames:
-                    if frame.shape != (height, width, 3):
-                        raise ValueError(f"clip {i} ({path}) frame {read} is {frame.shape}, expected {width}x{height}")
-                    if read < need_in:
-                        frame = _blend(tail[read], frame, float(weights[i - 1][read]))
-                    read += 1
-                    held.append(frame)
-                    if len(held) > need_out:
-                        emit(held.popleft())
-            if read < need_in + need_out:  # decoding found fewer frames than counted
-                raise ValueError(
-                    f"clip {i} ({path}) decoded {read} frames, fewer than its overlaps ({need_in} + {need_out})"
-                )
-            tail = list(held)
-        pipe.finish()
-        os.replace(tmp, output_path)
-    except BaseException:
-        # Also on KeyboardInterrupt or a cancel raised from `progress`: never leave the temporary file.
-        if pipe is not None:
-            pipe.abort()
-        tmp.unlink(missing_ok=True)
-        raise
-    return StitchResult(output_path=output_path, frames=pipe.frames, width=width, height=height)
+
+def _encode_clip(
+    emit: Callable[[np.ndarray], None],
+    i: int,
+    path: Path,
+    joins: tuple[int, int],
+    tail: list[np.ndarray],
+    fade_in: np.ndarray,
+    size: tuple[int, int],
+) -> list[np.ndarray]:
+    """Encode clip i: blend its first frames into the previous clip's `tail`, hold back its own last frames.
+
+    Returns the held-back frames, the next clip's `tail`.
+    """
+    (width, height), (need_in, need_out) = size, joins
+    held: deque[np.ndarray] = deque()
+    read = 0
+    with contextlib.closing(iter_video_frames(path)) as frames:
+        for frame in frames:
+            if frame.shape != (height, width, 3):
+                raise ValueError(f"clip {i} ({path}) frame {read} is {frame.shape}, expected {width}x{height}")
+            if read < need_in:
+                frame = _blend(tail[read], frame, float(fade_in[read]))
+            read += 1
+            held.append(frame)
+            if len(held) > need_out:
+                emit(held.popleft())
+    if read < need_in + need_out:  # decoding found fewer frames than counted
+        raise ValueError(f"clip {i} ({path}) decoded {read} frames, fewer than its overlaps ({need_in} + {need_out})")
+    return list(held)
 
 
 def join_clips(

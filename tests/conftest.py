@@ -1,43 +1,18 @@
-"""Shared fixtures: database URLs (a SQLite file and the real local Postgres), tiny models."""
+"""Fixtures several test folders use: database URLs (a SQLite file and the real local Postgres), an engine
+migrated to head, tiny models, and worker stacks (tests.support.processes). Helpers live in tests/support/."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 
-POSTGRES_ADMIN_URL = os.environ.get("WAN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def _postgres_reachable() -> str | None:
-    """None when reachable, else the reason."""
-    try:
-        engine = sa.create_engine(POSTGRES_ADMIN_URL, connect_args={"connect_timeout": 3})
-        with engine.connect() as conn:
-            conn.exec_driver_sql("SELECT 1")
-        engine.dispose()
-        return None
-    except Exception as exc:
-        return f"Postgres at {POSTGRES_ADMIN_URL} unreachable: {exc.__class__.__name__}: {str(exc)[:200]}"
-
-
-_PG_PROBLEM: str | bool | None = False  # False = not probed yet
-
-
-def require_postgres() -> None:
-    """Skip (with the reason) when Postgres is unreachable; in CI that is a failure instead."""
-    global _PG_PROBLEM
-    if _PG_PROBLEM is False:
-        _PG_PROBLEM = _postgres_reachable()
-    if isinstance(_PG_PROBLEM, str):
-        if IN_CI:
-            pytest.fail(f"CI=true requires Postgres: {_PG_PROBLEM}")
-        pytest.skip(_PG_PROBLEM)
+from tests.support.db import POSTGRES_ADMIN_URL, open_engine, require_postgres
+from tests.support.processes import Stack, running_stack
 
 
 @pytest.fixture
@@ -68,6 +43,13 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield request.getfixturevalue("postgres_url")
 
 
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on `db_url` (both backends), migrated to head, disposed afterwards."""
+    with open_engine(db_url) as built:
+        yield built
+
+
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny random-weight Wan models (diffusers layout), built once per test session."""
@@ -76,3 +58,17 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("models")
     build_tiny_models(directory)
     return directory
+
+
+@pytest.fixture
+def stack(db_url: str, tmp_path: Path, tiny_models_dir: Path) -> Iterator[Stack]:
+    """A worker stack on SQLite and on Postgres (parametrized through db_url)."""
+    with running_stack(db_url, tmp_path, tiny_models_dir) as built:
+        yield built
+
+
+@pytest.fixture
+def sqlite_stack(sqlite_url: str, tmp_path: Path, tiny_models_dir: Path) -> Iterator[Stack]:
+    """A worker stack on a SQLite file only (for tests whose point is not the backend)."""
+    with running_stack(sqlite_url, tmp_path, tiny_models_dir) as built:
+        yield built

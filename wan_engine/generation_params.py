@@ -13,7 +13,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from wan_engine.errors import InvalidRequestError
-from wan_engine.loras import MAX_LORAS
+from wan_engine.limits import (
+    DEFAULT_SWITCH_THRESHOLD,
+    MAX_FLOW_SHIFT,
+    MAX_FPS,
+    MAX_FRAMES,
+    MAX_GUIDANCE,
+    MAX_LORAS,
+    MAX_SEED,
+    MAX_SIDE_PX,
+    MAX_STEPS,
+    MAX_SWITCH_THRESHOLD,
+    MIN_FPS,
+    MIN_FRAMES,
+    MIN_GUIDANCE,
+    MIN_SIDE_PX,
+    MIN_STEPS,
+    MIN_SWITCH_THRESHOLD,
+    RANDOM_SEED,
+    SIDE_MULTIPLE_PX,
+)
 from wan_engine.presets import Preset
 
 BUILTIN_DEFAULTS: dict[str, Any] = {
@@ -24,21 +43,17 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "guidance_scale": 5.0,
     "guidance2_scale": None,  # None: the low-noise expert uses guidance_scale
     "flow_shift": 5.0,
-    "switch_threshold": 875,  # Wan 2.2 T2V A14B boundary (timestep out of 1000)
-    "seed": -1,
+    "switch_threshold": DEFAULT_SWITCH_THRESHOLD,  # Wan 2.2 T2V A14B boundary (timestep out of 1000)
+    "seed": RANDOM_SEED,
     "fps": 16,
 }
 # Accepted but not acted on by the T2V path here (the worker/queue layers consume them).
 PASS_THROUGH_KEYS = frozenset({"model", "memory_profile"})
 LORA_KEYS = frozenset({"lora_names", "lora_multipliers"})
 
-MIN_SIDE_PX, MAX_SIDE_PX, SIDE_MULTIPLE = 16, 4096, 16
-MAX_VIDEO_LENGTH = 1001
-MAX_STEPS = 1000
-MAX_GUIDANCE = 100.0
-MAX_FLOW_SHIFT = 100.0
-MAX_SEED = 2**63 - 1
-MAX_FPS = 240
+# The bounds live in wan_engine.limits (the worker's task schema uses the same objects); old names kept.
+SIDE_MULTIPLE = SIDE_MULTIPLE_PX
+MAX_VIDEO_LENGTH = MAX_FRAMES
 _RESOLUTION = re.compile(r"^(\d+)x(\d+)$")
 
 
@@ -134,28 +149,30 @@ def resolve_params(preset: Preset, prompt: Any, params: dict[str, Any]) -> Resol
     if not isinstance(merged["negative_prompt"], str):
         raise _bad("negative_prompt", merged["negative_prompt"], "must be a string")
     width, height = parse_resolution(merged["resolution"])
-    requested_length = _int("video_length", merged["video_length"], 1, MAX_VIDEO_LENGTH)
+    requested_length = _int("video_length", merged["video_length"], MIN_FRAMES, MAX_VIDEO_LENGTH)
     video_length = align_video_length(requested_length)
     if video_length > MAX_VIDEO_LENGTH:
         raise _bad("video_length", requested_length, f"must be at most {MAX_VIDEO_LENGTH} frames (4N+1)")
-    guidance = _float("guidance_scale", merged["guidance_scale"], 0.0, MAX_GUIDANCE)
+    guidance = _float("guidance_scale", merged["guidance_scale"], MIN_GUIDANCE, MAX_GUIDANCE)
     guidance2 = merged["guidance2_scale"]
-    guidance2 = guidance if guidance2 is None else _float("guidance2_scale", guidance2, 0.0, MAX_GUIDANCE)
-    seed = _int("seed", merged["seed"], -1, MAX_SEED)
+    guidance2 = guidance if guidance2 is None else _float("guidance2_scale", guidance2, MIN_GUIDANCE, MAX_GUIDANCE)
+    seed = _int("seed", merged["seed"], RANDOM_SEED, MAX_SEED)
     return ResolvedParams(
         prompt=prompt,
         negative_prompt=merged["negative_prompt"],
         width=width,
         height=height,
         video_length=video_length,
-        num_inference_steps=_int("num_inference_steps", merged["num_inference_steps"], 1, MAX_STEPS),
+        num_inference_steps=_int("num_inference_steps", merged["num_inference_steps"], MIN_STEPS, MAX_STEPS),
         guidance_scale=guidance,
         guidance2_scale=guidance2,
         flow_shift=_float("flow_shift", merged["flow_shift"], 0.0, MAX_FLOW_SHIFT, low_open=True),
-        switch_threshold=_float("switch_threshold", merged["switch_threshold"], 0.0, 1000.0),
-        seed=random_seed() if seed == -1 else seed,
-        seed_was_random=seed == -1,
-        fps=_int("fps", merged["fps"], 1, MAX_FPS),
+        switch_threshold=_float(
+            "switch_threshold", merged["switch_threshold"], MIN_SWITCH_THRESHOLD, MAX_SWITCH_THRESHOLD
+        ),
+        seed=random_seed() if seed == RANDOM_SEED else seed,
+        seed_was_random=seed == RANDOM_SEED,
+        fps=_int("fps", merged["fps"], MIN_FPS, MAX_FPS),
         video_length_adjusted_from=requested_length if video_length != requested_length else None,
         memory_profile_requested=params.get("memory_profile"),
         lora_names=lora_names,

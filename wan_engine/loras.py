@@ -25,7 +25,6 @@ logger = logging.getLogger(__name__)
 LORA_SUFFIX = ".safetensors"
 REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # pickles can run code when loaded
 MAX_MULTIPLIER = 10.0
-MAX_LORAS = 16
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+()\[\]-]{0,199}$")
 Expert = str  # "high" (transformer) or "low" (transformer_2)
 _COMPONENTS: dict[Expert, str] = {"high": "transformer", "low": "transformer_2"}
@@ -278,7 +277,10 @@ def apply_loras(
 def set_step_weights(
     pipe: Any, state: LoraState, requests: Sequence[LoraRequest], step: int, experts_per_step: Sequence[Expert]
 ) -> None:
-    """Set the adapters' weights of the expert that runs `step` (skipped when unchanged)."""
+    """Set the adapters' weights of the expert that runs `step` (skipped when unchanged).
+
+    Called before each step through `wan_engine.experts.ExpertPlan.set_lora_weights`, which owns the plan.
+    """
     expert = experts_per_step[step]
     active = [(lora, r) for lora, r in zip(state.loaded, requests, strict=True) if expert in lora.experts]
     if not active:

@@ -1,7 +1,8 @@
 """Loading a preset's diffusers pipeline and the per-call adjustments made to it.
 
-Kept apart from the orchestrator so each piece (load, scheduler shift, expert hooks, VAE decode)
-can be read and tested on its own. All weights are loaded from safetensors only.
+Kept apart from the orchestrator so each piece (load, scheduler shift, prompt encode, VAE decode)
+can be read and tested on its own; the Wan 2.2 expert switch lives in `wan_engine.experts`. All weights
+are loaded from safetensors only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from wan_engine.errors import InvalidRequestError, ModelUnavailableError
 from wan_engine.fp8 import quantize_pipeline
+from wan_engine.limits import DEFAULT_BOUNDARY_RATIO  # when URLs2 adds an expert to a folder without one
 from wan_engine.loras import LoraState
 from wan_engine.model_sources import ModelCheck
 from wan_engine.presets import Preset
@@ -32,7 +34,6 @@ PIPELINE_CLASSES: dict[str, tuple[str, ...]] = {
     "i2v": ("WanImageToVideoPipeline",),
     "flf2v": ("WanImageToVideoPipeline",),
 }
-DEFAULT_BOUNDARY_RATIO = 0.875  # used only when URLs2 adds an expert to a folder that has no boundary
 
 
 @dataclass
@@ -186,18 +187,17 @@ def scheduler_with_shift(base_scheduler: Any, flow_shift: float) -> Any:
 
 
 @contextmanager
-def scheduled(loaded: LoadedModel, flow_shift: float, boundary_ratio: float | None, pipe: Any = None) -> Iterator[Any]:
-    """Apply a call's flow shift (and expert boundary) to `pipe` (default: the loaded one); restore both."""
+def scheduled(loaded: LoadedModel, flow_shift: float, pipe: Any = None) -> Iterator[Any]:
+    """Apply a call's flow shift to `pipe` (default: the loaded one); restore the base scheduler after.
+
+    The expert boundary of a two-expert model is applied separately (`wan_engine.experts.expert_boundary`).
+    """
     pipe = loaded.pipe if pipe is None else pipe
     pipe.scheduler = scheduler_with_shift(loaded.base_scheduler, flow_shift)
-    if loaded.is_dual_expert:
-        pipe.register_to_config(boundary_ratio=boundary_ratio)
     try:
         yield pipe
     finally:
         pipe.scheduler = loaded.base_scheduler
-        if loaded.is_dual_expert:
-            pipe.register_to_config(boundary_ratio=loaded.default_boundary_ratio)
 
 
 def check_image_conditioning(loaded: LoadedModel, *, has_end: bool) -> None:
@@ -220,95 +220,6 @@ def check_image_conditioning(loaded: LoadedModel, *, has_end: bool) -> None:
             f"Model {key!r} (Wan 2.1 I2V) takes a start image only; for image_end use a first-last-frame "
             "model (flf2v_14B) or a Wan 2.2 I2V model (i2v_2_2)."
         )
-
-
-def experts_for_steps(
-    loaded: LoadedModel, flow_shift: float, num_steps: int, boundary_ratio: float | None
-) -> list[str]:
-    """Which expert the pipeline will run at each step ("high" throughout on one transformer).
-
-    Computed ahead of the call, from the same scheduler the call uses, with the pipelines' own rule
-    (timestep >= boundary_ratio x num_train_timesteps -> high-noise expert).
-    """
-    scheduler = scheduler_with_shift(loaded.base_scheduler, flow_shift)
-    scheduler.set_timesteps(num_steps, device="cpu")
-    timesteps = [int(t) for t in scheduler.timesteps]
-    if len(set(timesteps)) < len(timesteps):
-        # Integer timesteps collide when the steps are many for the shift; multistep solvers (UniPC)
-        # then fail deep inside the loop, so refuse up front with the largest count that works.
-        limit = _max_distinct_steps(loaded, flow_shift, num_steps)
-        raise InvalidRequestError(
-            f"num_inference_steps={num_steps} at flow_shift {flow_shift:g} repeats scheduler timesteps "
-            f"({type(scheduler).__name__}); use at most {limit} steps or a smaller flow_shift"
-        )
-    if not loaded.is_dual_expert or boundary_ratio is None:
-        return ["high"] * num_steps
-    boundary = boundary_ratio * scheduler.config.num_train_timesteps
-    return ["high" if float(t) >= boundary else "low" for t in scheduler.timesteps]
-
-
-def _max_distinct_steps(loaded: LoadedModel, flow_shift: float, upper: int) -> int:
-    """The largest step count below `upper` whose timesteps are all distinct (binary search)."""
-    low, high = 1, upper - 1
-    while low < high:
-        middle = (low + high + 1) // 2
-        scheduler = scheduler_with_shift(loaded.base_scheduler, flow_shift)
-        scheduler.set_timesteps(middle, device="cpu")
-        timesteps = [int(t) for t in scheduler.timesteps]
-        if len(set(timesteps)) == len(timesteps):
-            low = middle
-        else:
-            high = middle - 1
-    return low
-
-
-class ExpertRecorder:
-    """Counts transformer calls per denoising step with forward pre-hooks (proof of which expert ran)."""
-
-    def __init__(self) -> None:
-        self.step = 0
-        self.calls: list[tuple[int, str]] = []  # (step index, "high" | "low")
-
-    def reset(self) -> None:
-        """Forget what was recorded (a generation retried after an out-of-memory error)."""
-        self.step = 0
-        self.calls.clear()
-
-    def _hook(self, name: str) -> Any:
-        def record(_module: Any, _args: Any) -> None:
-            self.calls.append((self.step, name))
-
-        return record
-
-    @contextmanager
-    def attached(self, pipe: Any) -> Iterator[ExpertRecorder]:
-        """Hook `transformer` as the high-noise expert and `transformer_2` as the low-noise one."""
-        handles = []
-        for attr, name in (("transformer", "high"), ("transformer_2", "low")):
-            module = getattr(pipe, attr, None)
-            if module is not None:
-                handles.append(module.register_forward_pre_hook(self._hook(name)))
-        try:
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def experts_per_step(self, num_steps: int) -> tuple[str, ...]:
-        """The expert that ran each step; "mixed" would reveal a step served by both (never expected)."""
-        per_step: list[set[str]] = [set() for _ in range(num_steps)]
-        for step, name in self.calls:
-            if step < num_steps:
-                per_step[step].add(name)
-        return tuple(next(iter(s)) if len(s) == 1 else ("mixed" if s else "none") for s in per_step)
-
-    def calls_per_step(self, num_steps: int) -> tuple[int, ...]:
-        """Transformer forward calls in each step (2 with classifier-free guidance, 1 without)."""
-        counts = [0] * num_steps
-        for step, _name in self.calls:
-            if step < num_steps:
-                counts[step] += 1
-        return tuple(counts)
 
 
 @torch.no_grad()

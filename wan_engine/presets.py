@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from wan_engine.errors import PresetError, UnknownModelError
+from wan_engine.limits import MAX_PARALLEL, MAX_STEPS, MAX_SWITCH_THRESHOLD, MIN_STEPS, MIN_SWITCH_THRESHOLD
 
 BUILTIN_PRESETS_DIR = Path(__file__).resolve().parent.parent / "defaults"
 
@@ -64,18 +65,18 @@ class PresetSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    num_inference_steps: int | None = Field(default=None, ge=1, le=1000)
+    num_inference_steps: int | None = Field(default=None, ge=MIN_STEPS, le=MAX_STEPS)
     guidance_scale: float | None = Field(default=None, ge=0)
     guidance2_scale: float | None = Field(default=None, ge=0)
     flow_shift: float | None = Field(default=None, gt=0)
-    switch_threshold: float | None = Field(default=None, ge=0, le=1000)
+    switch_threshold: float | None = Field(default=None, ge=MIN_SWITCH_THRESHOLD, le=MAX_SWITCH_THRESHOLD)
     video_length: int | None = Field(default=None, ge=1)
     resolution: str | None = Field(default=None, pattern=_RESOLUTION_PATTERN)
     fps: int | None = Field(default=None, ge=1)
     negative_prompt: str | None = None
     # GPUs a generation with this model is split over by default (a task's `parallel` overrides it);
     # a worker property rather than a generation parameter, so not part of as_params().
-    parallel: int | None = Field(default=None, ge=1, le=64)
+    parallel: int | None = Field(default=None, ge=1, le=MAX_PARALLEL)
 
     def as_params(self) -> dict[str, Any]:
         """The settings this preset sets, as generation parameters (unset ones left out)."""

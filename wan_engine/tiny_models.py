@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from wan_engine.limits import DEFAULT_BOUNDARY_RATIO
+
 # Preset key -> folder name under the models dir (the presets' `URLs` name these folders).
 TINY_MODEL_DIRS: dict[str, str] = {
     "tiny_t2v": "tiny-wan2.1-t2v",
@@ -28,7 +30,7 @@ TINY_MODEL_DIRS: dict[str, str] = {
 }
 
 TINY_TEXT_DIM = 32  # UMT5 d_model; the transformers' text_dim must match it
-TINY_BOUNDARY_RATIO = 0.875  # Wan 2.2 T2V A14B ships with 0.875
+TINY_BOUNDARY_RATIO = DEFAULT_BOUNDARY_RATIO  # Wan 2.2 T2V A14B ships with 0.875
 TINY_I2V_BOUNDARY_RATIO = 0.9  # Wan 2.2 I2V A14B ships with 0.9
 # CLIP vision encoder of the Wan 2.1 I2V / FLF2V models: 8x8 images in 4x4 patches -> 4 + 1 tokens.
 TINY_CLIP_DIM, TINY_CLIP_IMAGE, TINY_CLIP_PATCH = 8, 8, 4

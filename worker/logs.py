@@ -43,15 +43,3 @@ def configure_logging(level: str = "INFO", json_lines: bool = False) -> None:
     root.setLevel(level)
     for noisy in ("httpx", "urllib3", "alembic", "diffusers", "transformers", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def quiet_progress_bars() -> None:
-    """Library progress bars (tqdm) garble a daemon's log; progress goes to the task row instead."""
-    import os
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()

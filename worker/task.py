@@ -9,7 +9,7 @@ from typing import Any
 
 
 class TaskStatus(str, enum.Enum):
-    """The life cycle of a row in `tasks` (DESIGN.md)."""
+    """The life cycle of a row in `tasks` (docs/DESIGN.md)."""
 
     QUEUED = "Queued"
     IN_PROGRESS = "In Progress"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.acceptance.conftest import wan_worker_command
+from tests.support.processes import wan_worker_command
 from wan_engine.video_io import read_video_info
 
 pytestmark = pytest.mark.acceptance

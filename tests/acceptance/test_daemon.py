@@ -1,7 +1,7 @@
 """Acceptance: the real `wan-worker run` process on a real database and tiny real Wan models.
 
 Rows are inserted the way other programs do (raw SQL, the sqlite3 / psql command-line clients for the
-DESIGN.md insert), signals are real, and the table is read back.
+docs/DESIGN.md insert), signals are real, and the table is read back.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from tests.acceptance.conftest import Stack, output_files
+from tests.support.processes import Stack, output_files
 from wan_engine.video_io import read_video_info
 
 pytestmark = pytest.mark.acceptance

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.conftest import Stack
+from tests.support.processes import Stack
 from wan_engine.video_io import read_video_info
 
 pytestmark = pytest.mark.acceptance

@@ -25,11 +25,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.acceptance.conftest import Stack, _make_stack, wan_worker_command
+from tests.support.db import IN_CI
+from tests.support.processes import Stack, build_stack, wan_worker_command
 
 pytestmark = pytest.mark.acceptance
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 A_STEPS = 8
 # B: about a minute of steps on this CPU (63 ms each when idle), cancelled a few seconds in: it must
 # outlast a Chromium screenshot and `status --follow` starting, on a loaded machine too.
@@ -148,7 +148,7 @@ def record(url: str, events: list[dict[str, Any]], ready: threading.Event, stop:
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> Iterator[Scenario]:
     root = tmp_path_factory.mktemp("live")
-    stack = _make_stack(f"sqlite:///{root / 'tasks.db'}", root, tiny_models_dir)
+    stack = build_stack(f"sqlite:///{root / 'tasks.db'}", root, tiny_models_dir)
     port = free_port()
     run = Scenario(stack, port)
     base = f"http://127.0.0.1:{port}"
@@ -185,9 +185,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) ->
         yield run
     finally:
         stop.set()
-        for worker in stack.workers:
-            worker.stop()
-        stack.engine.dispose()
+        stack.close()
 
 
 def _get(url: str) -> str | None:

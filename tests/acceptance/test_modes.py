@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.conftest import Stack
-from tests.engine.media import half_mask, noise_image, noise_video
+from tests.support.media import half_mask, noise_image, noise_video
+from tests.support.processes import Stack
 from wan_engine.video_io import read_video_info
 
 pytestmark = pytest.mark.acceptance

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
-from tests.acceptance.conftest import Stack, wan_worker_command
+from tests.support.processes import Stack, wan_worker_command
 from wan_engine.vram import nvml_index
 from worker.processes.supervisor import (
     Child,

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import travel_between_images as travel
-from tests.acceptance.conftest import Stack
+from tests.support.processes import Stack
 from wan_engine.video_io import read_video_info
 
 pytestmark = pytest.mark.acceptance

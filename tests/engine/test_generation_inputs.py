@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.engine.media import half_mask, noise_image, noise_video
+from tests.support.media import half_mask, noise_image, noise_video
 from wan_engine.errors import InvalidRequestError
 from wan_engine.generation_inputs import (
     GUIDE_PAD_VALUE,

@@ -15,7 +15,7 @@ import pytest
 from diffusers import UniPCMultistepScheduler
 
 from headless_wgp import GenerationResult, WanOrchestrator
-from tests.engine.media import half_mask, noise_image, noise_video
+from tests.support.media import half_mask, noise_image, noise_video
 from wan_engine.errors import InvalidRequestError
 from wan_engine.video_io import read_video_frames, read_video_info
 

@@ -17,28 +17,20 @@ import sys
 import time
 from pathlib import Path
 
+from tests.support.fakes import BaseFakeRunner
 from worker.config import WorkerSettings
 from worker.loop.worker import RunContext, Worker
 from worker.store.repository import SqlTaskRepository
 from worker.store.schema import create_db_engine
 from worker.task import Task, TaskOutcome
-from worker.tasks.claim_filter import ClaimFilter
 
 
-class FastRunner:
+class FastRunner(BaseFakeRunner):
     """Executes a task by logging its id (one line per execution, flushed at once)."""
 
     def __init__(self, log_path: Path, worker_id: str) -> None:
         self.log_path = log_path
         self.worker_id = worker_id
-
-    def resident_model(self) -> str | None:
-        return None
-
-    claim_filter = ClaimFilter()
-
-    def device_name(self) -> str | None:
-        return None
 
     def run(self, task: Task, context: RunContext) -> TaskOutcome:
         context.report("run", 1, 1)

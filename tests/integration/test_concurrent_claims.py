@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from worker.store.migrate import upgrade_to_head
+from tests.support.db import migrated_engine
 from worker.store.repository import SqlTaskRepository
-from worker.store.schema import create_db_engine
 from worker.task import NewTask, TaskStatus
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -32,8 +31,7 @@ TROUBLE = ("database is locked", "OperationalError", "Traceback", "claim failed"
 
 
 def run_workers(db_url: str, tmp_path: Path) -> None:
-    engine = create_db_engine(db_url)
-    upgrade_to_head(engine)
+    engine = migrated_engine(db_url)
     repo = SqlTaskRepository(engine)
     expected = [
         repo.insert(NewTask(task_type="t2v", params={"prompt": f"task {n}"}, priority=n % 3)) for n in range(TASKS)

@@ -1,7 +1,7 @@
 """The SqlTaskRepository contract, run on a SQLite file and on the real Postgres (fixture `db_url`).
 
 Rows are also written with raw SQL, as users do: the schema (Alembic head) must accept the minimal
-insert of DESIGN.md and a user's raw `UPDATE ... SET status='Cancelled'` must never be overwritten.
+insert of docs/DESIGN.md and a user's raw `UPDATE ... SET status='Cancelled'` must never be overwritten.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -22,7 +21,6 @@ from sqlalchemy.engine import Engine
 
 from worker.store.migrate import MIGRATIONS_DIR, upgrade_to_head
 from worker.store.repository import SqlTaskRepository
-from worker.store.schema import create_db_engine
 from worker.task import NewTask, Task, TaskStatus
 
 MINIMAL_INSERT = """INSERT INTO tasks (task_type, params) VALUES ('t2v', '{"model": "t2v_1.3B", "prompt": "a cat"}')"""
@@ -31,14 +29,6 @@ LONG_AGO = "2000-01-01 00:00:00"
 
 def first(candidates: list[Task]) -> Task | None:
     return candidates[0] if candidates else None
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = create_db_engine(db_url)
-    upgrade_to_head(engine)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

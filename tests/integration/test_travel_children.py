@@ -9,19 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sqlalchemy.engine import Engine
 
-from worker.store.migrate import upgrade_to_head
 from worker.store.repository import SqlTaskRepository
-from worker.store.schema import create_db_engine
 from worker.task import NewTask, Task, TaskDeferred, TaskOutcome
 from worker.tasks.params import InvalidTaskError
 from worker.tasks.travel import TravelCoordinator
 
 
 @pytest.fixture
-def setup(db_url: str, tmp_path: Path) -> tuple[SqlTaskRepository, TravelCoordinator, list[str]]:
-    engine = create_db_engine(db_url)
-    upgrade_to_head(engine)
+def setup(engine: Engine, tmp_path: Path) -> tuple[SqlTaskRepository, TravelCoordinator, list[str]]:
     repository = SqlTaskRepository(engine)
     images = []
     for index in range(3):

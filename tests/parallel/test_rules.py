@@ -15,9 +15,7 @@ from sqlalchemy.engine import Engine
 from wan_engine.context_parallel import allowed_degrees, check_degree, check_tokens, enable_context_parallel
 from wan_engine.presets import BUILTIN_PRESETS_DIR, load_presets
 from worker.processes.supervisor import build_children, gpu_groups
-from worker.store.migrate import upgrade_to_head
 from worker.store.repository import CLAIM_CANDIDATES, SqlTaskRepository
-from worker.store.schema import create_db_engine
 from worker.task import NewTask, Task
 from worker.tasks.params import InvalidTaskError, parallel_requested, validate_params
 from worker.tasks.runner import GenerationRunner
@@ -167,14 +165,6 @@ def test_a_preset_parallel_counts_unless_the_task_says_otherwise(tmp_path: Path)
 
 
 # ---- the claim filter in the repository (SQLite and Postgres) -------------------------------------------
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = create_db_engine(db_url)
-    upgrade_to_head(engine)
-    yield engine
-    engine.dispose()
 
 
 def _first(candidates: list[Task]) -> Task | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.acceptance.conftest import Stack, output_files
+from tests.support.processes import Stack, output_files
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.parallel]
 

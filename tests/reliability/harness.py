@@ -1,6 +1,6 @@
 """Helpers shared by the reliability suites: worker processes, reading the table and the logs, fault injection.
 
-Workers are the real `wan-worker run` console script (tests.acceptance.conftest.WorkerProcess) on tiny real
+Workers are the real `wan-worker run` console script (tests.support.processes.WorkerProcess) on tiny real
 models. Faults are injected from outside only: SIGKILL, `pg_terminate_backend` restricted to the workers'
 own `application_name`, and a TCP relay in front of Postgres that can drop and refuse the workers'
 connections (the shared Postgres server itself is never restarted or reconfigured).
@@ -24,7 +24,7 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
-from tests.acceptance.conftest import Stack, WorkerProcess
+from tests.support.processes import Stack, WorkerProcess, decode_row, insert_statement
 
 FINAL = ("Complete", "Failed", "Cancelled")
 _CLAIM = re.compile(r"claimed \S+ task \(priority -?\d+\) .*?task_id=(\S+)")
@@ -42,26 +42,7 @@ def start_worker(
     global_args: Iterable[str] = (),
 ) -> WorkerProcess:
     """Start `wan-worker [global_args] run` on the stack's database (or `db_url`), logging to `<name>.log`."""
-    args = [
-        *global_args,
-        "run",
-        "--db",
-        db_url or stack.db_url,
-        "--models-dir",
-        str(stack.models_dir),
-        "--outputs-dir",
-        str(stack.outputs_dir),
-        "--presets-dir",
-        str(stack.presets_dir),
-        "--lease-seconds",
-        str(lease_s),
-        "--worker-id",
-        name,
-        *extra,
-    ]
-    worker = WorkerProcess(args, stack.root / f"{name}.log", stack.root, env=dict(env or {})).start()
-    stack.workers.append(worker)
-    return worker
+    return stack.start_worker(*extra, name=name, lease_s=lease_s, env=env, db_url=db_url, global_args=global_args)
 
 
 def insert_many(stack: Stack, rows: list[dict[str, Any]]) -> list[str]:
@@ -75,9 +56,7 @@ def insert_many(stack: Stack, rows: list[dict[str, Any]]) -> list[str]:
             values = dict(row)
             if not isinstance(values["params"], str):
                 values["params"] = json.dumps(values["params"])
-            names = list(values)
-            sql = f"INSERT INTO tasks ({', '.join(names)}) VALUES ({', '.join(':' + n for n in names)}) RETURNING id"
-            ids.append(str(conn.execute(sa.text(sql), values).scalar_one()))
+            ids.append(str(conn.execute(insert_statement(values), values).scalar_one()))
     return ids
 
 
@@ -90,10 +69,7 @@ def read_rows(stack: Stack, ids: Iterable[str] | None = None) -> dict[str, dict[
     for row in found:
         if wanted is not None and row["id"] not in wanted:
             continue
-        data = dict(row)
-        for key in ("result_data", "progress"):
-            if isinstance(data[key], str):
-                data[key] = json.loads(data[key])
+        data = decode_row(row)
         rows[data["id"]] = data
     return rows
 

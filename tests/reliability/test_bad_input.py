@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.acceptance.conftest import Stack, WorkerProcess, _make_stack
-from tests.reliability.conftest import Figures
+from tests.reliability.figures import Figures
 from tests.reliability.harness import all_files, insert_many, read_rows, start_worker, wait_all_final
+from tests.support.processes import Stack, WorkerProcess, build_stack
 from wan_engine.video_io import read_video_info, write_video
 from worker.tasks.params import MAX_PARAMS_BYTES, MAX_PROMPT_CHARS
 
@@ -174,7 +174,7 @@ class Battery:
 @pytest.fixture(scope="module")
 def battery(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> Iterator[Battery]:
     root = tmp_path_factory.mktemp("battery")
-    stack = _make_stack(f"sqlite:///{root / 'tasks.db'}", root, tiny_models_dir)
+    stack = build_stack(f"sqlite:///{root / 'tasks.db'}", root, tiny_models_dir)
     inputs, outside = make_inputs(root)
     all_cases = cases(inputs, outside)
     bad_ids = insert_many(

@@ -23,10 +23,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.reliability.conftest import Figures, sized
-from worker.store.migrate import upgrade_to_head
+from tests.reliability.figures import Figures, sized
+from tests.support.db import migrated_engine
 from worker.store.repository import SqlTaskRepository
-from worker.store.schema import create_db_engine
 from worker.task import NewTask
 
 pytestmark = pytest.mark.slow
@@ -40,8 +39,7 @@ TROUBLE = ("database is locked", "deadlock", "Traceback", "OperationalError", "c
 
 def run_fleet(db_url: str, processes: int, tmp_path: Path) -> dict[str, Any]:
     """Queue TASKS rows, run `processes` fast workers until idle, check exactly-once; return the figures."""
-    engine = create_db_engine(db_url)
-    upgrade_to_head(engine)
+    engine = migrated_engine(db_url)
     repo = SqlTaskRepository(engine)
     expected = [
         repo.insert(NewTask(task_type="t2v", params={"prompt": f"task {n}"}, priority=n % 5)) for n in range(TASKS)

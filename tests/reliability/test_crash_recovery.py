@@ -28,8 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.conftest import Stack, WorkerProcess
-from tests.reliability.conftest import Figures, sized
+from tests.reliability.figures import Figures, sized
 from tests.reliability.harness import (
     all_files,
     claims_by_task,
@@ -40,6 +39,7 @@ from tests.reliability.harness import (
     start_worker,
     wait_all_final,
 )
+from tests.support.processes import Stack, WorkerProcess
 from wan_engine.video_io import read_video_info
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.slow]

@@ -21,8 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.acceptance.conftest import Stack
-from tests.reliability.conftest import Figures, sized
+from tests.reliability.figures import Figures, sized
 from tests.reliability.harness import (
     TcpRelay,
     all_files,
@@ -37,6 +36,7 @@ from tests.reliability.harness import (
     with_port,
     with_query,
 )
+from tests.support.processes import Stack
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.postgres, pytest.mark.slow]
 

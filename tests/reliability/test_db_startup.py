@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.acceptance.conftest import Stack
 from tests.reliability.harness import TcpRelay, start_worker, with_port
+from tests.support.processes import Stack
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.postgres]
 

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from tests.acceptance.conftest import Stack, WorkerProcess
-from tests.reliability.conftest import Figures, sized
+from tests.reliability.figures import Figures, sized
 from tests.reliability.harness import all_files, insert_many, read_rows, start_worker, wait_all_final
+from tests.support.processes import Stack, WorkerProcess
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.slow]
 

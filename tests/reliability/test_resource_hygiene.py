@@ -18,9 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.acceptance.conftest import Stack
-from tests.reliability.conftest import Figures, sized
+from tests.reliability.figures import Figures, sized
 from tests.reliability.harness import all_files, insert_many, read_rows, start_worker, status_counts, wait_all_final
+from tests.support.processes import Stack
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.slow]
 

@@ -18,8 +18,7 @@ import huggingface_hub
 import pytest
 import sqlalchemy as sa
 
-from tests.acceptance.conftest import Stack, wan_worker_command
-from tests.reliability.conftest import Figures
+from tests.reliability.figures import Figures
 from tests.reliability.harness import (
     insert_many,
     read_rows,
@@ -28,6 +27,7 @@ from tests.reliability.harness import (
     wait_all_final,
     with_query,
 )
+from tests.support.processes import Stack, wan_worker_command
 from wan_engine.errors import ModelUnavailableError
 from wan_engine.model_sources import DOWNLOAD_HOSTS_ENV, check_download_host, parse_source, resolve_model
 from wan_engine.presets import BUILTIN_PRESETS_DIR, PresetRegistry, load_presets

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy.engine import Engine
 
-from worker.store.migrate import upgrade_to_head
 from worker.store.repository import CYCLE_IDS_SHOWN, SqlTaskRepository, find_dependency_cycles
-from worker.store.schema import create_db_engine
 from worker.task import NewTask, TaskStatus
 from worker.tasks.params import MAX_PRIORITY, MIN_PRIORITY, InvalidTaskError, validate_priority
 
@@ -32,9 +31,7 @@ def test_find_dependency_cycles_is_linear_on_long_chains() -> None:
 
 
 @pytest.fixture
-def repo(db_url: str) -> SqlTaskRepository:
-    engine = create_db_engine(db_url)
-    upgrade_to_head(engine)
+def repo(engine: Engine) -> SqlTaskRepository:
     return SqlTaskRepository(engine)
 
 

@@ -247,7 +247,7 @@ def builtin_presets() -> Any:
 
 
 def test_static_flops_reproduce_the_h100_baselines() -> None:
-    """DESIGN.md: Wan 2.1 1.3B 1.23 s/step and 14B 6.52 s/step at 832x480x81 with CFG on an H100."""
+    """docs/DESIGN.md: Wan 2.1 1.3B 1.23 s/step and 14B 6.52 s/step at 832x480x81 with CFG on an H100."""
     tokens = 21 * 30 * 52  # 81 frames -> 21 latent frames; 480x832 / 8 / patch 2
     h100 = 5.0e14
     small = step_flops(1_300_000_000, tokens, layers=30, dim=1536, cfg=True) / h100

@@ -16,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
+from tests.support.db import migrated_engine
+from tests.support.fakes import BaseFakeRunner
 from worker.config import WorkerSettings
 from worker.live.events import LiveSink
 from worker.live.http_server import LiveServer, check_bind, parse_address
@@ -25,9 +27,7 @@ from worker.loop.events import NullSink
 from worker.loop.worker import RunContext, Worker
 from worker.store.migrate import upgrade_to_head
 from worker.store.repository import SqlTaskRepository
-from worker.store.schema import create_db_engine
 from worker.task import NewTask, Task, TaskOutcome, TaskStatus
-from worker.tasks.claim_filter import ClaimFilter
 
 GIB = 1024**3
 PARAMS = {"model": "tiny_t2v", "prompt": "a cat"}
@@ -35,8 +35,7 @@ PARAMS = {"model": "tiny_t2v", "prompt": "a cat"}
 
 @pytest.fixture
 def repo(tmp_path: Path) -> SqlTaskRepository:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'tasks.db'}")
-    upgrade_to_head(engine)
+    engine = migrated_engine(f"sqlite:///{tmp_path / 'tasks.db'}")
     return SqlTaskRepository(engine)
 
 
@@ -71,17 +70,13 @@ class Recorder(NullSink):
         self.calls.append(("cancelled", None))
 
 
-class Runner:
+class Runner(BaseFakeRunner):
+    """Runs `body` for each task, with tiny_t2v resident."""
+
+    resident = "tiny_t2v"
+
     def __init__(self, body: Any) -> None:
         self.body = body
-
-    def resident_model(self) -> str | None:
-        return "tiny_t2v"
-
-    claim_filter = ClaimFilter()
-
-    def device_name(self) -> str | None:
-        return None
 
     def run(self, task: Task, context: RunContext) -> TaskOutcome:
         return self.body(task, context)
@@ -262,8 +257,7 @@ def test_cancel_from_the_table_is_announced_once(repo: SqlTaskRepository) -> Non
 def test_a_raw_sql_cancel_reaches_the_hub_on_both_backends(db_url: str) -> None:
     """Other programs change `status` without touching `updated_at`: migration 0002's trigger stamps it,
     so the poll (rows changed since its last look) sees the cancel."""
-    engine = create_db_engine(db_url)
-    upgrade_to_head(engine)
+    engine = migrated_engine(db_url)
     repo = SqlTaskRepository(engine)
     hub, _sink, seen = hub_for(repo)
     task_id = repo.insert(NewTask("t2v", PARAMS))
@@ -292,8 +286,7 @@ def test_migration_0002_downgrades_and_upgrades_again(db_url: str) -> None:
 
     from worker.store.migrate import MIGRATIONS_DIR
 
-    engine = create_db_engine(db_url)
-    upgrade_to_head(engine)
+    engine = migrated_engine(db_url)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     with engine.begin() as connection:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import OperationalError
 
+from tests.support.fakes import BaseFakeRunner
 from worker.config import WorkerSettings
 from worker.loop.retry import RetryPolicy
 from worker.loop.worker import RunContext, Worker
@@ -252,7 +253,7 @@ class FakeRepository:
 Behaviour = Callable[[Task, RunContext], TaskOutcome]
 
 
-class FakeRunner:
+class FakeRunner(BaseFakeRunner):
     """Runs `behaviour` for each task; loads (switches to) the task's model first, counting loads."""
 
     def __init__(self, behaviour: Behaviour) -> None:
@@ -260,14 +261,6 @@ class FakeRunner:
         self.resident: str | None = None
         self.loads: list[str] = []
         self.ran: list[str] = []
-
-    def resident_model(self) -> str | None:
-        return self.resident
-
-    claim_filter = ClaimFilter()
-
-    def device_name(self) -> str | None:
-        return None
 
     def run(self, task: Task, context: RunContext) -> TaskOutcome:
         model = ClaimFilter.model_of(task)

@@ -3,7 +3,7 @@
 A Wan step costs 2 x params x tokens for the linear layers plus 4 x tokens^2 x dim per block for
 self-attention (and cross-attention to the 512 text tokens), once per transformer pass (two with CFG).
 The sizes come from the safetensors headers (wan_engine.vram, nothing is loaded). The throughput is a
-per-GPU table calibrated on the H100 baselines of DESIGN.md, or a matmul measured once on this CPU.
+per-GPU table calibrated on the H100 baselines of docs/DESIGN.md, or a matmul measured once on this CPU.
 These are rough; the learned timings (worker.live.eta) replace them after the first task of a kind.
 """
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 TEXT_TOKENS = 512
 # Effective bf16 throughput of a Wan transformer step (FLOP/s), calibrated on the H100 baseline of
-# DESIGN.md (1.3B: 1.23 s/step, 14B: 6.52 s/step at 832x480x81 with CFG, ~5e14 FLOP/s) and scaled by
+# docs/DESIGN.md (1.3B: 1.23 s/step, 14B: 6.52 s/step at 832x480x81 with CFG, ~5e14 FLOP/s) and scaled by
 # each GPU's dense bf16 peak. Matched by substring of the device name, first match wins.
 GPU_FLOPS: tuple[tuple[str, float], ...] = (
     ("H200", 5.5e14),

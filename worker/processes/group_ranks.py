@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -42,13 +42,29 @@ from wan_engine.generation_params import resolve_params
 from wan_engine.generation_types import GenerationResult, ProgressCallback, ProgressEvent
 from wan_engine.model_sources import resolve_model
 from worker.config import WorkerSettings
+from worker.tasks.orchestrator import Orchestrator
 
 if TYPE_CHECKING:
-    from headless_wgp import WanOrchestrator
+    from wan_engine.model_cache import ModelCache
     from wan_engine.presets import PresetRegistry
 
-# Builds this rank's orchestrator on a device (the CLI passes `headless_wgp.WanOrchestrator`'s constructor).
-OrchestratorFactory = Callable[[WorkerSettings, str, bool], "WanOrchestrator"]
+
+class RankOrchestrator(Orchestrator, Protocol):
+    """What a rank needs from its own orchestrator (`headless_wgp.WanOrchestrator` provides it): the runner's
+    `Orchestrator` protocol plus the pipeline to split, unloading, and where the weights are found."""
+
+    @property
+    def pipeline(self) -> Any: ...
+    @property
+    def model_cache(self) -> ModelCache: ...
+
+    allow_download: bool
+
+    def unload_model(self) -> None: ...
+
+
+# Builds this rank's orchestrator on a device (the CLI passes one around `headless_wgp.WanOrchestrator`).
+OrchestratorFactory = Callable[[WorkerSettings, str, bool], RankOrchestrator]
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +131,7 @@ def _describe(exc: BaseException | None) -> str | None:
     return None if exc is None else f"{type(exc).__name__}: {exc}"
 
 
-def load_and_split(orchestrator: WanOrchestrator, model_key: str, degree: int) -> float:
+def load_and_split(orchestrator: RankOrchestrator, model_key: str, degree: int) -> float:
     """Load the model and split its transformers over the group (idempotent for a restored model)."""
     seconds = orchestrator.load_model(model_key)
     enable_context_parallel(orchestrator.pipeline, degree)
@@ -180,7 +196,7 @@ class GroupLeaderProxy:
 
     def __init__(
         self,
-        orchestrator: WanOrchestrator,
+        orchestrator: RankOrchestrator,
         channel: GroupChannel,
         *,
         on_out_of_step: Callable[[], None] | None = None,
@@ -204,6 +220,10 @@ class GroupLeaderProxy:
     @property
     def current_model(self) -> str | None:
         return self.orchestrator.current_model
+
+    @property
+    def models_dir(self) -> Path:
+        return self.orchestrator.models_dir
 
     # ---- model residency --------------------------------------------------------------------------
 
@@ -355,7 +375,7 @@ class _FollowerCall:
             raise _FollowerDone
 
 
-def serve_follower(orchestrator: WanOrchestrator, channel: GroupChannel) -> int:
+def serve_follower(orchestrator: RankOrchestrator, channel: GroupChannel) -> int:
     """Run rank 0's commands until it says stop (exit code 0); 1 when this rank fell out of step."""
     scratch = Path(tempfile.mkdtemp(prefix=f"wan-rank{channel.info.rank}-"))  # never written: see _FollowerDone
     degree = channel.info.world_size

@@ -13,14 +13,43 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-MAX_PROMPT_CHARS = 10_000
-MAX_PARAMS_BYTES = 256 * 1024
-MIN_PRIORITY, MAX_PRIORITY = -1000, 1000  # a typo such as 10**9 would starve every other task
-MAX_PARALLEL = 64  # GPUs one generation may be split over (`parallel`)
+# Every bound comes from wan_engine.limits (the engine's resolver reads the same objects); the names are
+# re-exported here for the modules and tests that import them from this one.
+from wan_engine.limits import (
+    MAX_CONTROL_SCALE,
+    MAX_FLOW_SHIFT,
+    MAX_FPS,
+    MAX_FRAMES,
+    MAX_GUIDANCE,
+    MAX_IMAGE_REFS,
+    MAX_LORA_MULTIPLIERS_CHARS,
+    MAX_LORAS,
+    MAX_MODEL_KEY_CHARS,
+    MAX_PARALLEL,
+    MAX_PARAMS_BYTES,
+    MAX_PATH_CHARS,
+    MAX_PRIORITY,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_SIDE_PX,
+    MAX_STEPS,
+    MAX_SWITCH_THRESHOLD,
+    MIN_CONTROL_SCALE,
+    MIN_FPS,
+    MIN_FRAMES,
+    MIN_GUIDANCE,
+    MIN_PRIORITY,
+    MIN_SIDE_PX,
+    MIN_STEPS,
+    MIN_SWITCH_THRESHOLD,
+    RANDOM_SEED,
+    SIDE_MULTIPLE_PX,
+)
+
 # Modes whose transformer diffusers can split over GPUs (it has no context-parallel plan for VACE).
 PARALLEL_MODES = frozenset({"t2v", "i2v", "flf2v", "ti2v"})
 
-# task_type -> model used when params name none (DESIGN.md: aliases map to a default model).
+# task_type -> model used when params name none (docs/DESIGN.md: aliases map to a default model).
 TASK_TYPE_DEFAULT_MODELS: dict[str, str] = {
     "t2v": "t2v_1.3B",
     "t2v_21": "t2v_1.3B",
@@ -47,9 +76,6 @@ TASK_TYPE_MODES: dict[str, str] = {
     "ti2v": "ti2v",
 }
 SUPPORTED_TASK_TYPES = tuple(sorted(TASK_TYPE_MODES))
-MAX_LORAS = 16
-MAX_IMAGE_REFS = 16
-MAX_PATH_CHARS = 4096
 
 _RESOLUTION = re.compile(r"^(\d{2,5})x(\d{2,5})$")
 
@@ -61,25 +87,25 @@ class InvalidTaskError(ValueError):
 
 
 class GenerationParams(BaseModel):
-    """Parameters common to every generation task (DESIGN.md, "Parameters")."""
+    """Parameters common to every generation task (docs/DESIGN.md, "Parameters")."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    model: str | None = Field(default=None, min_length=1, max_length=128)
+    model: str | None = Field(default=None, min_length=1, max_length=MAX_MODEL_KEY_CHARS)
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     resolution: str | None = None
-    video_length: int | None = Field(default=None, ge=1, le=1001)
-    num_inference_steps: int | None = Field(default=None, ge=1, le=1000)
-    guidance_scale: float | None = Field(default=None, ge=0, le=50)
-    guidance2_scale: float | None = Field(default=None, ge=0, le=50)
-    flow_shift: float | None = Field(default=None, gt=0, le=100)
-    switch_threshold: float | None = Field(default=None, ge=0, le=1000)
-    seed: int = Field(default=-1, ge=-1, le=2**63 - 1)
-    fps: int | None = Field(default=None, ge=1, le=120)
+    video_length: int | None = Field(default=None, ge=MIN_FRAMES, le=MAX_FRAMES)
+    num_inference_steps: int | None = Field(default=None, ge=MIN_STEPS, le=MAX_STEPS)
+    guidance_scale: float | None = Field(default=None, ge=MIN_GUIDANCE, le=MAX_GUIDANCE)
+    guidance2_scale: float | None = Field(default=None, ge=MIN_GUIDANCE, le=MAX_GUIDANCE)
+    flow_shift: float | None = Field(default=None, gt=0, le=MAX_FLOW_SHIFT)
+    switch_threshold: float | None = Field(default=None, ge=MIN_SWITCH_THRESHOLD, le=MAX_SWITCH_THRESHOLD)
+    seed: int = Field(default=RANDOM_SEED, ge=RANDOM_SEED, le=MAX_SEED)
+    fps: int | None = Field(default=None, ge=MIN_FPS, le=MAX_FPS)
     memory_profile: Literal["auto", "gpu", "model_offload", "group_offload", "sequential", "cpu"] | None = None
     lora_names: list[str] | None = Field(default=None, max_length=MAX_LORAS)
-    lora_multipliers: str | None = Field(default=None, max_length=1000)
+    lora_multipliers: str | None = Field(default=None, max_length=MAX_LORA_MULTIPLIERS_CHARS)
     # GPUs to split this generation over (context parallelism); None: the preset's, else 1. Only a worker
     # group of at least this many ranks claims the task (worker.store.repository, GenerationRunner.claimable).
     parallel: int | None = Field(default=None, ge=1, le=MAX_PARALLEL)
@@ -105,8 +131,11 @@ class GenerationParams(BaseModel):
         if not match:
             raise ValueError("must look like '832x480' (width x height)")
         width, height = int(match.group(1)), int(match.group(2))
-        if width % 16 or height % 16 or not (16 <= width <= 4096 and 16 <= height <= 4096):
-            raise ValueError("width and height must be multiples of 16 between 16 and 4096")
+        for side in (width, height):
+            if side % SIDE_MULTIPLE_PX or not MIN_SIDE_PX <= side <= MAX_SIDE_PX:
+                raise ValueError(
+                    f"width and height must be multiples of {SIDE_MULTIPLE_PX} between {MIN_SIDE_PX} and {MAX_SIDE_PX}"
+                )
         return value
 
     def generation_kwargs(self) -> dict[str, Any]:
@@ -128,7 +157,7 @@ class VaceParams(GenerationParams):
     video_guide: str = _path_field(required=True)
     video_mask: str | None = _path_field()
     image_refs: list[str] | None = Field(default=None, max_length=MAX_IMAGE_REFS)
-    control_scale: float | None = Field(default=None, ge=0, le=10)
+    control_scale: float | None = Field(default=None, ge=MIN_CONTROL_SCALE, le=MAX_CONTROL_SCALE)
 
     MODE_KEYS: ClassVar[tuple[str, ...]] = ("video_guide", "video_mask", "image_refs", "control_scale")
     PATH_KEYS: ClassVar[tuple[str, ...]] = ("video_guide", "video_mask", "image_refs")

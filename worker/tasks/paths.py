@@ -1,4 +1,4 @@
-"""Where the worker may read inputs and write outputs (security rules of DESIGN.md)."""
+"""Where the worker may read inputs and write outputs (security rules of docs/DESIGN.md)."""
 
 from __future__ import annotations
 

@@ -27,22 +27,13 @@ from worker.tasks.params import (
     InvalidTaskError,
     check_parallel_mode,
     parse_params_text,
-    validate_params,
     validate_priority,
 )
 from worker.tasks.paths import output_stem, resolve_input_path
 from worker.tasks.travel import TRAVEL_TASK_TYPES, TravelCoordinator, TravelSegmentParams, TravelStore
+from worker.tasks.validation import validate_task
 
 log = logging.getLogger(__name__)
-
-# The preset architectures each task mode accepts (the orchestrator checks what the weights can do).
-MODE_ARCHITECTURES: dict[str, tuple[str, ...]] = {
-    "t2v": ("t2v", "ti2v"),
-    "vace": ("vace",),
-    "i2v": ("i2v", "flf2v", "ti2v"),
-    "flf2v": ("flf2v", "i2v"),
-    "ti2v": ("ti2v",),
-}
 
 
 class GenerationRunner:
@@ -101,9 +92,11 @@ class GenerationRunner:
         validate_priority(task.priority)  # rows from other programs: refused before anything loads
         if task.task_type in TRAVEL_TASK_TYPES:
             return self._run_travel(task, context)
-        params = validate_params(task.task_type, parse_params_text(task.params_text))
+        # The same checks as HeadlessTaskQueue.submit_task (schema, architecture, scheduler steps).
+        params = validate_task(
+            task.task_type, parse_params_text(task.params_text), self.orchestrator.presets, self.orchestrator.models_dir
+        )
         mode = TASK_TYPE_MODES[task.task_type]
-        self._check_model(params, mode)
         self._check_parallel(params, mode)
         inputs = self._input_paths(params)  # before loading anything: a bad path fails at once
         context.check()
@@ -224,13 +217,4 @@ class GenerationRunner:
             raise InvalidTaskError(
                 f"parallel = {parallel}: this worker runs generations on {self.group_size} GPU(s); start a group "
                 f"with `wan-worker run --parallel {parallel}`"
-            )
-
-    def _check_model(self, params: GenerationParams, mode: str) -> None:
-        preset = self.orchestrator.presets.get(str(params.model))
-        allowed = MODE_ARCHITECTURES[mode]
-        if preset.model.architecture not in allowed:
-            raise InvalidTaskError(
-                f"model {params.model!r} is a {preset.model.architecture} model; {mode} tasks need one of "
-                f"architecture {', '.join(allowed)}"
             )

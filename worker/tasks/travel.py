@@ -30,9 +30,29 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import travel_between_images as travel
+from wan_engine.limits import (
+    MAX_CROSSFADE_SHARPEN,
+    MAX_FLOW_SHIFT,
+    MAX_FPS,
+    MAX_FRAMES,
+    MAX_GUIDANCE,
+    MAX_MODEL_KEY_CHARS,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_SWITCH_THRESHOLD,
+    MAX_TRAVEL_IMAGES,
+    MIN_FPS,
+    MIN_FRAMES,
+    MIN_GUIDANCE,
+    MIN_STEPS,
+    MIN_SWITCH_THRESHOLD,
+    MIN_TRAVEL_IMAGES,
+    RANDOM_SEED,
+)
 from wan_engine.video_io import iter_video_frames, remove_partial_files
 from worker.task import NewTask, Task, TaskDeferred, TaskOutcome, TaskStatus
-from worker.tasks.params import MAX_PROMPT_CHARS, InvalidTaskError, describe_validation_error, parse_params_text
+from worker.tasks.params import InvalidTaskError, describe_validation_error, parse_params_text
 from worker.tasks.paths import output_stem, resolve_input_path
 
 DEFAULT_TRAVEL_MODEL = "vace_14B_cocktail_2_2"
@@ -69,26 +89,26 @@ class _Strict(BaseModel):
 class TravelSettings(_Strict):
     """Generation settings shared by every segment of a travel."""
 
-    model: str = Field(default=DEFAULT_TRAVEL_MODEL, min_length=1, max_length=128)
+    model: str = Field(default=DEFAULT_TRAVEL_MODEL, min_length=1, max_length=MAX_MODEL_KEY_CHARS)
     resolution: str | None = None
-    num_inference_steps: int | None = Field(default=None, ge=1, le=1000)
-    guidance_scale: float | None = Field(default=None, ge=0, le=50)
-    guidance2_scale: float | None = Field(default=None, ge=0, le=50)
-    flow_shift: float | None = Field(default=None, gt=0, le=100)
-    switch_threshold: float | None = Field(default=None, ge=0, le=1000)
-    fps: int = Field(default=16, ge=1, le=120)
-    crossfade_sharpen: float = Field(default=0.0, ge=0, le=10)
+    num_inference_steps: int | None = Field(default=None, ge=MIN_STEPS, le=MAX_STEPS)
+    guidance_scale: float | None = Field(default=None, ge=MIN_GUIDANCE, le=MAX_GUIDANCE)
+    guidance2_scale: float | None = Field(default=None, ge=MIN_GUIDANCE, le=MAX_GUIDANCE)
+    flow_shift: float | None = Field(default=None, gt=0, le=MAX_FLOW_SHIFT)
+    switch_threshold: float | None = Field(default=None, ge=MIN_SWITCH_THRESHOLD, le=MAX_SWITCH_THRESHOLD)
+    fps: int = Field(default=16, ge=MIN_FPS, le=MAX_FPS)
+    crossfade_sharpen: float = Field(default=0.0, ge=0, le=MAX_CROSSFADE_SHARPEN)
 
 
 class TravelOrchestratorParams(TravelSettings):
-    """`travel_orchestrator` params (DESIGN.md)."""
+    """`travel_orchestrator` params (docs/DESIGN.md)."""
 
-    input_images: list[str] = Field(min_length=2, max_length=64)
+    input_images: list[str] = Field(min_length=MIN_TRAVEL_IMAGES, max_length=MAX_TRAVEL_IMAGES)
     base_prompts: str | list[str]
     negative_prompts: str | list[str] | None = None
     segment_frames: int | list[int] = 81
     frame_overlap: int | list[int] = 8
-    seed_base: int = Field(default=-1, ge=-1, le=travel.MAX_SEED)
+    seed_base: int = Field(default=RANDOM_SEED, ge=RANDOM_SEED, le=MAX_SEED)
 
 
 class TravelSegmentParams(TravelSettings):
@@ -99,8 +119,8 @@ class TravelSegmentParams(TravelSettings):
     num_segments: int = Field(ge=1)
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     negative_prompt: str | None = None
-    seed: int = Field(ge=0)
-    frames: int = Field(ge=1, le=travel.MAX_SEGMENT_FRAMES)
+    seed: int = Field(ge=0, le=MAX_SEED)
+    frames: int = Field(ge=MIN_FRAMES, le=MAX_FRAMES)  # one segment is one generation
     overlap_in: int = Field(ge=0)
     start_image: str | None = None
     end_image: str
@@ -121,8 +141,8 @@ class TravelStitchParams(_Strict):
     orchestrator: str
     segments: list[str] = Field(min_length=1)
     overlaps: list[int]
-    fps: int = Field(ge=1, le=120)
-    crossfade_sharpen: float = Field(default=0.0, ge=0, le=10)
+    fps: int = Field(ge=MIN_FPS, le=MAX_FPS)
+    crossfade_sharpen: float = Field(default=0.0, ge=0, le=MAX_CROSSFADE_SHARPEN)
 
 
 def _validate(model: type[_Strict], task: Task) -> Any:

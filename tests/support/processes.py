@@ -1,4 +1,8 @@
-"""Acceptance-test harness: the real `wan-worker` process, a real database, tiny real models."""
+"""The real `wan-worker` process harness: worker processes, a database with dirs (`Stack`), and its builders.
+
+Acceptance, parallel and reliability tests start the installed console script on tiny real models and read
+the `tasks` table back with raw SQL, the way other programs do.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,16 +21,33 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from worker.store.migrate import upgrade_to_head
-from worker.store.schema import create_db_engine
+from tests.support.db import migrated_engine
 
 WORKER_START_TIMEOUT_S = 90.0
+JSON_COLUMNS = ("result_data", "progress")
 
 
 def wan_worker_command() -> list[str]:
     """The installed console script when present (what users run), else `python -m worker`."""
     script = Path(sys.executable).with_name("wan-worker")
     return [str(script)] if script.exists() else [sys.executable, "-m", "worker"]
+
+
+def insert_statement(names: Iterable[str]) -> sa.TextClause:
+    """`INSERT INTO tasks (<names>) VALUES (:<names>) RETURNING id`: DB defaults for the other columns."""
+    columns = list(names)
+    return sa.text(
+        f"INSERT INTO tasks ({', '.join(columns)}) VALUES ({', '.join(':' + n for n in columns)}) RETURNING id"
+    )
+
+
+def decode_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A `tasks` row as a dict, its JSON columns decoded where the backend returns text."""
+    data = dict(row)
+    for key in JSON_COLUMNS:
+        if isinstance(data[key], str):
+            data[key] = json.loads(data[key])
+    return data
 
 
 @dataclass
@@ -90,11 +112,22 @@ class Stack:
     engine: sa.Engine
     workers: list[WorkerProcess] = field(default_factory=list)
 
-    def start_worker(self, *extra: str, name: str = "worker", lease_s: float = 30.0) -> WorkerProcess:
+    def start_worker(
+        self,
+        *extra: str,
+        name: str = "worker",
+        lease_s: float = 30.0,
+        env: Mapping[str, str] | None = None,
+        db_url: str | None = None,
+        global_args: Iterable[str] = (),
+    ) -> WorkerProcess:
+        """Start `wan-worker [global_args] run ... [extra]` on the stack's database (or `db_url`), logging to
+        `<name>.log` in the stack's root."""
         args = [
+            *global_args,
             "run",
             "--db",
-            self.db_url,
+            db_url or self.db_url,
             "--models-dir",
             str(self.models_dir),
             "--outputs-dir",
@@ -107,27 +140,21 @@ class Stack:
             name,
             *extra,
         ]
-        worker = WorkerProcess(args, self.root / f"{name}.log", self.root).start()
+        worker = WorkerProcess(args, self.root / f"{name}.log", self.root, env=dict(env or {})).start()
         self.workers.append(worker)
         return worker
 
     def insert(self, task_type: str, params: dict[str, Any] | str, **columns: Any) -> str:
         """Insert a row the way another program would (raw SQL, DB defaults for the rest)."""
         params_text = params if isinstance(params, str) else json.dumps(params)
-        names = ["task_type", "params", *columns]
         values = {"task_type": task_type, "params": params_text, **columns}
-        sql = f"INSERT INTO tasks ({', '.join(names)}) VALUES ({', '.join(':' + n for n in names)}) RETURNING id"
         with self.engine.begin() as conn:
-            return str(conn.execute(sa.text(sql), values).scalar_one())
+            return str(conn.execute(insert_statement(values), values).scalar_one())
 
     def row(self, task_id: str) -> dict[str, Any]:
         with self.engine.begin() as conn:
             row = conn.execute(sa.text("SELECT * FROM tasks WHERE id = :id"), {"id": task_id}).mappings().one()
-        data = dict(row)
-        for key in ("result_data", "progress"):
-            if isinstance(data[key], str):
-                data[key] = json.loads(data[key])
-        return data
+        return decode_row(row)
 
     def execute(self, sql: str, **params: Any) -> None:
         with self.engine.begin() as conn:
@@ -149,33 +176,29 @@ class Stack:
         self.wait_for(lambda: self.row(task_id)["status"] in statuses, timeout, f"task {task_id} in {statuses}")
         return self.row(task_id)
 
+    def close(self) -> None:
+        """Stop every worker started on this stack, then dispose of its engine."""
+        for worker in self.workers:
+            worker.stop()
+        self.engine.dispose()
 
-def _make_stack(db_url: str, root: Path, models_dir: Path) -> Stack:
-    engine = create_db_engine(db_url)
-    upgrade_to_head(engine)
+
+def build_stack(db_url: str, root: Path, models_dir: Path) -> Stack:
+    """A stack on `db_url` (migrated to head) with its presets dir under `root`; the caller closes it."""
+    engine = migrated_engine(db_url)
     presets_dir = root / "presets"
     presets_dir.mkdir()
     return Stack(db_url, root, models_dir, root / "outputs", presets_dir, engine)
 
 
-@pytest.fixture
-def stack(db_url: str, tmp_path: Path, tiny_models_dir: Path) -> Iterator[Stack]:
-    """A worker stack on SQLite and on Postgres (parametrized through db_url)."""
-    built = _make_stack(db_url, tmp_path, tiny_models_dir)
-    yield built
-    for worker in built.workers:
-        worker.stop()
-    built.engine.dispose()
-
-
-@pytest.fixture
-def sqlite_stack(sqlite_url: str, tmp_path: Path, tiny_models_dir: Path) -> Iterator[Stack]:
-    """A worker stack on a SQLite file only (for tests whose point is not the backend)."""
-    built = _make_stack(sqlite_url, tmp_path, tiny_models_dir)
-    yield built
-    for worker in built.workers:
-        worker.stop()
-    built.engine.dispose()
+@contextmanager
+def running_stack(db_url: str, root: Path, models_dir: Path) -> Iterator[Stack]:
+    """`build_stack(...)`, closed (workers stopped, engine disposed) on exit: what the stack fixtures yield."""
+    built = build_stack(db_url, root, models_dir)
+    try:
+        yield built
+    finally:
+        built.close()
 
 
 def output_files(directory: Path) -> list[Path]:

@@ -1,0 +1,345 @@
+"""The steps of one generation, called in order by `headless_wgp.WanOrchestrator._run`.
+
+The numbers are those of the `headless_wgp` module docstring: 1. inputs (read by the generate_*
+methods; `start_clock` counts their time in the total), 2. experts (`wan_engine.experts.plan_experts`),
+3. `lora_requests` + `prepare_loras`, 4. `encode_prompt`, 5. `denoise`, 6. `decode` (5 and 6 run as one
+attempt under `memory_ladder`), 7. `write`; `build_result` then records what ran. Each step emits its
+progress event as it begins; the orchestrator marks the clock as each one ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from wan_engine.errors import InvalidRequestError
+from wan_engine.experts import ExpertPlan, ExpertRecorder, expert_boundary
+from wan_engine.fp8 import FP8_ENV
+from wan_engine.generation_params import ResolvedParams
+from wan_engine.generation_types import GenerationResult, ProgressCallback, ProgressEvent
+from wan_engine.loras import (
+    LoraRequest,
+    LoraState,
+    apply_loras,
+    describe_loras,
+    parse_lora_multipliers,
+    resolve_lora_path,
+)
+from wan_engine.memory_profiles import apply_profile, next_profile, tile_vae
+from wan_engine.pipeline_runtime import LoadedModel, decode_latents, encode_prompts, scheduled
+from wan_engine.speed import eager_blocks
+from wan_engine.video_io import write_video
+
+logger = logging.getLogger("headless_wgp")  # the orchestrator's logger: its log lines keep their source name
+
+MAX_SEQUENCE_LENGTH = 512  # Wan's text length; the pipelines' __call__ default
+T = TypeVar("T")
+
+
+def emit(progress: ProgressCallback | None, stage: str, step: int = 0, total: int = 1) -> None:
+    """Report a stage (or a finished denoising step) to `progress`, if any."""
+    # Exceptions from the callback (cancel / shutdown) propagate on purpose.
+    if progress is not None:
+        progress(ProgressEvent(stage=stage, step=step, total_steps=total))  # type: ignore[arg-type]
+
+
+def peak_rss_gb() -> float | None:
+    """Peak resident memory of this process so far (Linux/macOS getrusage; current RSS elsewhere)."""
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 1024**3 if sys.platform == "darwin" else peak / 1024**2  # bytes vs KiB
+    except (ImportError, OSError):
+        import psutil
+
+        return psutil.Process().memory_info().rss / 1024**3
+
+
+# ----- what a run carries from step to step ------------------------------------------------------------
+
+
+@dataclass
+class RunClock:
+    """When the run started (its inputs included) and a perf_counter mark as each step ends."""
+
+    started: float
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, step: str) -> None:
+        """Note that `step` ends now (a retried step's later mark replaces the earlier one)."""
+        self.marks[step] = time.perf_counter()
+
+    def timings(self, inputs_seconds: float, step_times: list[float]) -> dict[str, Any]:
+        """Seconds per step, the total and the per-step denoising times, as result.timings records them."""
+        m = self.marks
+        steps = len(step_times)
+        return {
+            "inputs": inputs_seconds,
+            "loras": m["loras"] - m["prepared"],
+            "encode": m["encode"] - m["loras"],
+            "denoise": m["denoise"] - m["encode"],
+            "decode": m["decode"] - m["denoise"],
+            "write": m["write"] - m["decode"],
+            "total": m["write"] - self.started,
+            "step_times": step_times,
+            "mean_step": sum(step_times) / steps if steps else None,
+        }
+
+
+@dataclass
+class DenoiseState:
+    """What the denoising loop observes step by step; cleared when the memory ladder retries."""
+
+    recorder: ExpertRecorder = field(default_factory=ExpertRecorder)
+    step_times: list[float] = field(default_factory=list)
+    timesteps: list[Any] = field(default_factory=list)  # device tensors: float() per step would sync the GPU
+    last_mark: float = field(default_factory=time.perf_counter)
+
+    def step_ended(self, index: int, timestep: Any) -> None:
+        """Record step `index`: its time since the last mark and its timestep."""
+        self.step_times.append(time.perf_counter() - self.last_mark)
+        self.timesteps.append(timestep)
+        self.recorder.step = index + 1  # transformer calls from here on belong to the next step
+
+    def reset(self) -> None:
+        """Forget a failed attempt's steps (the retry starts from step 0)."""
+        self.step_times.clear()
+        self.timesteps.clear()
+        self.recorder.reset()
+
+
+@dataclass(frozen=True)
+class AppliedLoras:
+    """The LoRAs a call asked for and what is loaded on the pipeline for them."""
+
+    requests: list[LoraRequest]
+    state: LoraState
+
+
+def start_clock(loaded: LoadedModel, inputs_seconds: float) -> RunClock:
+    """1. Inputs are read: start the clock (backdated by their time) and the peak-VRAM count."""
+    if loaded.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(loaded.device)
+    return RunClock(started=time.perf_counter() - inputs_seconds)
+
+
+# ----- 3. LoRAs ------------------------------------------------------------------------------------------
+
+
+def lora_requests(loaded: LoadedModel, p: ResolvedParams, loras_dir: Path) -> list[LoraRequest]:
+    """Resolve names and parse multipliers before any work (errors name the bad entry)."""
+    if not p.lora_names:
+        return []
+    if loaded.fp8 is not None:
+        raise InvalidRequestError(
+            f"loras {list(p.lora_names)}: this worker runs {loaded.preset.key!r} with fp8 weights ({FP8_ENV}=on), "
+            "and LoRAs cannot be applied to fp8 layers; send the task to a worker without fp8"
+        )
+    multipliers = parse_lora_multipliers(p.lora_multipliers, len(p.lora_names), dual=loaded.is_dual_expert)
+    group = loaded.preset.model.group
+    return [
+        LoraRequest(name, resolve_lora_path(name, loras_dir, group), multiplier)
+        for name, multiplier in zip(p.lora_names, multipliers, strict=True)
+    ]
+
+
+def prepare_loras(loaded: LoadedModel, requests: list[LoraRequest], plan: ExpertPlan) -> AppliedLoras:
+    """Load (or reuse, or unload) so the pipeline holds exactly `requests`, weighted for step 0."""
+    state = apply_loras(loaded.pipe, loaded.loras, requests, plan.experts)
+    plan.set_lora_weights(loaded.pipe, state, requests, 0)
+    return AppliedLoras(requests=requests, state=state)
+
+
+# ----- 4. encode, 5. denoise, 6. decode, 7. write --------------------------------------------------------
+
+
+def encode_prompt(loaded: LoadedModel, p: ResolvedParams, progress: ProgressCallback | None) -> tuple[Any, Any]:
+    """Embeddings of the prompt and (with CFG) the negative prompt, computed once per call."""
+    emit(progress, "encoding_prompt")
+    return encode_prompts(
+        loaded.pipe,
+        p.prompt,
+        p.negative_prompt,
+        do_cfg=p.guidance_scale > 1.0,  # diffusers' rule: CFG for both experts hangs on guidance_scale
+        device=loaded.device,
+        max_length=MAX_SEQUENCE_LENGTH,
+    )
+
+
+def _step_callback(
+    loaded: LoadedModel,
+    total: int,
+    *,
+    plan: ExpertPlan,
+    loras: AppliedLoras,
+    state: DenoiseState,
+    progress: ProgressCallback | None,
+) -> Callable[..., dict[str, Any]]:
+    """diffusers' callback_on_step_end: step timing, the next step's LoRA weights, progress (and cancel)."""
+
+    def on_step_end(_pipe: Any, index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        state.step_ended(index, timestep)
+        plan.set_lora_weights(loaded.pipe, loras.state, loras.requests, index + 1)
+        emit(progress, "denoising", index + 1, total)
+        state.last_mark = time.perf_counter()
+        return callback_kwargs
+
+    return on_step_end
+
+
+def denoise(
+    loaded: LoadedModel,
+    p: ResolvedParams,
+    *,
+    call: dict[str, Any],
+    embeds: tuple[Any, Any],
+    plan: ExpertPlan,
+    loras: AppliedLoras,
+    state: DenoiseState,
+    progress: ProgressCallback | None,
+    pipe: Any = None,
+) -> torch.Tensor:
+    """Run the pipeline's denoising loop on `pipe` (default: the loaded one) and return the latents."""
+    emit(progress, "denoising", 0, p.num_inference_steps)
+    prompt_embeds, negative_embeds = embeds
+    kwargs: dict[str, Any] = {
+        **call,
+        "prompt_embeds": prompt_embeds,
+        "negative_prompt_embeds": negative_embeds,
+        "height": p.height,
+        "width": p.width,
+        "num_frames": p.video_length,
+        "num_inference_steps": p.num_inference_steps,
+        "guidance_scale": p.guidance_scale,
+        "generator": torch.Generator(device="cpu").manual_seed(p.seed),  # fresh per attempt: a retry is identical
+        "output_type": "latent",  # decode ourselves, to time the VAE on its own
+        "callback_on_step_end": _step_callback(
+            loaded, p.num_inference_steps, plan=plan, loras=loras, state=state, progress=progress
+        ),
+        "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        **plan.guidance_kwargs(p),
+    }
+    state.last_mark = time.perf_counter()
+    with (
+        scheduled(loaded, p.flow_shift, pipe) as run_pipe,
+        expert_boundary(loaded, run_pipe, plan.boundary),
+        state.recorder.attached(run_pipe),
+        eager_blocks(bool(loras.requests)),  # LoRA scales change per step: compiled blocks would recompile
+    ):
+        return run_pipe(**kwargs).frames
+
+
+def decode(
+    loaded: LoadedModel, latents: torch.Tensor, num_reference_images: int, progress: ProgressCallback | None
+) -> np.ndarray:
+    """Decode with the VAE (VACE reference frames are dropped first)."""
+    emit(progress, "decoding")
+    return decode_latents(loaded.pipe, latents, num_reference_images)
+
+
+def memory_ladder(
+    loaded: LoadedModel, profile: str, attempt: Callable[[], T], *, on_retry: Callable[[], None]
+) -> tuple[T, str, list[dict[str, Any]]]:
+    """Run `attempt`; on out-of-memory step one memory profile down (tiled VAE) and run it again.
+
+    Returns its value, the profile it finally ran under and the profiles that ran out of memory.
+    The retry is part of the same generation: same seed, same inputs.
+    """
+    ladder: list[dict[str, Any]] = []
+    while True:
+        try:
+            return attempt(), profile, ladder
+        except torch.OutOfMemoryError as exc:
+            lower = next_profile(profile)
+            if lower is None:
+                raise
+            ladder.append({"profile": profile, "error": str(exc).splitlines()[0][:200]})
+            logger.warning("out of memory; retrying", extra={"model": loaded.preset.key, "profile": lower})
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            apply_profile(loaded.pipe, lower, loaded.device, current=loaded.profile)
+            loaded.profile = profile = lower
+            tile_vae(loaded.pipe)
+            on_retry()
+
+
+def write(frames: np.ndarray, output_path: Path, fps: int, progress: ProgressCallback | None) -> Path:
+    """Write the video atomically (temp name + rename); a single frame becomes a PNG."""
+    emit(progress, "writing_video")
+    return write_video(frames, output_path, fps)
+
+
+# ----- the result ----------------------------------------------------------------------------------------
+
+
+def build_result(
+    loaded: LoadedModel,
+    p: ResolvedParams,
+    *,
+    frames: np.ndarray,
+    written_path: Path,
+    clock: RunClock,
+    state: DenoiseState,
+    plan: ExpertPlan,
+    loras: AppliedLoras,
+    profile: str,
+    ladder: list[dict[str, Any]],
+    profile_requested: str,
+    mode: str,
+    notes: dict[str, Any] | None,
+    inputs_seconds: float,
+) -> GenerationResult:
+    """What ran, as the caller's result_data records it (and a log line saying it finished)."""
+    steps = len(state.step_times)
+    on_cuda = loaded.device.type == "cuda"
+    result = GenerationResult(
+        output_path=written_path,
+        model=loaded.preset.key,
+        seed=p.seed,
+        seed_was_random=p.seed_was_random,
+        frames=int(frames.shape[0]),
+        width=int(frames.shape[2]),
+        height=int(frames.shape[1]),
+        fps=p.fps,
+        num_inference_steps=p.num_inference_steps,
+        guidance_scale=p.guidance_scale,
+        flow_shift=p.flow_shift,
+        **plan.reported(p),  # guidance2_scale, switch_threshold
+        timesteps=tuple(float(t) for t in state.timesteps),
+        experts_used=plan.observed(state.recorder, steps),
+        timings=clock.timings(inputs_seconds, state.step_times),
+        memory_profile=profile,
+        device=str(loaded.device),
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        peak_vram_gb=torch.cuda.max_memory_allocated(loaded.device) / 1024**3 if on_cuda else None,
+        peak_rss_gb=peak_rss_gb(),
+        video_length_adjusted_from=p.video_length_adjusted_from,
+        extra={
+            "transformer_calls_per_step": list(state.recorder.calls_per_step(steps)),
+            "memory_profile_requested": profile_requested,
+            "memory_profile_ladder": ladder,  # profiles that ran out of memory before this one
+            "negative_prompt": p.negative_prompt,
+            "speed": loaded.speed.brief(compiled_ran=not loras.requests) if loaded.speed else None,
+            "fp8": loaded.fp8,
+        },
+        mode=mode,
+        inputs=notes or {},
+        loras=[
+            {**record, "from_preset": p.loras_from_preset}
+            for record in describe_loras(loras.state, loras.requests, plan.experts, plan.dual)
+        ],
+    )
+    seconds = round(result.timings["total"], 3)
+    logger.info(
+        "generation finished", extra={"model": result.model, "mode": mode, "seed": result.seed, "seconds": seconds}
+    )
+    return result

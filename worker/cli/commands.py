@@ -1,0 +1,207 @@
+"""The table and model subcommands: init-db, submit, status, list, cancel, models, make-tiny-models, demo.
+
+`run` lives in worker.cli.run. Heavy imports (engine, torch, the queue) stay inside the commands, so
+`wan-worker list` and friends start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from wan_engine.progress_bars import quiet_progress_bars
+from worker.cli.parser import _optional_path
+from worker.config import env_default
+from worker.store.schema import create_db_engine, redact_url
+from worker.task import TaskStatus
+
+# ---- the tasks table ----------------------------------------------------------------------------------
+
+
+def cmd_init_db(args: argparse.Namespace) -> int:
+    """`init-db`: create or upgrade the schema."""
+    from worker.store.migrate import upgrade_to_head
+
+    engine = create_db_engine(args.db)
+    upgrade_to_head(engine)
+    engine.dispose()
+    print(f"database ready: {redact_url(args.db)}")
+    return 0
+
+
+def _repository(db_url: str) -> Any:
+    """A repository on an up-to-date schema (the read/cancel commands need no queue)."""
+    from worker.store.migrate import upgrade_to_head
+    from worker.store.repository import SqlTaskRepository
+
+    engine = create_db_engine(db_url)
+    upgrade_to_head(engine)
+    return SqlTaskRepository(engine)
+
+
+def _row(task: Any) -> dict[str, Any]:
+    """A task as the JSON that `status` and `submit --wait` print."""
+    data = dict(task.__dict__)
+    data["status"] = task.status.value
+    data["params"] = data.pop("params_text")
+    return data
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """`submit`: validate and queue a task through the Python API; prints its id."""
+    from headless_model_management import GenerationTask, HeadlessTaskQueue
+    from worker.tasks.params import parse_params_text
+
+    queue = HeadlessTaskQueue(args.db, presets_dir=args.presets_dir)
+    task = GenerationTask(
+        model=args.model,
+        prompt=args.prompt,
+        parameters=parse_params_text(args.params),
+        task_type=args.task_type,
+        priority=args.priority,
+        dependant_on=args.dependant_on,
+    )
+    task_id = queue.submit_task(task)
+    print(task_id)
+    if args.wait:
+        info = queue.wait_for_completion(task_id)
+        print(json.dumps(_row(queue.repository.get(task_id)), indent=2, default=str))
+        return 0 if info.status is TaskStatus.COMPLETE else 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """`status`: print a task's row (or, with --follow, draw its progress until it ends)."""
+    if args.follow:
+        return _follow(args)
+    task = _repository(args.db).get(args.task_id)
+    if task is None:
+        print(f"error: no task with id {args.task_id!r}", file=sys.stderr)
+        return 1
+    print(json.dumps(_row(task), indent=2, default=str))
+    return 0
+
+
+def _follow(args: argparse.Namespace) -> int:
+    """`status --follow`: a progress bar with this device's ETA estimate."""
+    from wan_engine.presets import BUILTIN_PRESETS_DIR, load_presets
+    from worker.live.eta import EtaEstimator, PresetShapes, detect_device
+    from worker.live.eta_static import StaticCostModel
+    from worker.live.follow import follow_task
+
+    repository = _repository(args.db)
+    presets = load_presets(BUILTIN_PRESETS_DIR, _optional_path(env_default("presets_dir")))
+    device = detect_device()
+    models_dir = Path(env_default("models_dir", "models") or "models")
+    shapes = PresetShapes(presets, "cpu" if device == "cpu" else "gpu")
+    estimator = EtaEstimator(repository, shapes, device, StaticCostModel(presets, models_dir, device))
+    return follow_task(repository, args.task_id, estimator)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """`list`: recent tasks, one line each."""
+    rows = _repository(args.db).list_tasks(args.status, args.limit)
+    print(f"{'id':34} {'status':12} {'pri':>4} {'type':10} {'att':>3}  output / error")
+    for task in rows:
+        detail = task.output_location or task.error_message or ""
+        print(
+            f"{task.id:34} {task.status.value:12} {task.priority:>4} {task.task_type:10} {task.attempts:>3}  "
+            f"{detail[:100]}"
+        )
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """`cancel`: cancel a queued or running task (1 when it had ended or does not exist)."""
+    repository = _repository(args.db)
+    if repository.cancel(args.task_id):
+        print(f"cancelled {args.task_id}")
+        return 0
+    task = repository.get(args.task_id)
+    state = f"already {task.status.value}" if task else "not found"
+    print(f"error: task {args.task_id} not cancelled ({state})", file=sys.stderr)
+    return 1
+
+
+# ---- models -------------------------------------------------------------------------------------------
+
+
+def _gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f}"
+
+
+def _download_models(presets: Any, keys: list[str], models_dir: Path) -> None:
+    """`models KEY... --allow-download`: fetch each preset's weights; a failure is printed, not raised."""
+    from wan_engine.errors import ModelUnavailableError
+    from wan_engine.model_sources import resolve_model
+
+    for key in keys:
+        try:
+            resolve_model(presets.get(key), models_dir, allow_download=True)
+        except ModelUnavailableError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+
+
+def _print_model_table(reports: list[Any], gpu: Any, resolution: str | None, frames: int | None) -> None:
+    """The `models` table: status and VRAM estimate per memory profile, and the best profile here."""
+    from wan_engine.model_sources import summary
+    from wan_engine.vram import PROFILES
+
+    print(f"GPU: {gpu.name} ({gpu.total_bytes / 2**30:.1f} GiB)" if gpu else "GPU: no GPU (estimates are for a GPU)")
+    at = f"{resolution or 'the preset resolution'} x {frames or 'the preset frames'}"
+    print(f"VRAM estimates in GiB at {at}; best = the fastest profile that fits this GPU")
+    header = " ".join(f"{name:>13}" for name in PROFILES[:-1])
+    print(f"{'model':24} {'arch':6} {'status':9} {header} {'best':13} detail")
+    for report in reports:
+        profiles = report.vram.profiles if report.vram else {}
+        sizes = " ".join(f"{_gib(profiles.get(name)):>13}" for name in PROFILES[:-1])
+        model = f"{report.preset.key:24} {report.preset.model.architecture:6} {report.check.status:9}"
+        print(f"{model} {sizes} {report.recommended_profile or '-':13} {summary(report.check)}")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """`models`: presets, whether their weights are present, and VRAM estimates (1: a named key is not)."""
+    from wan_engine.presets import BUILTIN_PRESETS_DIR, load_presets
+    from wan_engine.vram import detect_gpu, model_report
+
+    presets = load_presets(BUILTIN_PRESETS_DIR, args.presets_dir)
+    keys = args.keys or list(presets)
+    for key in keys:
+        presets.get(key)  # UnknownModelError (a ValueError) lists the known keys
+    if args.allow_download:
+        if not args.keys:
+            print("error: --allow-download needs the keys of the presets to fetch (never all of them)", file=sys.stderr)
+            return 2
+        _download_models(presets, keys, args.models_dir)
+    width = height = None
+    if args.resolution:
+        width, height = (int(x) for x in args.resolution.lower().split("x"))
+    gpu = detect_gpu()
+    size = {"width": width, "height": height, "frames": args.frames}
+    reports = [model_report(presets.get(key), args.models_dir, gpu, **size) for key in keys]
+    failed = bool(args.keys) and any(r.check.status != "present" for r in reports)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        _print_model_table(reports, gpu, args.resolution, args.frames)
+    return 1 if failed else 0
+
+
+def cmd_make_tiny_models(args: argparse.Namespace) -> int:
+    """`make-tiny-models`: tiny random-weight Wan models (tests, demo)."""
+    from wan_engine.tiny_models import build_tiny_models
+
+    for name, folder in build_tiny_models(args.directory).items():
+        print(f"{name:16} {folder}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """`demo`: tiny models, a few tasks, a worker, the results (worker.demo)."""
+    from worker.demo import run_demo
+
+    quiet_progress_bars()
+    return run_demo(args.dir)

@@ -1,0 +1,252 @@
+"""The `wan-worker` argument parser: one small function per subcommand and per option group.
+
+Defaults are read from the environment when the parser is built (not at import), so a test or a
+restarted per-GPU worker sees the environment of the moment. Options are added in the order the
+help output lists them; argparse argument groups are not used, as they would change that output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from worker.config import DB_STARTUP_WAIT_S, ENV_VARS, LEASE_S, env_default
+from worker.store.schema import DEFAULT_DB_URL
+from worker.task import TaskStatus
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    _Commands: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]  # what add_subparsers returns
+
+
+def _optional_path(value: str | None) -> Path | None:
+    """A path from an optional setting ('' and None: no path)."""
+    return Path(value) if value else None
+
+
+# ---- option groups shared by several subcommands ----------------------------------------------------
+
+
+def _add_db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        default=env_default("db_url", DEFAULT_DB_URL),
+        help=f"SQLAlchemy URL (env {ENV_VARS['db_url']}; default {DEFAULT_DB_URL})",
+    )
+
+
+def _add_model_dirs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=Path(env_default("models_dir", "models") or "models"),
+        help=f"where model folders live (env {ENV_VARS['models_dir']})",
+    )
+    parser.add_argument(
+        "--presets-dir",
+        type=Path,
+        default=_optional_path(env_default("presets_dir")),
+        help=f"extra/overriding preset JSON files (env {ENV_VARS['presets_dir']})",
+    )
+
+
+def _add_allow_download(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-download",
+        action="store_true",
+        default=(env_default("allow_download") or "").lower() in ("1", "true", "yes"),
+        help=f"download missing weights from the Hugging Face Hub (env {ENV_VARS['allow_download']}; default: never)",
+    )
+
+
+# ---- `run` option groups ------------------------------------------------------------------------------
+
+
+def _add_run_paths(run: argparse.ArgumentParser) -> None:
+    """Where videos go and where inputs may come from."""
+    run.add_argument(
+        "--outputs-dir",
+        type=Path,
+        default=Path(env_default("outputs_dir", "outputs") or "outputs"),
+        help=f"where videos are written (env {ENV_VARS['outputs_dir']})",
+    )
+    run.add_argument(
+        "--input-roots",
+        default=env_default("input_roots"),
+        help=f"directories inputs may be read from, ':' or ',' separated (env {ENV_VARS['input_roots']};"
+        " default: the working directory)",
+    )
+
+
+def _add_run_worker(run: argparse.ArgumentParser) -> None:
+    """The worker loop: start-up wait, lease, identity, preload."""
+    run.add_argument(
+        "--db-wait-seconds",
+        type=float,
+        default=float(os.environ.get("WAN_DB_STARTUP_WAIT_SECONDS") or DB_STARTUP_WAIT_S),
+        help=f"at start-up, wait this long for an unreachable database, retrying with back-off (env "
+        f"WAN_DB_STARTUP_WAIT_SECONDS; default {DB_STARTUP_WAIT_S:.0f}; SQLite is not waited for)",
+    )
+    run.add_argument("--lease-seconds", type=float, default=float(env_default("lease_s", str(LEASE_S)) or LEASE_S))
+    run.add_argument("--worker-id", default=env_default("worker_id"))
+    run.add_argument("--preload-model", default=env_default("preload_model"))
+
+
+def _add_run_fallbacks(run: argparse.ArgumentParser) -> None:
+    run.add_argument(
+        "--allow-fallbacks",
+        action="store_true",
+        default=(env_default("allow_fallbacks") or "").lower() in ("1", "true", "yes"),
+        help=f"when a preset's weights are unavailable, run its `fallbacks` presets instead (recorded in "
+        f"result_data; env {ENV_VARS['allow_fallbacks']}; default: off)",
+    )
+
+
+def _add_run_http(run: argparse.ArgumentParser) -> None:
+    """The live server (worker.live.http_server)."""
+    run.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve live events (/ws), a status page (/) and /metrics here, e.g. 127.0.0.1:8765 (default: off)",
+    )
+    run.add_argument(
+        "--http-token",
+        default=os.environ.get("WAN_HTTP_TOKEN"),
+        help="token the --http clients must send (env WAN_HTTP_TOKEN; required on a non-loopback address)",
+    )
+
+
+def _add_run_gpus(run: argparse.ArgumentParser) -> None:
+    """Process layout: one worker per GPU, and GPU groups per generation."""
+    run.add_argument(
+        "--gpus",
+        default=env_default("gpus"),
+        help=f"one worker process per GPU, e.g. 0,1 or all (env {ENV_VARS['gpus']}; default: one worker, this process)",
+    )
+    run.add_argument(
+        "--parallel",
+        type=int,
+        default=int(env_default("parallel", "1") or 1),
+        metavar="N",
+        help=f"run every generation on a group of N GPUs (context parallelism; with --gpus, one group per N of "
+        f"them); claims tasks asking for parallel <= N (env {ENV_VARS['parallel']}; default 1)",
+    )
+
+
+def _add_run_engine(run: argparse.ArgumentParser) -> None:
+    """Engine switches (cmd_run passes them on as environment variables)."""
+    run.add_argument(
+        "--fp8",
+        action="store_true",
+        default=(os.environ.get("WAN_FP8") or "").lower() in ("1", "on", "true", "yes"),
+        help="fp8 weights and matmuls in the transformer blocks: faster and half the VRAM, but lossy; LoRA "
+        "tasks fail on such a worker (env WAN_FP8; default: off)",
+    )
+    run.add_argument(
+        "--vram-limit-gb",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="use at most this much of each GPU (models that do not fit are offloaded; env WAN_VRAM_LIMIT_GB)",
+    )
+
+
+# ---- subcommands --------------------------------------------------------------------------------------
+
+
+def _add_run(commands: _Commands) -> None:
+    run = commands.add_parser("run", help="serve tasks from the table until SIGTERM/SIGINT")
+    _add_db(run)
+    _add_model_dirs(run)
+    _add_run_paths(run)
+    _add_run_worker(run)
+    _add_allow_download(run)
+    _add_run_fallbacks(run)
+    _add_run_http(run)
+    _add_run_gpus(run)
+    _add_run_engine(run)
+
+
+def _add_init_db(commands: _Commands) -> None:
+    init_db = commands.add_parser("init-db", help="create or upgrade the database schema")
+    _add_db(init_db)
+
+
+def _add_submit(commands: _Commands) -> None:
+    submit = commands.add_parser("submit", help="queue a task; prints its id")
+    _add_db(submit)
+    submit.add_argument("--presets-dir", type=Path, default=_optional_path(env_default("presets_dir")))
+    submit.add_argument("--model", required=True)
+    submit.add_argument("--prompt", required=True)
+    submit.add_argument("--task-type", default=None, help="default: the model's architecture")
+    submit.add_argument("--params", default="{}", help="extra parameters as a JSON object")
+    submit.add_argument("--priority", type=int, default=0)
+    submit.add_argument("--dependant-on", default=None)
+    submit.add_argument("--wait", action="store_true", help="wait until the task ends and print its row")
+
+
+def _add_status(commands: _Commands) -> None:
+    status = commands.add_parser("status", help="print a task's row as JSON")
+    _add_db(status)
+    status.add_argument("task_id")
+    status.add_argument("--follow", action="store_true", help="draw a progress bar until the task ends (0: Complete)")
+
+
+def _add_list(commands: _Commands) -> None:
+    listing = commands.add_parser("list", help="list recent tasks")
+    _add_db(listing)
+    listing.add_argument("--status", choices=[s.value for s in TaskStatus])
+    listing.add_argument("--limit", type=int, default=50)
+
+
+def _add_cancel(commands: _Commands) -> None:
+    cancel = commands.add_parser("cancel", help="cancel a queued or running task")
+    _add_db(cancel)
+    cancel.add_argument("task_id")
+
+
+def _add_models(commands: _Commands) -> None:
+    models = commands.add_parser("models", help="list presets and whether their weights are present")
+    _add_model_dirs(models)
+    models.add_argument("keys", nargs="*", help="preset keys to report (default: all)")
+    models.add_argument("--json", action="store_true")
+    models.add_argument("--resolution", default=None, help="WxH for the VRAM estimate (default: the preset's)")
+    models.add_argument("--frames", type=int, default=None, help="frames for the VRAM estimate (default: the preset's)")
+    _add_allow_download(models)
+
+
+def _add_make_tiny_models(commands: _Commands) -> None:
+    tiny = commands.add_parser("make-tiny-models", help="write tiny random-weight Wan models (tests, demo)")
+    tiny.add_argument("directory", type=Path)
+
+
+def _add_demo(commands: _Commands) -> None:
+    demo = commands.add_parser("demo", help="build tiny models, queue tasks, run a worker, print the results")
+    demo.add_argument("--dir", type=Path, default=Path("demo_run"))
+
+
+_SUBCOMMANDS = (
+    _add_run,
+    _add_init_db,
+    _add_submit,
+    _add_status,
+    _add_list,
+    _add_cancel,
+    _add_models,
+    _add_make_tiny_models,
+    _add_demo,
+)  # the order `wan-worker --help` lists them in
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `wan-worker` parser: global logging options, then one subparser per command."""
+    parser = argparse.ArgumentParser(prog="wan-worker", description="Headless Wan video-generation worker.")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add_subcommand in _SUBCOMMANDS:
+        add_subcommand(commands)
+    return parser

@@ -1,0 +1,219 @@
+"""`wan-worker run`: serve tasks from the table until SIGTERM/SIGINT.
+
+The steps, in order: engine switches (environment), process layout (`--gpus` supervisor, `--parallel`
+group launch), settings, the `--http` address check, the database wait, the group join, then the queue,
+its live server and signal handlers. Only this module (and worker.demo) imports `headless_*`; it uses
+the public API of HeadlessTaskQueue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from wan_engine.progress_bars import quiet_progress_bars
+from worker.config import WorkerSettings, default_worker_id, parse_input_roots
+from worker.store.schema import redact_url, wait_for_database
+
+if TYPE_CHECKING:
+    from headless_model_management import HeadlessTaskQueue
+
+log = logging.getLogger("worker.cli")  # one logger for the whole CLI: tests and log filters key on the name
+
+
+# ---- before anything loads ------------------------------------------------------------------------------
+
+
+def _apply_engine_switches(args: argparse.Namespace) -> None:
+    """Check --parallel/--vram-limit-gb and export the engine switches.
+
+    They travel as environment variables, so per-GPU workers and group ranks inherit them."""
+    if args.parallel < 1:
+        raise ValueError(f"--parallel {args.parallel}: must be at least 1")
+    if args.fp8:
+        os.environ["WAN_FP8"] = "on"
+    if args.vram_limit_gb is not None:
+        if args.vram_limit_gb <= 0:
+            raise ValueError(f"--vram-limit-gb {args.vram_limit_gb}: must be a positive number of GiB")
+        os.environ["WAN_VRAM_LIMIT_GB"] = str(args.vram_limit_gb)
+
+
+def _delegate_processes(args: argparse.Namespace) -> int | None:
+    """`--gpus`: the supervisor; `--parallel N` outside a group: launch its N ranks. None: serve here."""
+    if args.gpus:
+        from worker.processes.supervisor import run_supervisor
+
+        return run_supervisor(args, args.worker_id or default_worker_id())  # before torch/diffusers load
+    if args.parallel > 1 and "RANK" not in os.environ:
+        from worker.processes.group_launch import launch_group
+
+        return launch_group(args.argv, args.parallel)  # N ranks of this same command (torchrun's contract)
+    return None
+
+
+def _settings(args: argparse.Namespace) -> WorkerSettings:
+    return WorkerSettings(
+        db_url=args.db,
+        models_dir=args.models_dir,
+        outputs_dir=args.outputs_dir,
+        presets_dir=args.presets_dir,
+        input_roots=parse_input_roots(args.input_roots),
+        lease_s=args.lease_seconds,
+        worker_id=args.worker_id or default_worker_id(),
+        preload_model=args.preload_model,
+        allow_download=args.allow_download,
+        allow_fallbacks=args.allow_fallbacks,
+        parallel=args.parallel,
+    )
+
+
+def _http_address(args: argparse.Namespace) -> tuple[str, int] | None:
+    """The `--http` address, checked before anything starts: a refusal (no token off loopback) is immediate."""
+    if not args.http:
+        return None
+    from worker.live.http_server import check_bind, parse_address
+
+    address = parse_address(args.http)
+    check_bind(address[0], args.http_token)
+    return address
+
+
+def _wait_for_database(url: str, timeout_s: float) -> bool:
+    """Wait for the database at start-up (a stop signal ends the wait: False)."""
+    import threading
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return wait_for_database(url, timeout_s, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# ---- group parallelism ------------------------------------------------------------------------------------
+
+
+def _group_orchestrator(settings: WorkerSettings, device: str, allow_download: bool) -> Any:
+    """One rank's orchestrator on its device (`--parallel N`): the factory worker.processes.group_ranks calls."""
+    from headless_wgp import WanOrchestrator
+    from wan_engine.presets import BUILTIN_PRESETS_DIR, load_presets
+
+    presets = load_presets(BUILTIN_PRESETS_DIR, settings.presets_dir)
+    return WanOrchestrator(settings.models_dir, presets, device=device, allow_download=allow_download)
+
+
+# ---- serving ----------------------------------------------------------------------------------------------
+
+
+def _log_model_reports(presets: Any, models_dir: Path, allow_download: bool) -> dict[str, str]:
+    """Start-up report: one line per preset (present / missing / corrupted, VRAM, GPU fit); returns the
+    presets that cannot run here (key -> why), for the live status page."""
+    from wan_engine.vram import detect_gpu, model_report
+
+    gpu = detect_gpu()
+    log.info("GPU: %s", f"{gpu.name} ({gpu.total_bytes / 2**30:.1f} GiB)" if gpu else "no GPU (CPU only)")
+    unavailable: dict[str, str] = {}
+    for key in presets:
+        report = model_report(presets.get(key), models_dir, gpu)
+        fetch = " (will be downloaded on first use)" if allow_download and report.check.downloads else ""
+        level = logging.INFO if report.check.status == "present" or fetch else logging.WARNING
+        log.log(level, "model %s%s", report.line(), fetch, extra={"model": key})
+        if level == logging.WARNING:
+            unavailable[key] = report.check.status
+    return unavailable
+
+
+def _start_live_server(
+    queue: HeadlessTaskQueue, address: tuple[str, int], token: str | None, unavailable: dict[str, str]
+) -> Any:
+    """`--http`: the queue's live sink publishes events for the server (worker.live.http_server)."""
+    from worker.live.http_server import LiveServer
+
+    events = queue.use_live_events(publish=True)
+    server = LiveServer(
+        queue.repository,
+        events,
+        *address,
+        token=token,
+        outputs_dir=queue.settings.outputs_dir,
+        worker_id=queue.settings.worker_id,
+        resident_model=queue.resident_model,
+    )
+    server.start()
+    events.models_unavailable(unavailable)
+    return server
+
+
+def _install_signal_handlers(queue: HeadlessTaskQueue, worker_id: str) -> None:
+    """SIGTERM/SIGINT: the first finishes the current task, the second aborts and re-queues it."""
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # Only sets events: safe inside a signal handler.
+        aborting = queue.stop_requested
+        log.warning(
+            "%s: %s",
+            signal.Signals(signum).name,
+            "aborting the current task" if aborting else "stopping after the current task (send again to abort it)",
+            extra={"worker_id": worker_id},
+        )
+        queue.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+def _serve(settings: WorkerSettings, group: Any, address: tuple[str, int] | None, token: str | None) -> int:
+    """Run the queue in this process (a group's rank 0 drives its followers); 1: a group rank fell out of
+    step (the group restarts), else 0."""
+    from headless_model_management import HeadlessTaskQueue
+
+    orchestrator = None
+    if group is not None:
+        from worker.processes.group_ranks import group_leader_proxy
+
+        orchestrator = group_leader_proxy(settings, group, _group_orchestrator)
+    queue = HeadlessTaskQueue(settings=settings, orchestrator=orchestrator)
+    if orchestrator is not None:
+        orchestrator.on_out_of_step = queue.request_stop  # finish recording the task, then exit 1: group restarts
+    unavailable = _log_model_reports(queue.presets, settings.models_dir, settings.allow_download)
+    server = _start_live_server(queue, address, token, unavailable) if address else None
+    _install_signal_handlers(queue, settings.worker_id)
+    try:
+        queue.run_forever()
+    finally:
+        if server is not None:
+            server.stop()
+        queue.dispose()
+        if orchestrator is not None:
+            orchestrator.close()  # the followers exit with this rank
+    return 1 if orchestrator is not None and orchestrator.out_of_step else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`run`: serve tasks until SIGTERM/SIGINT (or hand over to the supervisor / group launcher)."""
+    _apply_engine_switches(args)
+    delegated = _delegate_processes(args)
+    if delegated is not None:
+        return delegated
+    import headless_model_management  # noqa: F401  # the engine stack loads here, before the progress-bar switch
+
+    quiet_progress_bars()
+    settings = _settings(args)
+    leader = os.environ.get("RANK", "0") == "0"  # group ranks > 0 touch neither the database nor HTTP
+    address = _http_address(args) if leader else None
+    if leader and not _wait_for_database(settings.db_url, args.db_wait_seconds):
+        return 0  # stopped (SIGTERM/SIGINT) while waiting for the database
+    group = None
+    if settings.parallel > 1:
+        from worker.processes.group_ranks import join_group, run_follower
+
+        group = join_group(settings)
+        if not group.is_leader:
+            return run_follower(settings, group, _group_orchestrator)  # no database, no HTTP: rank 0 sends every call
+    log.info("starting worker on %s", redact_url(settings.db_url), extra={"worker_id": settings.worker_id})
+    return _serve(settings, group, address, args.http_token)

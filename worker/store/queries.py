@@ -1,0 +1,76 @@
+"""Read-only task queries: the CLI's listings and counts, and what the live hub and status page poll.
+
+Nothing here writes; each function runs one short transaction. `SqlTaskRepository` exposes them under the
+same names (`repo.changed_since(...)`, `repo.queued_in_order()`, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from worker.store.db import Db, P, Q
+from worker.store.schema import tasks
+from worker.task import Task
+
+
+def list_tasks(db: Db, status: str | None = None, limit: int = 100) -> list[Task]:
+    """The newest rows (optionally of one status), newest first."""
+    query = sa.select(tasks).order_by(tasks.c.created_at.desc(), db.tiebreak().desc()).limit(limit)
+    if status is not None:
+        query = query.where(tasks.c.status == status)
+    return db.select_tasks(query)
+
+
+def counts_by_status(db: Db) -> dict[str, int]:
+    """How many rows are in each status."""
+    with db.tx() as conn:
+        rows = conn.execute(sa.select(tasks.c.status, sa.func.count()).group_by(tasks.c.status)).all()
+    return {status: count for status, count in rows}
+
+
+def queued_by_priority(db: Db) -> dict[int, int]:
+    """How many rows are queued at each priority, highest first."""
+    query = (
+        sa.select(tasks.c.priority, sa.func.count())
+        .where(tasks.c.status == Q)
+        .group_by(tasks.c.priority)
+        .order_by(tasks.c.priority.desc())
+    )
+    with db.tx() as conn:
+        return {priority: count for priority, count in conn.execute(query).all()}
+
+
+def changed_since(db: Db, since: tuple[datetime, str] | None, limit: int = 500) -> list[Task]:
+    """Rows changed after the (updated_at, id) cursor, in that order, so a poller can page through a
+    burst of rows stamped alike (a bulk INSERT); None: the open rows, for a first look."""
+    if since is None:
+        changed = tasks.c.status.in_([Q, P])
+    else:
+        at, last_id = since
+        changed = sa.or_(tasks.c.updated_at > at, sa.and_(tasks.c.updated_at == at, tasks.c.id > last_id))
+    return db.select_tasks(sa.select(tasks).where(changed).order_by(tasks.c.updated_at, tasks.c.id).limit(limit))
+
+
+def latest_update(db: Db) -> datetime | None:
+    """The newest updated_at in the table (where a poller starts looking for changes)."""
+    with db.tx() as conn:
+        return conn.execute(sa.select(sa.func.max(tasks.c.updated_at))).scalar()
+
+
+def queued_in_order(db: Db, limit: int = 100) -> list[Task]:
+    """Queued rows in the order workers claim them (priority, then age)."""
+    return db.select_tasks(sa.select(tasks).where(tasks.c.status == Q).order_by(*db.claim_order()).limit(limit))
+
+
+def recently_updated(db: Db, statuses: Sequence[str], limit: int = 20) -> list[Task]:
+    """Rows in these statuses, most recently updated first (running tasks, recent results)."""
+    query = (
+        sa.select(tasks)
+        .where(tasks.c.status.in_(list(statuses)))
+        .order_by(tasks.c.updated_at.desc(), db.tiebreak().desc())
+        .limit(limit)
+    )
+    return db.select_tasks(query)
