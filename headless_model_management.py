@@ -111,6 +111,7 @@ class HeadlessTaskQueue:
         self._thread: threading.Thread | None = None
         self._started_at = time.monotonic()
         self.events = events  # None: a LiveSink (ETA, monitoring) is built with the worker
+        self._early_stops = 0  # stop requests that came before the worker existed (start-up)
 
     # ---- submitting and watching ----------------------------------------------------------------
 
@@ -198,11 +199,18 @@ class HeadlessTaskQueue:
             if self.events is None:
                 self.events = live_sink(self.repository, self.presets, self.settings.models_dir)
             self.worker = Worker(self.repository, self.runner, self.settings, events=self.events)
+            for _ in range(self._early_stops):
+                self.worker.request_stop()
         return self.worker
 
     def run_forever(self, preload_model: str | None = None, until_idle: bool = False) -> None:
         """Serve tasks in this thread until `request_stop` (or until idle, with until_idle)."""
         worker = self._build_worker()
+        if worker.stop_requested.is_set():
+            log.warning(
+                "stop requested during start-up; no task was claimed", extra={"worker_id": self.settings.worker_id}
+            )
+            return
         preload = preload_model or self.settings.preload_model
         if preload:
             assert self.runner is not None
@@ -233,12 +241,17 @@ class HeadlessTaskQueue:
     @property
     def stop_requested(self) -> bool:
         """True once a stop was requested (`request_stop`): a further request aborts the current task."""
-        return self.worker is not None and self.worker.stop_requested.is_set()
+        if self.worker is None:
+            return self._early_stops > 0
+        return self.worker.stop_requested.is_set()
 
     def request_stop(self) -> None:
-        """Graceful stop (finish the current task); a second call abandons and re-queues it."""
+        """Graceful stop (finish the current task); a second call abandons and re-queues it. A request before
+        the worker exists (start-up) is kept and applied when it is built."""
         if self.worker is not None:
             self.worker.request_stop()
+        else:
+            self._early_stops += 1
 
     def stop(self, timeout: float | None = 60.0) -> bool:
         """Stop after the current task; if it is still running after `timeout`, abandon it (re-queued).

@@ -26,7 +26,14 @@ import numpy as np
 from PIL import Image
 
 from wan_engine.limits import MAX_FRAMES, MAX_SEED
-from wan_engine.video_io import MP4_CRF, iter_video_frames, partial_path_for, read_video_info, to_uint8
+from wan_engine.video_io import (
+    MP4_CRF,
+    disk_full_error,
+    iter_video_frames,
+    partial_path_for,
+    read_video_info,
+    to_uint8,
+)
 
 MIN_SEGMENT_FRAMES = 5
 MAX_SEGMENT_FRAMES = MAX_FRAMES
@@ -343,6 +350,7 @@ class _Mp4Pipe:
     def __init__(self, path: Path, width: int, height: int, fps: int) -> None:
         self.frames = 0
         self._stderr = bytearray()
+        self._path, self._size = path, (width, height)
         stream = (
             ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", framerate=fps)
             .output(str(path), format="mp4", vcodec="libx264", pix_fmt="yuv420p", crf=MP4_CRF, movflags="+faststart")
@@ -361,18 +369,24 @@ class _Mp4Pipe:
         for chunk in iter(lambda: self._proc.stderr.read(4096), b""):  # type: ignore[union-attr]
             self._stderr += chunk
 
-    def _failure(self, what: str) -> RuntimeError:
+    def _failure(self, what: str, cause: BaseException | None = None) -> RuntimeError:
         self._drain.join(timeout=5)
         message = self._stderr.decode(errors="replace").strip()[-1000:]
-        return RuntimeError(f"ffmpeg {what} (exit code {self._proc.returncode}): {message or 'no message'}")
+        error = RuntimeError(f"ffmpeg {what} (exit code {self._proc.returncode}): {message or 'no message'}")
+        # ffmpeg's "No space left on device" (or a broken pipe on a disk with no space left): say the disk is full.
+        for reason in (error, cause) if cause is not None else (error,):
+            full = disk_full_error(reason, self._path, self.frames + 1, *self._size)
+            if full is not None:
+                return full
+        return error
 
     def write(self, frame: np.ndarray) -> None:
         assert self._proc.stdin is not None
         try:
             self._proc.stdin.write(np.ascontiguousarray(frame, dtype=np.uint8).tobytes())
-        except (BrokenPipeError, OSError):
+        except (BrokenPipeError, OSError) as exc:
             self._proc.wait()
-            raise self._failure("stopped while encoding") from None
+            raise self._failure("stopped while encoding", exc) from None
         self.frames += 1
 
     def finish(self) -> None:

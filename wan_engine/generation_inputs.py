@@ -17,11 +17,41 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from wan_engine.errors import InvalidRequestError
+from wan_engine.limits import MAX_INPUT_DURATION_S, MAX_INPUT_FRAMES, MAX_INPUT_PIXELS
+from wan_engine.video_io import FFMPEG_INPUT_PARAMS, count_video_frames
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
 GUIDE_PAD_VALUE = 127  # neutral grey: "no control here" once the VAE maps pixels to [-1, 1]
 MASK_GENERATE, MASK_KEEP = 255, 0  # VACE masks: white = generate, black = keep the guide's pixels
+# The only formats PIL may open for an input image: PIL also knows EPS (runs Ghostscript), ICNS, TIFF ...
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+_SNIFF_BYTES = 16
+# ffmpeg demuxer forced for each video signature we accept, so ffmpeg never probes the content itself
+# (a text file starting "ffconcat version 1.0" would otherwise open files named inside it).
+_ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot")  # MP4 / MOV first atoms
+
+
+def video_demuxer(head: bytes) -> str | None:
+    """The ffmpeg demuxer for a file starting with `head` if it is a real video container, else None."""
+    if head[4:8] in _ISO_BOXES:
+        return "mov"  # ffmpeg's mov,mp4,m4a,3gp,3g2,mj2 demuxer
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "matroska"  # Matroska / WebM (EBML header)
+    if head.startswith(b"RIFF") and head[8:12] == b"AVI ":
+        return "avi"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    return None
+
+
+def _check_pixels(key: str, path: Path, width: int, height: int, what: str = "image") -> None:
+    """Refuse an input whose decoded size would exceed MAX_INPUT_PIXELS (checked on the header only)."""
+    if width * height > MAX_INPUT_PIXELS:
+        raise InvalidRequestError(
+            f"Invalid {key}: {path.name} is a {width}x{height} {what} ({width * height} pixels), over the limit "
+            f"of {MAX_INPUT_PIXELS} pixels per {what} (MAX_INPUT_PIXELS); scale it down before submitting."
+        )
 
 
 def fit_image(image: Image.Image, width: int, height: int, *, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
@@ -43,11 +73,25 @@ def describe_fit(source: tuple[int, int], width: int, height: int) -> str:
 
 
 def load_image(path: Path, *, key: str) -> Image.Image:
-    """An RGB image from a PNG/JPEG/WebP/BMP file; a clear error naming `key` otherwise."""
+    """An RGB image from a PNG/JPEG/WebP/BMP file; a clear error naming `key` otherwise.
+
+    `Image.open` only reads the header, so the size is checked against MAX_INPUT_PIXELS before any
+    pixel is decoded: a small, highly compressible PNG cannot expand to gigabytes in memory.
+    """
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
+            _check_pixels(key, path, image.width, image.height)
             return image.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        # Not an OSError/ValueError: uncaught it would be retried as a transient failure. PIL's
+        # message gives the size and its limit in pixels; ours is lower and named too.
+        raise InvalidRequestError(
+            f"Invalid {key}: {path.name} is too large to decode ({exc}); "
+            f"input images are limited to {MAX_INPUT_PIXELS} pixels (MAX_INPUT_PIXELS)."
+        ) from exc
+    except InvalidRequestError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InvalidRequestError(f"Invalid {key}: {path} is not a readable image ({exc}).") from exc
 
@@ -67,7 +111,9 @@ class FrameSource:
 def read_frames(path: Path | np.ndarray, *, key: str, limit: int) -> FrameSource:
     """Read up to `limit` RGB frames of a video (MP4 and other ffmpeg formats) or one image file.
 
-    Frames past the limit are counted, not kept, so a long guide video never fills the memory.
+    Only the frames used are decoded; the rest are counted from the container (no decoding), so a long
+    guide video neither fills the memory nor keeps the worker busy. Sizes, frame counts and durations
+    past the `wan_engine.limits` input bounds are refused from the header, before decoding.
     Frames already in memory ((F, H, W, 3) uint8, e.g. a travel segment's guide) are taken as they are.
     """
     if isinstance(path, np.ndarray):
@@ -82,24 +128,66 @@ def read_frames(path: Path | np.ndarray, *, key: str, limit: int) -> FrameSource
     if suffix not in VIDEO_SUFFIXES:
         allowed = ", ".join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)
         raise InvalidRequestError(f"Invalid {key}: {path.name!r} has an unsupported type; use one of {allowed}.")
-    frames: list[np.ndarray] = []
-    total = 0
     try:
-        reader = imageio_ffmpeg.read_frames(str(path))
+        with path.open("rb") as file:
+            head = file.read(_SNIFF_BYTES)
+    except OSError as exc:
+        raise InvalidRequestError(f"Invalid {key}: {path} is not a readable video ({exc}).") from exc
+    demuxer = video_demuxer(head)
+    if demuxer is None:
+        # Playlists, concat lists and other text containers make ffmpeg open further files or URLs.
+        raise InvalidRequestError(
+            f"Invalid {key}: {path} is not a readable video (its content is not MP4/MOV, WebM/MKV, AVI or GIF;"
+            " playlists and concat lists are refused)."
+        )
+    input_params = [*FFMPEG_INPUT_PARAMS, "-f", demuxer]
+    frames: list[np.ndarray] = []
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path), input_params=input_params)
         try:
-            meta = next(reader)
+            meta = next(reader)  # the container header: nothing decoded yet
             width, height = meta["size"]
+            fps = float(meta.get("fps") or 0.0)
+            _check_video_header(key, path, width, height, fps, float(meta.get("duration") or 0.0))
+            # Decode only the frames the task uses, plus one to learn whether more follow.
+            more = False
             for raw in reader:
-                total += 1
-                if len(frames) < limit:
-                    frames.append(np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3).copy())
+                if len(frames) == limit:
+                    more = True
+                    break
+                frames.append(np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3).copy())
         finally:
-            reader.close()
+            reader.close()  # stops ffmpeg: frames past `limit + 1` are never decoded
+        total = len(frames)
+        if more:
+            # Count the rest from the container's packets (no decoding), never past the bound.
+            counted = count_video_frames(path, at_most=MAX_INPUT_FRAMES + 1, input_params=input_params)
+            total = max(limit + 1, counted)
     except (OSError, RuntimeError, StopIteration, KeyError) as exc:
         raise InvalidRequestError(f"Invalid {key}: {path} is not a readable video ({exc}).") from exc
+    if total > MAX_INPUT_FRAMES:
+        raise InvalidRequestError(
+            f"Invalid {key}: {path.name} has more than {MAX_INPUT_FRAMES} frames (MAX_INPUT_FRAMES); "
+            "cut it to the frames the task needs."
+        )
     if not frames:
         raise InvalidRequestError(f"Invalid {key}: {path} holds no video frames.")
-    return FrameSource(frames, total, width, height, float(meta.get("fps") or 0.0) or None, "video")
+    return FrameSource(frames, total, width, height, fps or None, "video")
+
+
+def _check_video_header(key: str, path: Path, width: int, height: int, fps: float, duration_s: float) -> None:
+    """Refuse a video whose header says its frames or its length exceed the input bounds."""
+    _check_pixels(key, path, width, height, what="frame")
+    if duration_s > MAX_INPUT_DURATION_S:
+        raise InvalidRequestError(
+            f"Invalid {key}: {path.name} lasts {duration_s:g} s, over the limit of {MAX_INPUT_DURATION_S:g} s "
+            "(MAX_INPUT_DURATION_S); cut it to the frames the task needs."
+        )
+    if duration_s * fps > MAX_INPUT_FRAMES:
+        raise InvalidRequestError(
+            f"Invalid {key}: {path.name} holds about {round(duration_s * fps)} frames ({duration_s:g} s at "
+            f"{fps:g} fps), over the limit of {MAX_INPUT_FRAMES} frames (MAX_INPUT_FRAMES); cut it first."
+        )
 
 
 def _describe_source(path: Path | np.ndarray, source: FrameSource) -> str:

@@ -73,3 +73,8 @@ MODE_ARCHITECTURES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         "ti2v": ("ti2v",),
     }
 )
+
+# ---- input media (images, guide / mask videos), checked on the file's header before decoding ----
+MAX_INPUT_PIXELS: Final = 4096 * 4096  # one input image or one video frame (width x height, pixels): ~48 MiB as RGB
+MAX_INPUT_FRAMES: Final = 10_000  # frames in one input video (container count, before trimming to the task)
+MAX_INPUT_DURATION_S: Final = 600.0  # one input video's duration from its container header (seconds)

@@ -2,16 +2,26 @@
 
 Every output is written to a hidden temporary name in the target directory and renamed into place,
 so a crash or a cancelled task never leaves a half-written file under the final name.
+
+Inside `staged_outputs()` (the worker, see worker.tasks.runner) a finished file is not renamed: it stays under
+its attempt-unique staged name `.<stem>.<pid>.partial-<nonce><suffix>` and `StagedOutputs.publish` renames it
+later, inside the guarded `Complete` write, so that only the attempt that still holds the claim publishes.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import itertools
 import os
 import re
+import secrets
+import shutil
+import subprocess
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -20,6 +30,10 @@ from PIL import Image
 
 MP4_CRF = 17  # visually lossless H.264; the default (quality 5) is visibly blocky on small videos
 _PARTIAL_MARK = ".partial"
+# Input options for every ffmpeg read: only local files, so a playlist / concat list that slipped
+# through cannot make ffmpeg fetch URLs (http, tcp, data ...).
+FFMPEG_INPUT_PARAMS: tuple[str, ...] = ("-protocol_whitelist", "file")
+_FRAME_LINE = re.compile(rb"frame=\s*(\d+)")
 
 
 @dataclass(frozen=True)
@@ -50,11 +64,16 @@ def partial_path_for(path: Path) -> Path:
 
 
 def partial_files_for(stem: str, directory: Path) -> list[Path]:
-    """Leftover temporary files of output `stem` in `directory` (from any process)."""
-    pattern = os.path.join(glob.escape(str(directory)), f".{glob.escape(stem)}.*{_PARTIAL_MARK}*")
-    # Only `.<stem>.<pid>.partial<suffix>`: another output's stem may start with this one ("a.1" vs "a").
-    exact = re.compile(rf"^\.{re.escape(stem)}\.\d+{re.escape(_PARTIAL_MARK)}(\.[^.]+)?$")
-    return sorted(Path(p) for p in glob.glob(pattern) if exact.match(Path(p).name))
+    """Leftover temporary files of output `stem` in `directory` (from any process): `.<stem>.<pid>.partial<sfx>`,
+    staged files `.<stem>.<pid>.partial-<nonce><sfx>` and the temporary files of a write to a staged name."""
+    escaped = glob.escape(stem)
+    patterns = [f".{escaped}.*{_PARTIAL_MARK}*", f"..{escaped}.*{_PARTIAL_MARK}*"]
+    found = {p for pattern in patterns for p in glob.glob(os.path.join(glob.escape(str(directory)), pattern))}
+    # Exact shapes only: another output's stem may start with this one ("a.1" vs "a").
+    mark = re.escape(_PARTIAL_MARK)
+    own = rf"{re.escape(stem)}\.\d+{mark}"
+    exact = re.compile(rf"^(\.{own}(-[0-9a-f]+)?|\.\.{own}-[0-9a-f]+\.\d+{mark})(\.[^.]+)?$")
+    return sorted(Path(p) for p in found if exact.match(Path(p).name))
 
 
 def remove_partial_files(stem: str, directory: Path) -> list[Path]:
@@ -81,6 +100,51 @@ def _write_png(frame: np.ndarray, tmp: Path) -> None:
     Image.fromarray(to_uint8(frame)).save(tmp, format="PNG")
 
 
+# Free space under which a broken ffmpeg pipe is read as a full disk: imageio-ffmpeg does not capture ffmpeg's
+# stderr ("No space left on device"), so the pipe error alone cannot say why ffmpeg stopped.
+DISK_FULL_FREE_BYTES = 16 * 2**20
+
+
+class OutputDiskFull(RuntimeError):
+    """The disk holding the outputs dir filled up while a video was written (retried: space may be freed)."""
+
+
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
+
+
+def disk_full_error(exc: BaseException, tmp: Path, frames: int, width: int, height: int) -> OutputDiskFull | None:
+    """`exc` (raised writing `tmp`) as an `OutputDiskFull` naming the free space and what the video needed,
+    or None when the disk is not why it failed. ENOSPC is recognised by errno, by ffmpeg's message, or (a
+    broken pipe: ffmpeg died) by the directory having next to no free space left."""
+    directory = tmp.parent
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    text = str(exc)
+    by_errno = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+    by_pipe = isinstance(exc, OSError) and free is not None and free < DISK_FULL_FREE_BYTES
+    if not (by_errno or "No space left on device" in text or by_pipe):
+        return None
+    try:
+        written = f"; the partial file had reached {_size(tmp.stat().st_size)}"
+    except OSError:
+        written = ""
+    raw = _size(frames * width * height * 3)
+    return OutputDiskFull(
+        f"the disk holding the outputs dir {directory} is full ({_size(free) if free is not None else 'unknown'} "
+        f"free) while writing {tmp.name}: the video needs more than that ({frames} frame(s) of {width}x{height} "
+        f"so far, {raw} as raw RGB{written}); free space there or point --outputs-dir at a larger disk"
+    )
+
+
 def _write_mp4(frames: Iterator[np.ndarray], first: np.ndarray, tmp: Path, fps: int) -> None:
     height, width = first.shape[:2]
     if width % 2 or height % 2:
@@ -98,15 +162,29 @@ def _write_mp4(frames: Iterator[np.ndarray], first: np.ndarray, tmp: Path, fps: 
         output_params=["-crf", str(MP4_CRF), "-movflags", "+faststart"],
     )
     writer.send(None)  # start ffmpeg
+    # imageio-ffmpeg's close() neither raises nor returns ffmpeg's exit status: an ffmpeg that died after reading
+    # every frame (a full disk while writing the header) would pass for a written video. Keep its process.
+    proc = writer.gi_frame.f_locals.get("p") if writer.gi_frame is not None else None
+    sent = 0
     try:
-        for frame in itertools.chain([first], frames):
-            frame = to_uint8(frame)
-            if frame.shape[:2] != (height, width):
-                got = f"{frame.shape[1]}x{frame.shape[0]}"
-                raise ValueError(f"all frames must be {width}x{height}, got {got}")
-            writer.send(np.ascontiguousarray(frame).tobytes())
-    finally:
-        writer.close()  # waits for ffmpeg; the caller removes the file on error
+        try:
+            for frame in itertools.chain([first], frames):
+                frame = to_uint8(frame)
+                if frame.shape[:2] != (height, width):
+                    got = f"{frame.shape[1]}x{frame.shape[0]}"
+                    raise ValueError(f"all frames must be {width}x{height}, got {got}")
+                sent += 1  # counted before sending: a failed send had the disk take that frame too
+                writer.send(np.ascontiguousarray(frame).tobytes())
+        finally:
+            writer.close()  # waits for ffmpeg; the caller removes the file on error
+        if isinstance(proc, subprocess.Popen) and proc.returncode:
+            raise OSError(f"ffmpeg failed writing {tmp} (exit code {proc.returncode}; its messages are in the log)")
+    except OSError as exc:
+        # "Broken pipe" and the ffmpeg command line say nothing of a full disk: say that instead.
+        full = disk_full_error(exc, tmp, sent, width, height)
+        if full is None:
+            raise
+        raise full from exc
 
 
 def write_video(frames: np.ndarray | Iterable[np.ndarray], path: Path, fps: int) -> Path:
@@ -126,13 +204,17 @@ def write_video(frames: np.ndarray | Iterable[np.ndarray], path: Path, fps: int)
     elif path.suffix.lower() != ".mp4":
         path = path.with_suffix(".mp4")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path_for(path)
+    staging = _STAGING.get()
+    tmp = staging.path_for(path) if staging is not None else partial_path_for(path)
     try:
         if second is None:
             _write_png(first, tmp)
         else:
             _write_mp4(itertools.chain([second], iterator), np.asarray(first), tmp, fps)
-        os.replace(tmp, path)
+        if staging is not None:
+            staging.add(tmp, path)  # published later, by the attempt that still holds the claim
+        else:
+            os.replace(tmp, path)
     except BaseException:
         # Also on KeyboardInterrupt / a cancel raised by a frame source: never leave the temp file.
         tmp.unlink(missing_ok=True)
@@ -140,18 +222,88 @@ def write_video(frames: np.ndarray | Iterable[np.ndarray], path: Path, fps: int)
     return path
 
 
+@dataclass
+class StagedOutputs:
+    """Finished outputs of one attempt, held under attempt-unique hidden names until `publish` renames them.
+
+    The nonce makes the staged name unique per attempt even across containers that share the outputs dir
+    and reuse pids; no other attempt ever writes it, so publishing renames only this attempt's own file.
+    """
+
+    nonce: str = field(default_factory=lambda: secrets.token_hex(6))
+    files: list[tuple[Path, Path]] = field(default_factory=list)  # (staged, final)
+
+    def path_for(self, final: Path) -> Path:
+        """The staged name of `final`: `.<stem>.<pid>.partial-<nonce><suffix>`, same directory."""
+        return final.with_name(f".{final.stem}.{os.getpid()}{_PARTIAL_MARK}-{self.nonce}{final.suffix}")
+
+    def add(self, staged: Path, final: Path) -> None:
+        """Record a finished staged file and the name it is to be published under."""
+        self.files.append((Path(staged), Path(final)))
+
+    def publish(self) -> None:
+        """Rename every staged file to its final name (replacing it: only the claim holder calls this)."""
+        for staged, final in self.files:
+            os.replace(staged, final)
+        self.files.clear()
+
+    def discard(self) -> None:
+        """Delete the staged files that were not published (a lost claim, a failure); finals are untouched."""
+        for staged, _final in self.files:
+            staged.unlink(missing_ok=True)
+        self.files.clear()
+
+
+_STAGING: ContextVar[StagedOutputs | None] = ContextVar("wan_staged_outputs", default=None)
+
+
+@contextmanager
+def staged_outputs(staging: StagedOutputs | None = None) -> Iterator[StagedOutputs]:
+    """Within this block `write_video` (and the travel stitch) leave finished files staged in `staging`."""
+    staging = staging if staging is not None else StagedOutputs()
+    token = _STAGING.set(staging)
+    try:
+        yield staging
+    finally:
+        _STAGING.reset(token)
+
+
+def active_staging() -> StagedOutputs | None:
+    """The `StagedOutputs` of the enclosing `staged_outputs()` block, if any."""
+    return _STAGING.get()
+
+
+def count_video_frames(path: Path, *, at_most: int | None = None, input_params: Iterable[str] = ()) -> int:
+    """Frames of the first video stream, counted from the container's packets without decoding any.
+
+    A stream copy to the null muxer only demuxes, so even a long video is counted in milliseconds
+    (decoding 28,800 1080p frames takes minutes). With `at_most`, counting stops there: a caller
+    that only needs to know "more than N" never reads past N. Raises RuntimeError if ffmpeg fails.
+    """
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", *FFMPEG_INPUT_PARAMS, *input_params]
+    cmd += ["-i", str(path), "-map", "0:v:0", "-c", "copy"]
+    if at_most is not None:
+        cmd += ["-frames:v", str(at_most)]
+    done = subprocess.run([*cmd, "-f", "null", "-"], capture_output=True, check=False)
+    counts = _FRAME_LINE.findall(done.stderr)
+    if done.returncode != 0 or not counts:
+        tail = done.stderr.decode(errors="replace")[-500:]
+        raise RuntimeError(f"ffmpeg could not count the frames of {path} (exit {done.returncode}): {tail}")
+    return int(counts[-1])
+
+
 def read_video_info(path: Path) -> VideoInfo:
-    """Frame count, size and fps of an MP4 (frames counted by decoding) or a PNG (one frame)."""
+    """Frame count, size and fps of an MP4 (frames counted from the container) or a PNG (one frame)."""
     path = Path(path)
     if path.suffix.lower() == ".png":
         with Image.open(path) as image:
             return VideoInfo(frames=1, width=image.width, height=image.height, fps=0.0)
-    reader = imageio_ffmpeg.read_frames(str(path))
+    reader = imageio_ffmpeg.read_frames(str(path), input_params=list(FFMPEG_INPUT_PARAMS))
     try:
         meta = next(reader)
     finally:
         reader.close()
-    frames, _secs = imageio_ffmpeg.count_frames_and_secs(str(path))
+    frames = count_video_frames(path)
     width, height = meta["size"]
     return VideoInfo(frames=frames, width=width, height=height, fps=float(meta["fps"]))
 
@@ -162,7 +314,7 @@ def read_video_frames(path: Path) -> np.ndarray:
     if path.suffix.lower() == ".png":
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))[None]
-    reader = imageio_ffmpeg.read_frames(str(path))
+    reader = imageio_ffmpeg.read_frames(str(path), input_params=list(FFMPEG_INPUT_PARAMS))
     try:
         meta = next(reader)
         width, height = meta["size"]
@@ -183,7 +335,7 @@ def iter_video_frames(path: Path) -> Iterator[np.ndarray]:
         with Image.open(path) as image:
             yield np.asarray(image.convert("RGB"))
         return
-    reader = imageio_ffmpeg.read_frames(str(path))
+    reader = imageio_ffmpeg.read_frames(str(path), input_params=list(FFMPEG_INPUT_PARAMS))
     try:
         meta = next(reader)
         width, height = meta["size"]

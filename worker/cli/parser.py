@@ -112,10 +112,19 @@ def _add_run_http(run: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="serve live events (/ws), a status page (/) and /metrics here, e.g. 127.0.0.1:8765 (default: off)",
     )
+    # No environment defaults here: `wan-worker run` reads WAN_HTTP_TOKEN / WAN_HTTP_TOKEN_FILE itself
+    # (worker.cli.run._http_token), so it can tell a token on the command line (visible in ps) from the others.
     run.add_argument(
         "--http-token",
-        default=os.environ.get("WAN_HTTP_TOKEN"),
-        help="token the --http clients must send (env WAN_HTTP_TOKEN; required on a non-loopback address)",
+        default=None,
+        help="token the --http clients must send (env WAN_HTTP_TOKEN; required on a non-loopback address); "
+        "on the command line it shows in ps: prefer --http-token-file or the environment",
+    )
+    run.add_argument(
+        "--http-token-file",
+        default=None,
+        metavar="PATH",
+        help="read the --http token from this file, once at start-up (env WAN_HTTP_TOKEN_FILE)",
     )
 
 

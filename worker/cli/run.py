@@ -11,18 +11,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wan_engine.progress_bars import quiet_progress_bars
+from worker.cli.stop_signals import StopSignals
 from worker.config import WorkerSettings, default_worker_id, parse_input_roots
+from worker.store.file_identity import DATABASE_REPLACED_EXIT, FileIdentity, sqlite_file, truncate_wal
 from worker.store.schema import redact_url, wait_for_database
 
 if TYPE_CHECKING:
     from headless_model_management import HeadlessTaskQueue
 
 log = logging.getLogger("worker.cli")  # one logger for the whole CLI: tests and log filters key on the name
+DB_FILE_POLL_S = 1.0  # how often `run` checks that its SQLite file is still the one it opened
 
 
 # ---- before anything loads ------------------------------------------------------------------------------
@@ -71,6 +74,26 @@ def _settings(args: argparse.Namespace) -> WorkerSettings:
     )
 
 
+def _http_token(args: argparse.Namespace) -> str | None:
+    """The `--http` token, read once at start-up: a flag beats the environment, and giving both a token and a
+    file at the same level is an error. A token file that cannot be used is a ValueError naming its path (exit
+    2). The token itself is never logged."""
+    from worker.live.http_server import TOKEN_ENV, TOKEN_FILE_ENV, read_token_file
+
+    if args.http_token is not None and args.http_token_file:
+        raise ValueError("--http-token and --http-token-file: give one of them")
+    if args.http_token is not None:
+        if args.http_token:
+            log.warning("--http-token on the command line is visible in ps: use --http-token-file or %s", TOKEN_ENV)
+        return args.http_token or None
+    if args.http_token_file:
+        return read_token_file(args.http_token_file, "--http-token-file")
+    from_env, file_env = os.environ.get(TOKEN_ENV) or None, os.environ.get(TOKEN_FILE_ENV) or None
+    if from_env and file_env:
+        raise ValueError(f"{TOKEN_ENV} and {TOKEN_FILE_ENV} are both set: set one of them")
+    return read_token_file(file_env, TOKEN_FILE_ENV) if file_env else from_env
+
+
 def _http_address(args: argparse.Namespace) -> tuple[str, int] | None:
     """The `--http` address, checked before anything starts: a refusal (no token off loopback) is immediate."""
     if not args.http:
@@ -82,17 +105,9 @@ def _http_address(args: argparse.Namespace) -> tuple[str, int] | None:
     return address
 
 
-def _wait_for_database(url: str, timeout_s: float) -> bool:
+def _wait_for_database(url: str, timeout_s: float, stop: threading.Event) -> bool:
     """Wait for the database at start-up (a stop signal ends the wait: False)."""
-    import threading
-
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return wait_for_database(url, timeout_s, stop)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return wait_for_database(url, timeout_s, stop)
 
 
 # ---- group parallelism ------------------------------------------------------------------------------------
@@ -149,27 +164,63 @@ def _start_live_server(
     return server
 
 
-def _install_signal_handlers(queue: HeadlessTaskQueue, worker_id: str) -> None:
-    """SIGTERM/SIGINT: the first finishes the current task, the second aborts and re-queues it."""
+class _DatabaseFileWatch:
+    """A daemon thread that notices the SQLite file replaced or removed (`worker.store.file_identity`).
 
-    def on_signal(signum: int, _frame: object) -> None:
-        # Only sets events: safe inside a signal handler.
-        aborting = queue.stop_requested
-        log.warning(
-            "%s: %s",
-            signal.Signals(signum).name,
-            "aborting the current task" if aborting else "stopping after the current task (send again to abort it)",
-            extra={"worker_id": worker_id},
-        )
-        queue.request_stop()
+    The engine keeps the inode it opened, so without this a restored backup (`mv backup.db tasks.db`)
+    would be ignored silently. On a change it logs one error line and abandons the current task at its next
+    step: its outcome could only reach the old file, and the old connection's WAL (named after the path)
+    must not be written into the new file any longer than needed. `_serve` then returns
+    `DATABASE_REPLACED_EXIT`, and a restarted worker serves the new file."""
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def __init__(self, identity: FileIdentity, queue: HeadlessTaskQueue, worker_id: str) -> None:
+        self.identity = identity
+        self.queue = queue
+        self.worker_id = worker_id
+        self.replaced = threading.Event()  # set once the watch has stopped the worker for a change
+        self.finished = threading.Event()  # set by `_serve` when serving ends: the thread exits
+
+    @classmethod
+    def start(cls, settings: WorkerSettings, queue: HeadlessTaskQueue) -> _DatabaseFileWatch | None:
+        """Watch the database file of a SQLite URL (None for Postgres or a database without a file)."""
+        path = sqlite_file(settings.db_url)
+        if path is None:
+            return None
+        try:
+            identity = FileIdentity.record(path)  # after the queue migrated it: the file exists
+        except OSError as exc:
+            log.warning("cannot watch the database file %s: %s", path, exc, extra={"worker_id": settings.worker_id})
+            return None
+        watch = cls(identity, queue, settings.worker_id)
+        threading.Thread(target=watch._run, name="wan-db-file-watch", daemon=True).start()
+        return watch
+
+    def _run(self) -> None:
+        while not self.finished.wait(DB_FILE_POLL_S):
+            change = self.identity.changed()
+            if change is None:
+                continue
+            log.error(
+                "database file %s: %s; this worker still has the old file open, so it abandons the current "
+                "task and exits %d for a restart on the new file",
+                self.identity.path,
+                change,
+                DATABASE_REPLACED_EXIT,
+                extra={"worker_id": self.worker_id},
+            )
+            self.replaced.set()
+            if not self.queue.stop_requested:
+                self.queue.request_stop()
+            self.queue.request_stop()  # the second request: abandon the task now
+            return
 
 
-def _serve(settings: WorkerSettings, group: Any, address: tuple[str, int] | None, token: str | None) -> int:
+def _serve(
+    settings: WorkerSettings, group: Any, address: tuple[str, int] | None, token: str | None, stops: StopSignals
+) -> int:
     """Run the queue in this process (a group's rank 0 drives its followers); 1: a group rank fell out of
-    step (the group restarts), else 0."""
+    step (the group restarts); 3 (`DATABASE_REPLACED_EXIT`): the SQLite file was replaced or removed (a
+    supervisor restarts the worker on the new file); else 0."""
     from headless_model_management import HeadlessTaskQueue
 
     orchestrator = None
@@ -182,32 +233,47 @@ def _serve(settings: WorkerSettings, group: Any, address: tuple[str, int] | None
         orchestrator.on_out_of_step = queue.request_stop  # finish recording the task, then exit 1: group restarts
     unavailable = _log_model_reports(queue.presets, settings.models_dir, settings.allow_download)
     server = _start_live_server(queue, address, token, unavailable) if address else None
-    _install_signal_handlers(queue, settings.worker_id)
+    stops.attach(queue)  # stops that came during start-up reach the queue now
+    file_watch = _DatabaseFileWatch.start(settings, queue)
     try:
         queue.run_forever()
     finally:
+        if file_watch is not None:
+            file_watch.finished.set()
+        stops.ignore_from_now()
         if server is not None:
             server.stop()
+        if file_watch is not None and file_watch.replaced.is_set():
+            truncate_wal(queue.engine)  # else the old file's WAL would be replayed into the new file
         queue.dispose()
         if orchestrator is not None:
             orchestrator.close()  # the followers exit with this rank
+    if file_watch is not None and file_watch.replaced.is_set():
+        return DATABASE_REPLACED_EXIT
     return 1 if orchestrator is not None and orchestrator.out_of_step else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`run`: serve tasks until SIGTERM/SIGINT (or hand over to the supervisor / group launcher)."""
     _apply_engine_switches(args)
+    args.http_token = _http_token(args)  # once, before --gpus: the supervisor checks it too
     delegated = _delegate_processes(args)
     if delegated is not None:
         return delegated
+    settings = _settings(args)
+    leader = os.environ.get("RANK", "0") == "0"  # group ranks > 0 touch neither the database nor HTTP
+    # Before anything heavy loads: a stop during start-up is remembered, not lost (ranks > 0 keep the default
+    # actions: rank 0 and the group launcher end them).
+    stops = StopSignals(settings.worker_id).install() if leader else StopSignals(settings.worker_id)
     import headless_model_management  # noqa: F401  # the engine stack loads here, before the progress-bar switch
 
     quiet_progress_bars()
-    settings = _settings(args)
-    leader = os.environ.get("RANK", "0") == "0"  # group ranks > 0 touch neither the database nor HTTP
     address = _http_address(args) if leader else None
-    if leader and not _wait_for_database(settings.db_url, args.db_wait_seconds):
-        return 0  # stopped (SIGTERM/SIGINT) while waiting for the database
+    if leader and not _wait_for_database(settings.db_url, args.db_wait_seconds, stops.requested):
+        return 0  # stopped (SIGTERM/SIGINT/SIGHUP) while waiting for the database
+    if stops.requests:
+        log.warning("stopped during start-up; no task was claimed", extra={"worker_id": settings.worker_id})
+        return 0
     group = None
     if settings.parallel > 1:
         from worker.processes.group_ranks import join_group, run_follower
@@ -216,4 +282,4 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not group.is_leader:
             return run_follower(settings, group, _group_orchestrator)  # no database, no HTTP: rank 0 sends every call
     log.info("starting worker on %s", redact_url(settings.db_url), extra={"worker_id": settings.worker_id})
-    return _serve(settings, group, address, args.http_token)
+    return _serve(settings, group, address, args.http_token, stops)

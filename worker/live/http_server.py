@@ -9,19 +9,30 @@ WebSocket that streams the hub's JSON events; plain GETs are answered from `proc
     /thumb/ID.jpg   the first frame of a task's output (ffmpeg from imageio-ffmpeg), cached
     /metrics        Prometheus text format
 
-Off by default. Bound to loopback unless told otherwise; any other address needs a token (`--http-token`
-or WAN_HTTP_TOKEN), given as `Authorization: Bearer TOKEN`, a `token` query parameter or a `wan_token`
-cookie. Without a token the Host header must name a loopback address (no DNS rebinding), and a browser
-may only open the WebSocket from this server's own pages (Origin must match Host).
+Off by default. Bound to loopback unless told otherwise; any other address needs a token (`--http-token`,
+`--http-token-file`, WAN_HTTP_TOKEN or WAN_HTTP_TOKEN_FILE), given as `Authorization: Bearer TOKEN`, a
+`token` query parameter or a `wan_token` cookie. Without a token the Host header must name a loopback
+address (no DNS rebinding), and a browser may only open the WebSocket from this server's own pages (Origin
+must match Host).
+
+Bounds (the server shares the worker's file descriptors, so it must never take them all): a client has
+OPEN_TIMEOUT_S to send its request; at most MAX_CONNECTIONS are served at once (fewer under a low
+open-files limit, see connection_cap; more are closed on accept); an accept() that fails for lack of
+descriptors is retried with back-off instead of ending the server; and the one-way stream drops what
+clients send as it arrives (a message over MAX_MESSAGE_BYTES closes the connection with 1009).
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import ipaddress
 import json
 import logging
 import queue
+import resource
+import selectors
+import socket
 import subprocess
 import threading
 import time
@@ -37,8 +48,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import DATA_OPCODES, Frame
 from websockets.http11 import Request, Response
-from websockets.protocol import State
+from websockets.protocol import Event, State
 from websockets.sync.server import Server, ServerConnection, serve
 
 from worker.live.events import LiveSink
@@ -51,6 +63,18 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 TOKEN_ENV = "WAN_HTTP_TOKEN"
+TOKEN_FILE_ENV = "WAN_HTTP_TOKEN_FILE"
+TOKEN_FILE_MAX_BYTES = 4096  # a token file is one short line; a bigger one (or /dev/zero) is a mistake
+OPEN_TIMEOUT_S = 5.0  # a client that has not sent its request (and finished the handshake) by then is dropped
+MAX_CONNECTIONS = 64  # connections served at once (handshaking, HTTP or WebSocket); more are closed on accept
+FDS_PER_CONNECTION = 4  # websockets' sync connection: its socket, a wake-up socket pair and an epoll selector
+FD_SHARE = 4  # ...and all of them together hold at most 1/FD_SHARE of the open-files limit (the worker needs the rest)
+MAX_MESSAGE_BYTES = 4096  # the stream is one-way: a client has nothing big to say (larger: closed, 1009)
+MAX_QUEUE = 4  # incoming frames buffered per connection before reading pauses (none are: _OneWayConnection)
+ACCEPT_BACKOFF_S = (0.05, 1.0)  # first and longest pause after accept() fails for lack of descriptors
+# accept() errors that mean "no descriptors or memory right now", not "the socket is gone".
+_TRANSIENT_ACCEPT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_RETRY_ACCEPT = {errno.ECONNABORTED, errno.EAGAIN, errno.EINTR, errno.EPROTO}
 QUEUE_SHOWN = 50
 RECENT_SHOWN = 12
 THUMB_WIDTH = 160
@@ -89,8 +113,39 @@ def check_bind(host: str, token: str | None) -> None:
     """Refuse to serve a non-loopback address without a token (ValueError names the fix)."""
     if not is_loopback(host) and not token:
         raise ValueError(
-            f"--http on {host} (not a loopback address) needs a token: pass --http-token or set {TOKEN_ENV}"
+            f"--http on {host} (not a loopback address) needs a token: pass --http-token-file or set {TOKEN_ENV}"
+            f" or {TOKEN_FILE_ENV} (--http-token also works, but shows the token in ps)"
         )
+
+
+def read_token_file(path: str | Path, source: str = "--http-token-file") -> str:
+    """The token in a file (surrounding whitespace stripped). ValueError names `source` and the path, never
+    the contents: a missing, unreadable, empty, oversized or multi-line file is a configuration error."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(TOKEN_FILE_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"{source} {path}: cannot read it ({exc.strerror or exc.__class__.__name__})") from None
+    if len(raw) > TOKEN_FILE_MAX_BYTES:
+        raise ValueError(f"{source} {path}: longer than {TOKEN_FILE_MAX_BYTES} bytes (expected one token)")
+    try:
+        token = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{source} {path}: not UTF-8 text") from None
+    if not token:
+        raise ValueError(f"{source} {path}: the file is empty")
+    if not token.isprintable():  # a newline or control character cannot travel in a header or cookie
+        raise ValueError(f"{source} {path}: expected one line (the token), found control characters")
+    return token
+
+
+def connection_cap() -> int:
+    """MAX_CONNECTIONS, or fewer under a low open-files limit: the server's descriptors stay within a share
+    of it (systemd's default soft limit, 1024, allows the full 64; a limit of 256 allows 16)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(4, min(MAX_CONNECTIONS, soft // (FD_SHARE * FDS_PER_CONNECTION)))
 
 
 # ---- metrics ---------------------------------------------------------------------------------------
@@ -158,6 +213,17 @@ class Metrics:
 # ---- the server ------------------------------------------------------------------------------------
 
 
+class _OneWayConnection(ServerConnection):
+    """A WebSocket connection whose client's messages are dropped as they arrive: the stream is one-way, so
+    nothing a client sends is buffered (control frames, pings and the close handshake, are still handled;
+    a message over MAX_MESSAGE_BYTES still closes the connection with 1009)."""
+
+    def process_event(self, event: Event) -> None:
+        if self.request is not None and isinstance(event, Frame) and event.opcode in DATA_OPCODES:
+            return
+        super().process_event(event)
+
+
 class LiveServer:
     """The HTTP/WebSocket server and its hub; `start()` binds and returns (host, port)."""
 
@@ -189,6 +255,8 @@ class LiveServer:
         self._thumb_lock = threading.Lock()
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
+        self.refused = 0  # connections closed on accept because max_connections were being served
+        self.max_connections = connection_cap()
 
     def start(self) -> tuple[str, int]:
         try:
@@ -200,12 +268,16 @@ class LiveServer:
                 server_header=None,
                 compression=None,
                 logger=_QUIET_LOG,
+                open_timeout=OPEN_TIMEOUT_S,
+                max_size=MAX_MESSAGE_BYTES,
+                max_queue=MAX_QUEUE,
+                create_connection=_OneWayConnection,
             )
         except OSError as exc:
             raise ValueError(f"--http cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
         self.port = self._server.socket.getsockname()[1]
         self.hub.start()
-        self._thread = threading.Thread(target=self._server.serve_forever, name="live-http", daemon=True)
+        self._thread = threading.Thread(target=self._accept_loop, args=(self._server,), name="live-http", daemon=True)
         self._thread.start()
         log.info("live status on http://%s:%d/ (events: /ws, metrics: /metrics)", self.host, self.port)
         return self.host, self.port
@@ -216,6 +288,70 @@ class LiveServer:
             self._server.shutdown()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+    def _accept_loop(self, server: Server) -> None:
+        """`Server.serve_forever`, bounded: at most MAX_CONNECTIONS handler threads, and an accept() that
+        fails for lack of descriptors pauses (logged once per episode) instead of ending the server for good
+        (the library's loop breaks on any OSError). It keeps that loop's contract with `Server.shutdown`:
+        handler threads are registered before they start, and `socket_closed` is set on the way out."""
+        if not all(hasattr(server, name) for name in ("handler_threads", "socket_closed", "shutdown_watcher")):
+            log.warning("live server: unexpected websockets Server internals; serving without the accept bounds")
+            server.serve_forever()
+            return
+        poller = selectors.DefaultSelector()
+        poller.register(server.shutdown_watcher, selectors.EVENT_READ)  # shutdown() wakes the select
+        try:
+            try:
+                poller.register(server.socket, selectors.EVENT_READ)
+            except (OSError, ValueError):
+                return  # shutdown() came first
+            backoff = 0.0
+            while True:
+                poller.select()
+                try:
+                    sock, addr = server.socket.accept()
+                except OSError as exc:
+                    if server.socket.fileno() == -1:
+                        break  # shutdown() closed the socket
+                    if exc.errno in _RETRY_ACCEPT:
+                        continue
+                    if exc.errno not in _TRANSIENT_ACCEPT:
+                        log.error("live server stops accepting: %s", exc)
+                        break
+                    if not backoff:
+                        log.warning("live server: accept() failed (%s); retrying with back-off", exc.strerror or exc)
+                    backoff = min(ACCEPT_BACKOFF_S[1], backoff * 2 or ACCEPT_BACKOFF_S[0])
+                    time.sleep(backoff)  # the pending connection stays in the backlog until a descriptor frees
+                    continue
+                if backoff:
+                    log.info("live server: accepting connections again")
+                    backoff = 0.0
+                self._dispatch(server, sock, addr)
+        finally:
+            poller.close()
+            server.socket_closed.set()
+            server.shutdown_watcher.close()
+
+    def _dispatch(self, server: Server, sock: socket.socket, addr: Any) -> None:
+        """One accepted socket: a handler thread, or closed at once when max_connections are being served."""
+        with server.lock:
+            busy = len(server.handler_threads)
+        if busy >= self.max_connections:
+            if not self.refused:
+                log.warning("live server: %d connections open (the most served at once); closing new ones", busy)
+            self.refused += 1
+            sock.close()
+            return
+        # Not a daemon thread: Server.shutdown() joins the handlers (as the library's own loop does).
+        thread = threading.Thread(target=server.handler, args=(sock, addr), name="live-http-conn")
+        with server.lock:
+            server.handler_threads.add(thread)
+        try:
+            thread.start()
+        except RuntimeError:  # no thread could be started (memory): drop this client, keep serving
+            with server.lock:
+                server.handler_threads.discard(thread)
+            sock.close()
 
     # ---- requests ----
 

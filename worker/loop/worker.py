@@ -2,6 +2,16 @@
 
 It reads top to bottom like rq's SimpleWorker: tasks run in this process (the model stays resident),
 one `except` per way out, cleanup in `finally`.
+
+Publishing an output is conditional on still holding the claim. A runner writes its outputs under
+attempt-unique staged names and registers them with `RunContext.stage`; nothing reaches the final name while
+the task runs. `_persist_success` hands the rename to `mark_complete`, which performs it inside the guarded
+transaction (status In Progress, this worker_id, this process's claim token), after the UPDATE matched and
+while the row is locked. So the rename and the `Complete` write happen together or not at all: a worker that
+stalled past its lease (SIGSTOP, a hung driver, a VM pause) and resumes after another worker completed the
+task finds the guarded UPDATE unmatched, never renames, and deletes only its own staged file. No check-then-
+rename window exists for another worker to complete in, since that worker needs the same lock to re-claim
+or complete the row.
 """
 
 from __future__ import annotations
@@ -11,7 +21,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -42,15 +52,37 @@ class ShutdownAbort(Exception):
     """A second stop signal arrived: abandon the task and give it back to the queue."""
 
 
+class StagedFiles(Protocol):
+    """An attempt's finished outputs under staged names (wan_engine.video_io.StagedOutputs)."""
+
+    def publish(self) -> None: ...
+    def discard(self) -> None: ...
+
+
 @dataclass
 class RunContext:
-    """What a runner gets besides the task: progress reporting and the stop/cancel checks."""
+    """What a runner gets besides the task: progress reporting, the stop/cancel checks, staged outputs."""
 
     task: Task
     worker_id: str
     lease: LeaseKeeper
     abort: threading.Event
     events: EventSink = NULL_SINK
+    staged: list[StagedFiles] = field(default_factory=list)
+
+    def stage(self, files: StagedFiles) -> None:
+        """Register outputs to publish with the `Complete` write (and to discard on any other ending)."""
+        self.staged.append(files)
+
+    def publish_staged(self) -> None:
+        """Rename the staged outputs into place; called by `mark_complete` inside its guarded transaction."""
+        for files in self.staged:
+            files.publish()
+
+    def discard_staged(self) -> None:
+        """Delete staged outputs not published; another attempt's files are never touched."""
+        for files in self.staged:
+            files.discard()
 
     def report(self, stage: str, step: int = 0, total_steps: int = 0, **extra: Any) -> None:
         """Record progress (written by the lease keeper, at most once per interval) and check for stops."""
@@ -219,8 +251,9 @@ class Worker:
             if isinstance(outcome, TaskDeferred):
                 self._persist_deferral(task, outcome, extra)
             else:
-                self._persist_success(task, lease, outcome, extra)
+                self._persist_success(task, lease, outcome, extra, context)
         finally:
+            context.discard_staged()  # a lost claim, a failure or an abort leaves no staged file behind
             lease.stop()
             self.current_task = None
             self.executed += 1
@@ -228,24 +261,46 @@ class Worker:
                 lambda: self.repository.update_worker(self.settings.worker_id, "idle", self.runner.resident_model())
             )
 
-    def _persist_success(self, task: Task, lease: LeaseKeeper, outcome: TaskOutcome, extra: dict[str, Any]) -> None:
+    def _persist_success(
+        self,
+        task: Task,
+        lease: LeaseKeeper,
+        outcome: TaskOutcome,
+        extra: dict[str, Any],
+        context: RunContext | None = None,
+    ) -> None:
         lease.flush()
         result = {**outcome.result_data, **self.events.result_extras(task)}
-        done = self._with_db_retry(
-            lambda: self.repository.mark_complete(task.id, self.settings.worker_id, outcome.output_location, result)
-        )
+        worker_id = self.settings.worker_id
+        staged = context is not None and bool(context.staged)
+
+        def complete() -> bool:
+            if context is not None and staged:
+                # The rename happens inside the guarded write: only the claim holder ever publishes.
+                return self.repository.mark_complete(
+                    task.id, worker_id, outcome.output_location, result, publish=context.publish_staged
+                )
+            return self.repository.mark_complete(task.id, worker_id, outcome.output_location, result)
+
+        try:
+            done = self._with_db_retry(complete)
+        except OSError as exc:  # the staged file could not be renamed: nothing was written, the attempt failed
+            self._persist_failure(task, exc, extra)
+            return
         if done:
             log.info("task complete: %s", outcome.output_location, extra=extra)
             self.events.completed(task, outcome.output_location, result)
             return
         if done is None:
             # Database unreachable for a whole lease: the row will be re-queued by a stale sweep.
-            log.error("could not record the result; output kept: %s", outcome.output_location, extra=extra)
+            kept = "output discarded" if staged else "output kept"
+            log.error("could not record the result; %s: %s", kept, outcome.output_location, extra=extra)
             return
-        # Cancelled (or taken over) while finishing: the output must not outlive the cancel.
+        # Cancelled (or taken over) while finishing. A staged output was never published (the finally of
+        # `_execute` deletes it), so the final name, perhaps another attempt's output, is left untouched.
         status = self._with_db_retry(lambda: self.repository.get_status(task.id))
-        if status is TaskStatus.CANCELLED and outcome.output_location:
-            Path(outcome.output_location).unlink(missing_ok=True)
+        if status is TaskStatus.CANCELLED and outcome.output_location and not staged:
+            Path(outcome.output_location).unlink(missing_ok=True)  # an unstaged output must not outlive the cancel
         if status is TaskStatus.CANCELLED:
             self.events.cancelled(task)
         log.info("task ended %s before its result was recorded; output discarded", status, extra=extra)

@@ -6,6 +6,7 @@ and break created_at ties differently. The status short names (`Q`, `P`, ...) ke
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -13,8 +14,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from worker.store.schema import is_sqlite, tasks
+from worker.store.schema import Unreadable, is_sqlite, tasks
 from worker.task import Task, TaskStatus
+
+log = logging.getLogger(__name__)
 
 Q = TaskStatus.QUEUED.value
 P = TaskStatus.IN_PROGRESS.value
@@ -55,16 +58,82 @@ class Db:
     def select_tasks(self, query: sa.Select[Any]) -> list[Task]:
         """Run a `select(tasks)` query in its own transaction."""
         with self.tx() as conn:
-            return [to_task(row) for row in conn.execute(query).mappings()]
+            rows = list(conn.execute(query).mappings())
+        return [task for row in rows if (task := read_task(row)) is not None]
+
+
+JSON_COLUMNS = ("result_data", "progress")
+DATETIME_COLUMNS = (
+    "created_at",
+    "updated_at",
+    "generation_started_at",
+    "generation_processed_at",
+    "lease_expires_at",
+    "run_after",
+)
+_WARNED_MAX = 10_000  # (task id, column) pairs remembered for warn-once; cleared when full
+_warned: set[tuple[str, str]] = set()
+
+
+class UnreadableRow(ValueError):
+    """A row a worker cannot represent as a Task (a status no program of ours writes)."""
+
+
+def _warn_once(task_id: Any, column: str, value: Any, why: str) -> None:
+    """Log one warning per (task, column): a bad value is re-read at every poll."""
+    key = (str(task_id), column)
+    if key in _warned:
+        return
+    if len(_warned) >= _WARNED_MAX:
+        _warned.clear()
+    _warned.add(key)
+    shown = repr(value)
+    log.warning(
+        "task %s: ignoring unreadable %s %s (%s); read as None",
+        task_id,
+        column,
+        shown if len(shown) <= 80 else shown[:77] + "...",
+        why,
+    )
+
+
+def _params_text(value: Any) -> str:
+    """The params column as text. A BLOB is decoded as UTF-8; one that is not valid UTF-8 keeps its bad bytes
+    as lone surrogates, which `worker.tasks.params.parse_params_text` fails at once as bad input."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "surrogateescape")
+    return str(value)  # a number a client stored unquoted: fails as "params must be a JSON object"
+
+
+def _lenient_value(row: Any, column: str) -> Any:
+    """A client-writable column's value, or None (warned once) when it could not be decoded or has the wrong
+    shape (a JSON column must hold an object)."""
+    value = row[column]
+    if isinstance(value, Unreadable):
+        _warn_once(row["id"], column, value.raw, f"cannot be decoded: {value.reason}")
+        return None
+    if column in JSON_COLUMNS and value is not None and not isinstance(value, dict):
+        _warn_once(row["id"], column, value, f"must be a JSON object, got {type(value).__name__}")
+        return None
+    return value
 
 
 def to_task(row: Any) -> Task:
-    """A `tasks` row (mapping) as a Task."""
+    """A `tasks` row (mapping) as a Task; bad client-written values are read as None (see `_lenient_value`).
+
+    Raises `UnreadableRow` only for a status that is not one of ours; non-claim reads use `read_task`.
+    """
+    try:
+        status = TaskStatus(row["status"])
+    except ValueError:
+        raise UnreadableRow(f"task {row['id']}: unknown status {row['status']!r}") from None
     return Task(
         id=row["id"],
         task_type=row["task_type"],
-        params_text=row["params"],
-        status=TaskStatus(row["status"]),
+        params_text=_params_text(row["params"]),
+        status=status,
         priority=row["priority"],
         dependant_on=row["dependant_on"],
         parent_task_id=row["parent_task_id"],
@@ -72,13 +141,23 @@ def to_task(row: Any) -> Task:
         max_attempts=row["max_attempts"],
         worker_id=row["worker_id"],
         output_location=row["output_location"],
-        result_data=row["result_data"],
+        result_data=_lenient_value(row, "result_data"),
         error_message=row["error_message"],
-        progress=row["progress"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        generation_started_at=row["generation_started_at"],
-        generation_processed_at=row["generation_processed_at"],
-        lease_expires_at=row["lease_expires_at"],
-        run_after=row["run_after"],
+        progress=_lenient_value(row, "progress"),
+        created_at=_lenient_value(row, "created_at"),
+        updated_at=_lenient_value(row, "updated_at"),
+        generation_started_at=_lenient_value(row, "generation_started_at"),
+        generation_processed_at=_lenient_value(row, "generation_processed_at"),
+        lease_expires_at=_lenient_value(row, "lease_expires_at"),
+        run_after=_lenient_value(row, "run_after"),
     )
+
+
+def read_task(row: Any) -> Task | None:
+    """`to_task` for listings and lookups: a row with an unknown status is skipped (warned once), so one
+    row a client marked `'Paused'` hides only itself."""
+    try:
+        return to_task(row)
+    except UnreadableRow:
+        _warn_once(row["id"], "status", row["status"], "not a status of this worker; row skipped")
+        return None

@@ -57,7 +57,9 @@ def changed_since(db: Db, since: tuple[datetime, str] | None, limit: int = 500) 
 def latest_update(db: Db) -> datetime | None:
     """The newest updated_at in the table (where a poller starts looking for changes)."""
     with db.tx() as conn:
-        return conn.execute(sa.select(sa.func.max(tasks.c.updated_at))).scalar()
+        newest = conn.execute(sa.select(sa.func.max(tasks.c.updated_at))).scalar()
+    # A client's undecodable updated_at (SQLite 'now') comes back as schema.Unreadable: no starting point.
+    return newest if isinstance(newest, datetime) else None
 
 
 def queued_in_order(db: Db, limit: int = 100) -> list[Task]:

@@ -7,14 +7,24 @@ their historical names, the sweeps (worker.store.sweeps), the read-only queries 
 
 Where the two backends must differ in claiming, the difference is isolated here: Postgres claims with
 `FOR UPDATE SKIP LOCKED`; SQLite with `BEGIN IMMEDIATE` (see worker.store.schema) and a conditional update,
-each in one transaction. Every status write by a worker is guarded by (status='In Progress', worker_id),
-so a user's `Cancelled` is never overwritten.
+each in one transaction. Every status write by a worker is guarded by (status='In Progress', worker_id,
+claim_token), so a user's `Cancelled` is never overwritten.
+
+Claim ownership. `worker_id` is a human-readable name that two processes may share by mistake, so each
+`SqlTaskRepository` (one per worker process, created at start) draws a random `claim_token`: the claim
+writes it into the row and every guarded write also matches it. A process that stalled past its lease can
+then no longer write a row its namesake re-claimed. `mark_complete` takes an optional `publish` callback
+that renames the attempt's staged output into place inside the guarded transaction, after the guarded
+UPDATE matched and before the commit: the row stays locked (SQLite's write lock, Postgres's row lock)
+while the file is renamed, so no other worker can re-claim or complete the task between the check and
+the rename, and a worker that lost its claim never touches the final file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -24,7 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from worker.store import queries, side_tables, sweeps
-from worker.store.db import C, Db, F, P, Q, X, to_task
+from worker.store.db import C, Db, F, P, Q, X, read_task, to_task
 from worker.store.schema import tasks
 from worker.store.side_tables import EtaMerge
 from worker.store.sweeps import CYCLE_IDS_SHOWN, StaleRecovery, find_dependency_cycles
@@ -47,7 +57,14 @@ class TaskRepository(Protocol):
     ) -> Task | None: ...
     def heartbeat(self, task_id: str, worker_id: str, lease_s: float, progress: dict[str, Any] | None) -> bool: ...
     def get_status(self, task_id: str) -> TaskStatus | None: ...
-    def mark_complete(self, task_id: str, worker_id: str, output: str | None, result: dict[str, Any]) -> bool: ...
+    def mark_complete(
+        self,
+        task_id: str,
+        worker_id: str,
+        output: str | None,
+        result: dict[str, Any],
+        publish: Callable[[], None] | None = None,
+    ) -> bool: ...
     def mark_failed(self, task_id: str, worker_id: str, message: str, result: dict[str, Any] | None = None) -> bool: ...
     def retry_later(self, task_id: str, worker_id: str, message: str, delay_s: float) -> bool: ...
     def defer(self, task_id: str, worker_id: str, wait_for: str, progress: dict[str, Any] | None) -> bool: ...
@@ -67,9 +84,11 @@ def new_task_id() -> str:
 class SqlTaskRepository:
     """TaskRepository over a SQLAlchemy engine (SQLite file or Postgres)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, claim_token: str | None = None) -> None:
         self.engine = engine
         self._db = Db(engine)
+        # Unique per client (one per worker process): two processes sharing a worker_id never share it.
+        self.claim_token = claim_token or secrets.token_hex(16)
 
     # ---- submitting and reading (queue API, CLI) ----------------------------------------------
 
@@ -100,13 +119,19 @@ class SqlTaskRepository:
         """One task by id; None when there is no such row."""
         with self._db.tx() as conn:
             row = conn.execute(sa.select(tasks).where(tasks.c.id == task_id)).mappings().first()
-        return to_task(row) if row else None
+        return read_task(row) if row else None
 
     def get_status(self, task_id: str) -> TaskStatus | None:
         """The current status of one task; None when there is no such row."""
         with self._db.tx() as conn:
             status = conn.execute(sa.select(tasks.c.status).where(tasks.c.id == task_id)).scalar()
-        return TaskStatus(status) if status else None
+        if not status:
+            return None
+        try:
+            return TaskStatus(status)
+        except ValueError:  # a status a client wrote that is not ours: the row is not one we can act on
+            log.warning("task %s: unknown status %r; read as no such task", task_id, status)
+            return None
 
     def cancel(self, task_id: str) -> bool:
         """Cancel a queued or running task and its open children (the worker notices at its next step)."""
@@ -173,9 +198,11 @@ class SqlTaskRepository:
     def _candidates(self, conn: Connection, accept: Acceptor | None) -> list[Task]:
         """The first window of ready rows holding any this worker accepts, filtered by `accept`."""
         for page in range(CLAIM_PAGES if accept is not None else 1):
-            window = [to_task(row) for row in conn.execute(self._ready(page)).mappings()]
+            rows = list(conn.execute(self._ready(page)).mappings())
+            # Every column is read leniently (worker.store.db), so no row content can stop the claim.
+            window = [task for row in rows if (task := read_task(row)) is not None]
             accepted = window if accept is None else [task for task in window if accept(task)]
-            if accepted or len(window) < CLAIM_CANDIDATES:
+            if accepted or len(rows) < CLAIM_CANDIDATES:
                 return accepted
         return []
 
@@ -219,6 +246,7 @@ class SqlTaskRepository:
                 .values(
                     status=P,
                     worker_id=worker_id,
+                    claim_token=self.claim_token,
                     attempts=tasks.c.attempts + 1,
                     lease_expires_at=self._db.now(lease_s),
                     run_after=None,
@@ -236,8 +264,13 @@ class SqlTaskRepository:
     # ---- a worker's guarded writes --------------------------------------------------------------
 
     def _guarded(self, task_id: str, worker_id: str) -> sa.Update:
-        """An UPDATE of this task only while this worker still holds it In Progress."""
-        return tasks.update().where(tasks.c.id == task_id, tasks.c.status == P, tasks.c.worker_id == worker_id)
+        """An UPDATE of this task only while this worker process still holds it In Progress."""
+        return tasks.update().where(
+            tasks.c.id == task_id,
+            tasks.c.status == P,
+            tasks.c.worker_id == worker_id,
+            tasks.c.claim_token == self.claim_token,
+        )
 
     def _write(self, statement: sa.Update) -> bool:
         """Run one guarded write in its own transaction; True when it changed the row."""
@@ -266,19 +299,38 @@ class SqlTaskRepository:
             )
             return conn.execute(self._guarded(task_id, worker_id).values(**values)).rowcount == 1
 
-    def mark_complete(self, task_id: str, worker_id: str, output: str | None, result: dict[str, Any]) -> bool:
-        """Finish a task this worker holds; False when it is no longer ours."""
-        return self._write(
-            self._guarded(task_id, worker_id).values(
-                status=C,
-                output_location=output,
-                result_data=result,
-                error_message=None,
-                lease_expires_at=None,
-                generation_processed_at=self._db.now(),
-                updated_at=self._db.now(),
-            )
+    def mark_complete(
+        self,
+        task_id: str,
+        worker_id: str,
+        output: str | None,
+        result: dict[str, Any],
+        publish: Callable[[], None] | None = None,
+    ) -> bool:
+        """Finish a task this worker holds; False when it is no longer ours (then `publish` is not called).
+
+        `publish` (rename the staged output into place) runs inside the transaction, after the guarded
+        UPDATE matched and while it holds the row's lock; if it raises, nothing is written.
+        """
+        statement = self._guarded(task_id, worker_id).values(
+            status=C,
+            output_location=output,
+            result_data=result,
+            error_message=None,
+            lease_expires_at=None,
+            generation_processed_at=self._db.now(),
+            updated_at=self._db.now(),
         )
+        with self._db.tx() as conn:
+            if publish is not None and not self._db.sqlite:
+                # The lock must outlive a pause of this process between UPDATE and COMMIT (SIGSTOP, VM pause):
+                # a server-side idle timeout would end the transaction and let another worker complete first.
+                conn.execute(sa.text("SET LOCAL idle_in_transaction_session_timeout = 0"))
+            if conn.execute(statement).rowcount != 1:
+                return False
+            if publish is not None:
+                publish()
+            return True
 
     def mark_failed(self, task_id: str, worker_id: str, message: str, result: dict[str, Any] | None = None) -> bool:
         """Fail a task this worker holds with `message`; False when it is no longer ours."""
@@ -299,6 +351,7 @@ class SqlTaskRepository:
             self._guarded(task_id, worker_id).values(
                 status=Q,
                 worker_id=None,
+                claim_token=None,
                 lease_expires_at=None,
                 run_after=self._db.now(delay_s),
                 error_message=message,
@@ -313,6 +366,7 @@ class SqlTaskRepository:
             self._guarded(task_id, worker_id).values(
                 status=Q,
                 worker_id=None,
+                claim_token=None,
                 lease_expires_at=None,
                 dependant_on=wait_for,
                 attempts=sa.case((tasks.c.attempts > 0, tasks.c.attempts - 1), else_=0),
@@ -327,6 +381,7 @@ class SqlTaskRepository:
             self._guarded(task_id, worker_id).values(
                 status=Q,
                 worker_id=None,
+                claim_token=None,
                 lease_expires_at=None,
                 attempts=sa.case((tasks.c.attempts > 0, tasks.c.attempts - 1), else_=0),
                 progress=None,

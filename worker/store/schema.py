@@ -7,9 +7,12 @@ machines sharing one Postgres agree on lease expiry.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,6 +25,64 @@ DEFAULT_DB_URL = "sqlite:///tasks.db"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 metadata = sa.MetaData()
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A stored value its column type could not decode (SQLite `'now'` in a DATETIME, `''` in a JSON column).
+
+    Returned by the lenient column types below instead of raising inside a result fetch, which would stop
+    the claim's candidate read (and the worker) on one row. `worker.store.db.to_task` reads it as None and
+    logs it once with the task id; `raw` is the stored value, `reason` the decode error's class.
+    """
+
+    raw: Any
+    reason: str
+
+
+def _lenient(inner: Callable[[Any], Any] | None) -> Callable[[Any], Any] | None:
+    """Wrap a result processor so that a value it cannot decode becomes `Unreadable` instead of an error."""
+    if inner is None:
+        return None
+
+    def process(value: Any) -> Any:
+        try:
+            return inner(value)
+        except Exception as exc:  # ValueError, TypeError, RecursionError...: whatever the row holds
+            return Unreadable(value, exc.__class__.__name__)
+
+    return process
+
+
+class LenientDateTime(sa.types.TypeDecorator[Any]):
+    """DateTime whose reads never raise: a client-written value SQLite accepts but SQLAlchemy cannot parse
+    (`'now'`, `unixepoch()`, any text) reads as `Unreadable`. Writes are plain DateTime."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def result_processor(self, dialect: sa.Dialect, coltype: Any) -> Callable[[Any], Any] | None:
+        return _lenient(super().result_processor(dialect, coltype))
+
+
+class LenientJSON(sa.types.TypeDecorator[Any]):
+    """JSON whose reads never raise: text that is not JSON (`'50%'`, `''`) or nests past Python's recursion
+    limit reads as `Unreadable`. On Postgres the driver decodes JSON, through `lenient_json_loads`."""
+
+    impl = sa.JSON
+    cache_ok = True
+
+    def result_processor(self, dialect: sa.Dialect, coltype: Any) -> Callable[[Any], Any] | None:
+        return _lenient(super().result_processor(dialect, coltype))
+
+
+def lenient_json_loads(text: str | bytes) -> Any:
+    """The engines' JSON deserializer (SQLite's JSON type and psycopg's loader both call it): never raises."""
+    try:
+        return json.loads(text)
+    except Exception as exc:  # RecursionError included: a deep result_data must not stop a fetch
+        return Unreadable(text, exc.__class__.__name__)
+
 
 tasks = sa.Table(
     "tasks",
@@ -38,16 +99,19 @@ tasks = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("max_attempts", sa.Integer, nullable=False),
     sa.Column("worker_id", sa.Text, nullable=True),
-    sa.Column("lease_expires_at", sa.DateTime, nullable=True),
-    sa.Column("run_after", sa.DateTime, nullable=True),
+    # Migration 0003: the claiming process's random token; every guarded write matches it with worker_id.
+    sa.Column("claim_token", sa.Text, nullable=True),
+    sa.Column("lease_expires_at", LenientDateTime, nullable=True),
+    sa.Column("run_after", LenientDateTime, nullable=True),
     sa.Column("output_location", sa.Text, nullable=True),
-    sa.Column("result_data", sa.JSON, nullable=True),
+    # Lenient types: clients write these columns too, and one undecodable value must not stop a read.
+    sa.Column("result_data", LenientJSON, nullable=True),
     sa.Column("error_message", sa.Text, nullable=True),
-    sa.Column("progress", sa.JSON, nullable=True),
-    sa.Column("created_at", sa.DateTime, nullable=False),
-    sa.Column("updated_at", sa.DateTime, nullable=False),
-    sa.Column("generation_started_at", sa.DateTime, nullable=True),
-    sa.Column("generation_processed_at", sa.DateTime, nullable=True),
+    sa.Column("progress", LenientJSON, nullable=True),
+    sa.Column("created_at", LenientDateTime, nullable=False),
+    sa.Column("updated_at", LenientDateTime, nullable=False),
+    sa.Column("generation_started_at", LenientDateTime, nullable=True),
+    sa.Column("generation_processed_at", LenientDateTime, nullable=True),
 )
 
 workers = sa.Table(
@@ -104,11 +168,17 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
         engine = sa.create_engine(
             parsed,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
-            **kwargs,
+            **{"json_deserializer": lenient_json_loads, **kwargs},
         )
         _configure_sqlite(engine)
         return engine
-    return sa.create_engine(parsed, pool_pre_ping=True, pool_size=4, max_overflow=4, **kwargs)
+    return sa.create_engine(
+        parsed,
+        pool_pre_ping=True,
+        pool_size=4,
+        max_overflow=4,
+        **{"json_deserializer": lenient_json_loads, **kwargs},
+    )
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -34,6 +34,15 @@ class ClaimFilter:
         return cls(group_size, MappingProxyType(parallel))
 
     def __call__(self, task: Task) -> bool:
+        # Runs inside the claim transaction on rows any program wrote: it must never raise. A row it cannot
+        # read is accepted, so the runner fails that row alone with a message instead of stopping the claim.
+        try:
+            return self._accepts(task)
+        except Exception:
+            return True
+
+    def _accepts(self, task: Task) -> bool:
+        """The rule itself (see the module docstring)."""
         if task.task_type in MODEL_FREE_TASK_TYPES:
             return True
         if self.parallel_for(task) > self.group_size:
@@ -53,6 +62,9 @@ class ClaimFilter:
     @staticmethod
     def model_of(task: Task) -> str | None:
         """The model a row will need (None: none, or it cannot tell); a pure function of the row."""
-        if task.task_type in MODEL_FREE_TASK_TYPES:
+        try:
+            if task.task_type in MODEL_FREE_TASK_TYPES:
+                return None
+            return model_key_for(task.task_type, task.params_text)
+        except Exception:  # never raise on row content inside the claim
             return None
-        return model_key_for(task.task_type, task.params_text)

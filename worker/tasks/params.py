@@ -198,19 +198,93 @@ MODE_PARAMS: dict[str, type[GenerationParams]] = {
 }
 
 
+MAX_PARAMS_DEPTH = 32  # nesting levels of arrays/objects a params text may have (real params use 2 or 3)
+
+# The characters that change JSON nesting or string state; everything else is skipped by the C regex engine.
+_STRUCTURE = re.compile(r'[\[\]{}"\\]')
+
+
+def json_depth(text: str) -> int:
+    """The deepest array/object nesting of a JSON text, by a linear scan that never recurses.
+
+    Brackets inside strings are ignored (JSON strings are delimited by `"` with backslash escapes), so the
+    result bounds the recursion `json.loads` would need; malformed text gives a best-effort count.
+    """
+    depth = deepest = 0
+    in_string = False
+    skip_at = -1  # position of the character a backslash escapes
+    for match in _STRUCTURE.finditer(text):
+        char, at = match.group(), match.start()
+        if at == skip_at:
+            continue
+        if in_string:
+            if char == "\\":
+                skip_at = at + 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return deepest
+
+
+def _as_text(params_text: Any) -> str:
+    """The params column as text: a BLOB is decoded as UTF-8, other values are refused by name."""
+    if isinstance(params_text, str):
+        # Lone surrogates are how worker.store.db hands over a BLOB that was not valid UTF-8.
+        try:
+            params_text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidTaskError(
+                f"params is not valid UTF-8 text (undecodable byte at position {exc.start}); store it as UTF-8 JSON"
+            ) from None
+        return params_text
+    if isinstance(params_text, bytes | bytearray | memoryview):
+        try:
+            return bytes(params_text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidTaskError(
+                f"params is not valid UTF-8 text (byte {exc.object[exc.start]:#04x} at position {exc.start}); "
+                "store it as UTF-8 JSON"
+            ) from None
+    raise InvalidTaskError(f"params must be JSON text, got {type(params_text).__name__}: {_short(params_text)}")
+
+
 def parse_params_text(params_text: str) -> dict[str, Any]:
-    """Decode the row's JSON params; the error names what is wrong."""
+    """Decode the row's JSON params (the one decoder of the project); the error names what is wrong.
+
+    Bounded before decoding: the size (MAX_PARAMS_BYTES) and the nesting depth (MAX_PARAMS_DEPTH), so a
+    hostile row can never make `json.loads` recurse past Python's limit and take the worker down.
+    """
+    params_text = _as_text(params_text)
     if len(params_text.encode("utf-8", "replace")) > MAX_PARAMS_BYTES:
         raise InvalidTaskError(f"params is {len(params_text)} characters; at most {MAX_PARAMS_BYTES} bytes allowed")
+    depth = json_depth(params_text)
+    if depth > MAX_PARAMS_DEPTH:
+        raise InvalidTaskError(f"params nest {depth} levels deep; at most {MAX_PARAMS_DEPTH} levels allowed")
     try:
         params = json.loads(params_text)
     except json.JSONDecodeError as exc:
         raise InvalidTaskError(
             f"params is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): {params_text[:80]!r}"
         ) from None
+    except RecursionError:  # unreachable after the depth bound; kept so no text can ever raise it
+        raise InvalidTaskError(f"params nest too deeply; at most {MAX_PARAMS_DEPTH} levels allowed") from None
     if not isinstance(params, dict):
         raise InvalidTaskError(f"params must be a JSON object, got {type(params).__name__}: {params_text[:80]!r}")
     return params
+
+
+def params_or_none(params_text: Any) -> dict[str, Any] | None:
+    """`parse_params_text` for the claim-time and live helpers: None instead of any error, never raising."""
+    try:
+        return parse_params_text(params_text)
+    except Exception:  # any row content at all: the runner fails the row itself with the message
+        return None
 
 
 def validate_priority(priority: Any) -> None:
@@ -249,11 +323,10 @@ def check_parallel_mode(mode: str, parallel: int) -> None:
 def parallel_requested(params_text: str) -> int | None:
     """The row's `parallel`, cheaply and without raising: None when absent, 1 when not a valid count
     (a worker of any size then claims the row and fails it with the validation message)."""
-    try:
-        params = json.loads(params_text)
-    except (ValueError, TypeError):
+    params = params_or_none(params_text)
+    if params is None:
         return 1
-    value = params.get("parallel") if isinstance(params, dict) else None
+    value = params.get("parallel")
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PARALLEL:
@@ -281,14 +354,16 @@ def describe_validation_error(
 
 def model_key_for(task_type: str, params_text: str) -> str | None:
     """The model a queued row will need, cheaply and without raising (None when it cannot tell)."""
-    try:
-        params = json.loads(params_text)
-    except (ValueError, TypeError):
+    params = params_or_none(params_text)
+    if params is None:
         return None
-    model = params.get("model") if isinstance(params, dict) else None
+    model = params.get("model")
     if isinstance(model, str):
         return model
-    return TASK_TYPE_DEFAULT_MODELS.get(task_type)
+    try:
+        return TASK_TYPE_DEFAULT_MODELS.get(task_type)
+    except TypeError:  # an unhashable task_type (never from SQL, but the helper must not raise)
+        return None
 
 
 def _short(value: Any) -> str:

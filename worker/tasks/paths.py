@@ -9,6 +9,8 @@ from pathlib import Path
 from worker.tasks.params import InvalidTaskError
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+# The shape of a hashed stem (any case: outputs may live on a case-insensitive file system).
+_HASHED_STEM = re.compile(r"^task-[0-9a-f]{24}$", re.IGNORECASE)
 
 
 def resolve_input_path(value: str, input_roots: list[Path], outputs_dir: Path, *, key: str) -> Path:
@@ -34,7 +36,12 @@ def resolve_input_path(value: str, input_roots: list[Path], outputs_dir: Path, *
 
 
 def output_stem(task_id: str) -> str:
-    """A file-name-safe stem for a task's output; ids from other programs can hold anything."""
-    if _SAFE_ID.match(task_id) and not task_id.startswith("."):
+    """A file-name-safe stem for a task's output; ids from other programs can hold anything.
+
+    Injective: a safe id is its own stem, any other id becomes `task-<sha256[:24]>`, and a safe id that has
+    the shape of a hashed name is hashed too, so no client-chosen id can name another task's output.
+    """
+    if _SAFE_ID.match(task_id) and not task_id.startswith(".") and not _HASHED_STEM.match(task_id):
         return task_id
-    return "task-" + hashlib.sha256(task_id.encode("utf-8", "replace")).hexdigest()[:24]
+    # surrogatepass: two different ids holding lone surrogates must not encode to the same bytes ("replace").
+    return "task-" + hashlib.sha256(task_id.encode("utf-8", "surrogatepass")).hexdigest()[:24]

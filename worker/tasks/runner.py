@@ -4,19 +4,24 @@ The loop hands it a claimed `Task`; it validates the params (before anything loa
 files inside the input roots, loads the task's model unless it is resident, picks the generate method of
 the task's mode and returns the outcome. Travel tasks go to the `TravelCoordinator`. It also builds the
 plain-data `ClaimFilter` the claim applies, so no preset code runs inside a claim transaction.
+
+Outputs are staged, not published: every write of a run happens inside `staged_outputs()`, so the finished
+file stays under an attempt-unique hidden name, registered with the `RunContext`; the loop renames it to
+`<stem>.mp4` inside the guarded `Complete` write (see worker.loop.worker), only while the claim is still ours.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from wan_engine.errors import ModelUnavailableError
-from wan_engine.video_io import remove_partial_files
+from wan_engine.video_io import StagedOutputs, remove_partial_files, staged_outputs
 from worker.loop.worker import RunContext
 from worker.task import Task, TaskDeferred, TaskOutcome
 from worker.tasks.claim_filter import ClaimFilter
@@ -111,13 +116,14 @@ class GenerationRunner:
             generate = self.orchestrator.generate_vace
         elif mode in ("i2v", "flf2v") or (mode == "ti2v" and "image_start" in inputs):
             generate = self.orchestrator.generate_i2v
-        result = generate(
-            params.prompt,
-            output_path=output_path,
-            progress=lambda event: context.report(event.stage, event.step, event.total_steps),
-            **inputs,
-            **params.generation_kwargs(),
-        )
+        with _staging(context):
+            result = generate(
+                params.prompt,
+                output_path=output_path,
+                progress=lambda event: context.report(event.stage, event.step, event.total_steps),
+                **inputs,
+                **params.generation_kwargs(),
+            )
         result_data = {
             **result.to_dict(),
             "model_loaded": load_s is not None,
@@ -161,7 +167,8 @@ class GenerationRunner:
         if task.task_type == "travel_orchestrator":
             return self.travel.run_orchestrator(task)
         if task.task_type == "travel_stitch":
-            return self.travel.run_stitch(task, context.report)
+            with _staging(context):
+                return self.travel.run_stitch(task, context.report)
 
         def generate(
             params: TravelSegmentParams,
@@ -182,7 +189,8 @@ class GenerationRunner:
             )
             return {**result.to_dict(), "model_loaded": load_s is not None, "load_seconds": round(load_s or 0.0, 3)}
 
-        return self.travel.run_segment(task, generate, context.report, context.report_parent)
+        with _staging(context):
+            return self.travel.run_segment(task, generate, context.report, context.report_parent)
 
     def _travel_resolution(self, model: str, resolution: str | None) -> tuple[int, int]:
         """The (width, height) a travel runs at: its resolution param, else the VACE model's preset."""
@@ -218,3 +226,10 @@ class GenerationRunner:
                 f"parallel = {parallel}: this worker runs generations on {self.group_size} GPU(s); start a group "
                 f"with `wan-worker run --parallel {parallel}`"
             )
+
+
+def _staging(context: RunContext) -> AbstractContextManager[StagedOutputs]:
+    """A staging block whose files the loop publishes with the `Complete` write (or discards)."""
+    staging = StagedOutputs()
+    context.stage(staging)
+    return staged_outputs(staging)

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import travel_between_images as travel
+from wan_engine.generation_inputs import load_image
 from wan_engine.limits import (
     MAX_CROSSFADE_SHARPEN,
     MAX_FLOW_SHIFT,
@@ -50,7 +50,7 @@ from wan_engine.limits import (
     MIN_TRAVEL_IMAGES,
     RANDOM_SEED,
 )
-from wan_engine.video_io import iter_video_frames, remove_partial_files
+from wan_engine.video_io import active_staging, iter_video_frames, remove_partial_files
 from worker.task import NewTask, Task, TaskDeferred, TaskOutcome, TaskStatus
 from worker.tasks.params import InvalidTaskError, describe_validation_error, parse_params_text
 from worker.tasks.paths import output_stem, resolve_input_path
@@ -335,11 +335,8 @@ class TravelCoordinator:
 
     def _image(self, path: str, key: str) -> np.ndarray:
         resolved = resolve_input_path(path, list(self.input_roots), self.outputs_dir, key=key)
-        try:
-            with Image.open(resolved) as image:
-                return np.asarray(image.convert("RGB"))
-        except OSError as exc:
-            raise InvalidTaskError(f"{key} {path!r} is not a readable image: {exc}") from None
+        # The engine's bounded loader: formats, decompression bombs and pixel limits as for every other input.
+        return np.asarray(load_image(resolved, key=key))
 
     def _previous_tail(self, params: TravelSegmentParams) -> np.ndarray:
         previous = self.store.get(str(params.previous_segment))
@@ -371,9 +368,15 @@ class TravelCoordinator:
         started = time.perf_counter()
         output = self.outputs_dir / f"{output_stem(params.orchestrator)}.mp4"
         _remove_partials(output_stem(params.orchestrator), self.outputs_dir, task.id)
-        result = travel.stitch_videos(paths, params.overlaps, output, params.fps, params.crossfade_sharpen, progress)
+        # Inside the worker's staging block the stitch is written under the attempt's staged name and
+        # published with the Complete write (worker.loop.worker); called directly, it is renamed into place.
+        staging = active_staging()
+        target = staging.path_for(output) if staging is not None else output
+        result = travel.stitch_videos(paths, params.overlaps, target, params.fps, params.crossfade_sharpen, progress)
+        if staging is not None:
+            staging.add(result.output_path, output)
         return TaskOutcome(
-            str(result.output_path),
+            str(output if staging is not None else result.output_path),
             {
                 "frames": result.frames,
                 "width": result.width,
