@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from wan_engine import generation_run as gen
-from wan_engine.errors import InvalidRequestError
+from wan_engine.errors import InvalidRequestError, ModelUnavailableError
 from wan_engine.experts import plan_experts
 from wan_engine.fp8 import check_fp8_device, fp8_from_env
 from wan_engine.generation_inputs import prepare_i2v_image, prepare_vace_inputs
@@ -52,8 +52,9 @@ from wan_engine.memory_profiles import (
 )
 from wan_engine.model_cache import ModelCache
 from wan_engine.model_sources import check_model, resolve_model
-from wan_engine.pipeline_runtime import LoadedModel, check_image_conditioning, load_pipeline
+from wan_engine.pipeline_runtime import LoadedModel, check_image_conditioning, detach_weights, load_pipeline
 from wan_engine.presets import BUILTIN_PRESETS_DIR, PresetRegistry, load_presets
+from wan_engine.video_io import OpenedInput
 from wan_engine.vram import estimate_vram
 
 __all__ = ["GenerationResult", "ProgressCallback", "ProgressEvent", "WanOrchestrator"]
@@ -115,15 +116,33 @@ class WanOrchestrator:
         """Preset key of the resident model, or None."""
         return self._loaded.preset.key if self._loaded is not None else None
 
+    @property
+    def model_reloaded_because(self) -> str | None:
+        """Why the resident model was last loaded again from disk (its weight files changed); None otherwise."""
+        return self._loaded.reloaded_because if self._loaded is not None else None
+
+    def needs_reload(self, model_key: str) -> str | None:
+        """When `model_key` is resident but a weight file it was loaded from changed: what changed (stat only).
+
+        None when it is not resident (a plain load is needed, not a reload) or its files are as loaded.
+        """
+        with self._lock:
+            if self._loaded is None or self._loaded.preset.key != model_key:
+                return None
+            return self._loaded.weight_files.changed()
+
     def load_model(self, model_key: str, *, progress: ProgressCallback | None = None) -> float:
         """Make `model_key` the resident model; return the seconds spent (0.0 if already resident).
 
         The weights are located before the previous model is dropped, so a missing model
         (`ModelUnavailableError`) or an unknown key (`UnknownModelError`) leaves the resident one.
+        A resident (or parked) model whose weight files changed since its load is dropped and loaded
+        again (`model_reloaded_because`); if the changed files no longer load, nothing stays resident.
         """
         with self._lock:
             preset = self.presets.get(model_key)
-            if self.current_model == model_key:
+            reason = self._drop_if_changed(model_key)
+            if reason is None and self.current_model == model_key:
                 return 0.0
             parked = model_key in self.model_cache  # switching back: a copy from pinned RAM, no disk read
             check = None if parked else resolve_model(preset, self.models_dir, allow_download=self.allow_download)
@@ -136,7 +155,9 @@ class WanOrchestrator:
                 self.unload_model()
             self._loaded = None
             restored = self.model_cache.take(model_key) if parked else None
-            self._loaded = restored or load_pipeline(
+            if restored is not None:
+                detach_weights(restored.pipe)  # no-op unless it still aliased a file (it was detached at load)
+            loaded = restored or load_pipeline(
                 preset,
                 check,  # type: ignore[arg-type]
                 self.device,
@@ -144,9 +165,28 @@ class WanOrchestrator:
                 fp8=self.fp8,
                 resident=self._load_resident(preset, check),  # type: ignore[arg-type]
             )
+            loaded.reloaded_because = reason
+            self._loaded = loaded
             seconds = time.perf_counter() - started
             logger.info("model loaded", extra={"model": model_key, "seconds": round(seconds, 3)})
             return seconds
+
+    def _drop_if_changed(self, model_key: str) -> str | None:
+        """Drop `model_key` (resident, or parked in the pinned cache) when a weight file of it changed.
+
+        Returns what changed (None: nothing, or `model_key` is neither resident nor parked). Stat only.
+        """
+        resident = self._loaded if self._loaded is not None and self._loaded.preset.key == model_key else None
+        held = resident or self.model_cache.peek(model_key)
+        reason = held.weight_files.changed() if held is not None else None
+        if reason is None:
+            return None
+        logger.warning("reloading model %s: %s", model_key, reason, extra={"model": model_key, "reload_reason": reason})
+        if resident is not None:
+            self.unload_model()  # discards its pinned copy too
+        else:
+            self.model_cache.discard(model_key)
+        return reason
 
     def _load_resident(self, preset: Any, check: Any) -> bool:
         """Whether a fresh load goes straight onto the device: always off CUDA and with profile `gpu`;
@@ -211,9 +251,9 @@ class WanOrchestrator:
         self,
         prompt: str,
         *,
-        video_guide: Path | np.ndarray | None,
-        video_mask: Path | np.ndarray | None = None,
-        image_refs: list[Path] | None = None,
+        video_guide: Path | OpenedInput | np.ndarray | None,
+        video_mask: Path | OpenedInput | np.ndarray | None = None,
+        image_refs: list[Path | OpenedInput] | None = None,
         control_scale: float = 1.0,
         output_path: Path,
         progress: ProgressCallback | None = None,
@@ -241,8 +281,8 @@ class WanOrchestrator:
             resolved = self._resolve(loaded, prompt, params)
             started = time.perf_counter()
             inputs = prepare_vace_inputs(
-                video_guide if isinstance(video_guide, np.ndarray) else Path(video_guide),
-                video_mask if video_mask is None or isinstance(video_mask, np.ndarray) else Path(video_mask),
+                video_guide if isinstance(video_guide, np.ndarray) else _input_file(video_guide),
+                video_mask if video_mask is None or isinstance(video_mask, np.ndarray) else _input_file(video_mask),
                 refs,
                 width=resolved.width,
                 height=resolved.height,
@@ -271,8 +311,8 @@ class WanOrchestrator:
         self,
         prompt: str,
         *,
-        image_start: Path | None,
-        image_end: Path | None = None,
+        image_start: Path | OpenedInput | None,
+        image_end: Path | OpenedInput | None = None,
         output_path: Path,
         progress: ProgressCallback | None = None,
         **params: Any,
@@ -291,11 +331,12 @@ class WanOrchestrator:
             resolved = self._resolve(loaded, prompt, params)
             started = time.perf_counter()
             size = {"width": resolved.width, "height": resolved.height}
-            start_image, start_note = prepare_i2v_image(Path(image_start), key="image_start", **size)
+            start_image, start_note = prepare_i2v_image(_input_file(image_start), key="image_start", **size)
             call: dict[str, Any] = {"image": start_image}
             notes: dict[str, Any] = {"image_start": start_note}
             if image_end is not None:
-                call["last_image"], notes["image_end"] = prepare_i2v_image(Path(image_end), key="image_end", **size)
+                end = _input_file(image_end)
+                call["last_image"], notes["image_end"] = prepare_i2v_image(end, key="image_end", **size)
             return self._run(
                 loaded,
                 resolved,
@@ -311,6 +352,7 @@ class WanOrchestrator:
     # ----- checks ----------------------------------------------------------------------------------
 
     def _require(self, architectures: tuple[str, ...], what: str) -> LoadedModel:
+        self._reload_if_changed()
         loaded = self._loaded
         if loaded is None:
             raise InvalidRequestError("No model is loaded: call load_model(<model key>) first.")
@@ -321,6 +363,29 @@ class WanOrchestrator:
                 f"{', '.join(architectures)}."
             )
         return loaded
+
+    def _reload_if_changed(self) -> None:
+        """Before a generation: load the resident model again if its weight files changed (stat only).
+
+        The runner's `ensure_model` normally did this already; this covers callers without it and files
+        changed in between. A context-parallel model (transformers split over a group of ranks) must be
+        reloaded by the whole group, not by one rank: that is refused with a sentence instead.
+        """
+        loaded = self._loaded
+        reason = loaded.weight_files.changed() if loaded is not None else None
+        if loaded is None or reason is None:
+            return
+        split = any(
+            getattr(m, "_parallel_config", None) is not None
+            for m in (loaded.pipe.transformer, getattr(loaded.pipe, "transformer_2", None))
+            if m is not None
+        )
+        if split:
+            raise ModelUnavailableError(
+                f"Model {loaded.preset.key!r}: {reason}; a context-parallel group must load it again on every "
+                "rank: restart the worker group."
+            )
+        self.load_model(loaded.preset.key)
 
     def _resolve(self, loaded: LoadedModel, prompt: Any, params: dict[str, Any]) -> ResolvedParams:
         resolved = resolve_params(loaded.preset, prompt, params)
@@ -441,8 +506,14 @@ def _control_scale(value: Any) -> float:
     return float(scale)
 
 
-def _image_refs(image_refs: list[Path] | None) -> list[Path]:
-    refs = [Path(r) for r in (image_refs or [])]
+def _input_file(value: Path | str | OpenedInput) -> Path | OpenedInput:
+    """An input as the engine reads it: a file the worker opened and checked stays that open file (reading it
+    by name again could read another file swapped in since); a path is a Path."""
+    return value if isinstance(value, OpenedInput) else Path(value)
+
+
+def _image_refs(image_refs: list[Path | OpenedInput] | None) -> list[Path | OpenedInput]:
+    refs = [_input_file(r) for r in (image_refs or [])]
     if len(refs) > MAX_IMAGE_REFS:
         raise InvalidRequestError(f"Invalid image_refs: {len(refs)} images; at most {MAX_IMAGE_REFS}.")
     return refs

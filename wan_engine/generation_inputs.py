@@ -3,22 +3,27 @@
 Every adjustment is recorded as a sentence (what was read, how it was resized, how frame counts
 were aligned) so a task's result_data says exactly what the model was given. Inputs are never
 stretched: they are scaled to cover the target and center-cropped. Paths arrive already checked
-by the caller (the worker only passes files inside its input roots).
+by the caller: the worker passes `OpenedInput`s, files it opened and checked inside its input roots, and
+every read here goes through that descriptor (PIL reads the file object, ffmpeg inherits the descriptor),
+so a path swapped after the check is never followed. A plain `Path` (engine callers) is opened once too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import imageio_ffmpeg
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from wan_engine.errors import InvalidRequestError
 from wan_engine.limits import MAX_INPUT_DURATION_S, MAX_INPUT_FRAMES, MAX_INPUT_PIXELS
-from wan_engine.video_io import FFMPEG_INPUT_PARAMS, count_video_frames
+from wan_engine.video_io import FFMPEG_INPUT_PARAMS, InputVideoReader, OpenedInput, count_video_frames
+
+InputFile = Path | OpenedInput  # a path (opened here, once) or a file the caller opened and checked
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
@@ -30,6 +35,31 @@ _SNIFF_BYTES = 16
 # ffmpeg demuxer forced for each video signature we accept, so ffmpeg never probes the content itself
 # (a text file starting "ffconcat version 1.0" would otherwise open files named inside it).
 _ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot")  # MP4 / MOV first atoms
+
+
+# Demuxer options per forced format: a MOV's data references may name other files (off by default; kept off).
+_DEMUXER_OPTIONS: dict[str, tuple[str, ...]] = {"mov": ("-enable_drefs", "0")}
+
+
+def input_label(source: InputFile) -> Path:
+    """The path an input is known by in messages and whose suffix gives its type."""
+    return source.path if isinstance(source, OpenedInput) else Path(source)
+
+
+@contextmanager
+def opened_input(source: InputFile, *, key: str, what: str) -> Iterator[OpenedInput]:
+    """`source` as an open file: an `OpenedInput` as it is (its owner closes it), a path opened here and closed
+    after. A FIFO, a directory or an unopenable path is a clear error naming `key` (a FIFO never blocks)."""
+    if isinstance(source, OpenedInput):
+        yield source
+        return
+    path = Path(source)
+    try:
+        opened = OpenedInput.open(path)
+    except OSError as exc:
+        raise InvalidRequestError(f"Invalid {key}: {path} is not a readable {what} ({exc}).") from exc
+    with opened:
+        yield opened
 
 
 def video_demuxer(head: bytes) -> str | None:
@@ -72,15 +102,19 @@ def describe_fit(source: tuple[int, int], width: int, height: int) -> str:
     return f"resized {source[0]}x{source[1]} -> {width}x{height} (cover + center-crop)"
 
 
-def load_image(path: Path, *, key: str) -> Image.Image:
+def load_image(source: InputFile, *, key: str) -> Image.Image:
     """An RGB image from a PNG/JPEG/WebP/BMP file; a clear error naming `key` otherwise.
 
     `Image.open` only reads the header, so the size is checked against MAX_INPUT_PIXELS before any
     pixel is decoded: a small, highly compressible PNG cannot expand to gigabytes in memory.
+    PIL reads the open file object (never the path again).
     """
-    path = Path(path)
+    path = input_label(source)
     try:
-        with Image.open(path, formats=IMAGE_FORMATS) as image:
+        with (
+            opened_input(source, key=key, what="image") as opened,
+            Image.open(opened.rewound(), formats=IMAGE_FORMATS) as image,
+        ):
             _check_pixels(key, path, image.width, image.height)
             return image.convert("RGB")
     except Image.DecompressionBombError as exc:
@@ -108,30 +142,37 @@ class FrameSource:
     kind: str  # "video" or "image"
 
 
-def read_frames(path: Path | np.ndarray, *, key: str, limit: int) -> FrameSource:
+def read_frames(source: InputFile | np.ndarray, *, key: str, limit: int) -> FrameSource:
     """Read up to `limit` RGB frames of a video (MP4 and other ffmpeg formats) or one image file.
 
     Only the frames used are decoded; the rest are counted from the container (no decoding), so a long
     guide video neither fills the memory nor keeps the worker busy. Sizes, frame counts and durations
     past the `wan_engine.limits` input bounds are refused from the header, before decoding.
     Frames already in memory ((F, H, W, 3) uint8, e.g. a travel segment's guide) are taken as they are.
+    The file is opened once (or arrives opened): the sniffed bytes, the decoded frames and the frame count
+    all come from that one descriptor.
     """
-    if isinstance(path, np.ndarray):
-        if path.ndim != 4 or path.shape[-1] != 3 or path.dtype != np.uint8 or not len(path):
-            raise InvalidRequestError(f"Invalid {key}: in-memory frames must be (F, H, W, 3) uint8, got {path.shape}")
-        return FrameSource(list(path[:limit]), len(path), path.shape[2], path.shape[1], None, "frames")
-    path = Path(path)
+    if isinstance(source, np.ndarray):
+        if source.ndim != 4 or source.shape[-1] != 3 or source.dtype != np.uint8 or not len(source):
+            raise InvalidRequestError(f"Invalid {key}: in-memory frames must be (F, H, W, 3) uint8, got {source.shape}")
+        return FrameSource(list(source[:limit]), len(source), source.shape[2], source.shape[1], None, "frames")
+    path = input_label(source)
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
-        image = np.asarray(load_image(path, key=key))
+        image = np.asarray(load_image(source, key=key))
         return FrameSource([image], 1, image.shape[1], image.shape[0], None, "image")
     if suffix not in VIDEO_SUFFIXES:
         allowed = ", ".join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)
         raise InvalidRequestError(f"Invalid {key}: {path.name!r} has an unsupported type; use one of {allowed}.")
+    with opened_input(source, key=key, what="video") as opened:
+        return _read_video(opened, path, key=key, limit=limit)
+
+
+def _read_video(opened: OpenedInput, path: Path, *, key: str, limit: int) -> FrameSource:
+    """Sniff, bound and decode an opened video (see `read_frames`); `path` names it in messages."""
     try:
-        with path.open("rb") as file:
-            head = file.read(_SNIFF_BYTES)
-    except OSError as exc:
+        head = opened.rewound().read(_SNIFF_BYTES)
+    except (OSError, ValueError) as exc:
         raise InvalidRequestError(f"Invalid {key}: {path} is not a readable video ({exc}).") from exc
     demuxer = video_demuxer(head)
     if demuxer is None:
@@ -140,12 +181,12 @@ def read_frames(path: Path | np.ndarray, *, key: str, limit: int) -> FrameSource
             f"Invalid {key}: {path} is not a readable video (its content is not MP4/MOV, WebM/MKV, AVI or GIF;"
             " playlists and concat lists are refused)."
         )
-    input_params = [*FFMPEG_INPUT_PARAMS, "-f", demuxer]
+    # Forced demuxer, only the file protocol, and the only file named is the inherited descriptor.
+    input_params = [*FFMPEG_INPUT_PARAMS, "-f", demuxer, *_DEMUXER_OPTIONS.get(demuxer, ())]
     frames: list[np.ndarray] = []
     try:
-        reader = imageio_ffmpeg.read_frames(str(path), input_params=input_params)
-        try:
-            meta = next(reader)  # the container header: nothing decoded yet
+        with InputVideoReader(opened, input_params) as reader:
+            meta = reader.meta  # the container header: nothing decoded yet
             width, height = meta["size"]
             fps = float(meta.get("fps") or 0.0)
             _check_video_header(key, path, width, height, fps, float(meta.get("duration") or 0.0))
@@ -156,12 +197,11 @@ def read_frames(path: Path | np.ndarray, *, key: str, limit: int) -> FrameSource
                     more = True
                     break
                 frames.append(np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3).copy())
-        finally:
-            reader.close()  # stops ffmpeg: frames past `limit + 1` are never decoded
+        # Leaving the block stopped ffmpeg: frames past `limit + 1` are never decoded.
         total = len(frames)
         if more:
             # Count the rest from the container's packets (no decoding), never past the bound.
-            counted = count_video_frames(path, at_most=MAX_INPUT_FRAMES + 1, input_params=input_params)
+            counted = count_video_frames(opened, at_most=MAX_INPUT_FRAMES + 1, input_params=input_params)
             total = max(limit + 1, counted)
     except (OSError, RuntimeError, StopIteration, KeyError) as exc:
         raise InvalidRequestError(f"Invalid {key}: {path} is not a readable video ({exc}).") from exc
@@ -190,10 +230,10 @@ def _check_video_header(key: str, path: Path, width: int, height: int, fps: floa
         )
 
 
-def _describe_source(path: Path | np.ndarray, source: FrameSource) -> str:
+def _describe_source(path: InputFile | np.ndarray, source: FrameSource) -> str:
     fps = f" at {source.fps:g} fps" if source.fps else ""
     count = f"{source.total_frames} frame{'s' if source.total_frames != 1 else ''}"
-    name = "in-memory" if isinstance(path, np.ndarray) else Path(path).name
+    name = "in-memory" if isinstance(path, np.ndarray) else input_label(path).name
     return f"{name}: {source.kind}, {source.width}x{source.height}, {count}{fps}"
 
 
@@ -220,9 +260,9 @@ class VaceInputs:
 
 
 def prepare_vace_inputs(
-    video_guide: Path | np.ndarray,
-    video_mask: Path | np.ndarray | None,
-    image_refs: list[Path],
+    video_guide: InputFile | np.ndarray,
+    video_mask: InputFile | np.ndarray | None,
+    image_refs: list[InputFile],
     *,
     width: int,
     height: int,
@@ -271,15 +311,15 @@ def prepare_vace_inputs(
     refs = [load_image(path, key=f"image_refs[{i}]") for i, path in enumerate(image_refs)]
     if refs:
         notes["image_refs"] = [
-            f"{Path(path).name}: {ref.width}x{ref.height}, fitted inside {width}x{height} on white (aspect kept)"
+            f"{input_label(path).name}: {ref.width}x{ref.height}, fitted inside {width}x{height} on white (aspect kept)"
             for path, ref in zip(image_refs, refs, strict=True)
         ]
     return VaceInputs(video=guide, mask=mask, reference_images=refs, notes=notes)
 
 
-def prepare_i2v_image(path: Path, *, key: str, width: int, height: int) -> tuple[Image.Image, dict[str, str]]:
+def prepare_i2v_image(path: InputFile, *, key: str, width: int, height: int) -> tuple[Image.Image, dict[str, str]]:
     """Read a start/end image and fit it to width x height; return it with its note."""
     image = load_image(path, key=key)
-    note = {"source": f"{Path(path).name}: image, {image.width}x{image.height}"}
+    note = {"source": f"{input_label(path).name}: image, {image.width}x{image.height}"}
     note["resize"] = describe_fit(image.size, width, height)
     return fit_image(image, width, height), note

@@ -44,6 +44,7 @@ MAX_PROMPT_CHARS: Final = 10_000  # prompt / negative_prompt / travel prompts (c
 MAX_MODEL_KEY_CHARS: Final = 128  # model (preset key, characters)
 MAX_PATH_CHARS: Final = 4096  # one input file path (characters)
 MAX_PARAMS_BYTES: Final = 256 * 1024  # a row's params JSON text (UTF-8 bytes)
+MAX_PARAMS_DEPTH: Final = 32  # nesting levels of arrays/objects in a params text (real params use 2 or 3)
 MAX_LORAS: Final = 16  # lora_names (LoRA files per generation)
 MAX_LORA_MULTIPLIERS_CHARS: Final = 1000  # lora_multipliers text (characters)
 MAX_IMAGE_REFS: Final = 16  # VACE image_refs (reference images per generation)

@@ -229,6 +229,11 @@ class ModelCache:
         self._record(key, "park", nbytes, time.perf_counter() - started, alloc)
         return True
 
+    def peek(self, key: str) -> Any | None:
+        """The parked LoadedModel `key` without moving it (None when not parked): to re-check its files."""
+        entry = self._entries.get(key)
+        return entry.loaded if entry is not None and entry.parked else None
+
     def take(self, key: str) -> Any | None:
         """Bring parked model `key` back onto the device; its LoadedModel, or None if it is not parked."""
         entry = self._entries.get(key)

@@ -7,7 +7,11 @@ are loaded from safetensors only.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +29,9 @@ from wan_engine.model_sources import ModelCheck
 from wan_engine.presets import Preset
 from wan_engine.single_file import load_single_file_transformers
 from wan_engine.speed import SpeedReport, apply_speed_path
+from wan_engine.weight_files import WeightFiles, detach_file_mappings, pipeline_modules, weight_paths
+
+log = logging.getLogger(__name__)
 
 # Which diffusers pipeline classes serve each preset architecture.
 PIPELINE_CLASSES: dict[str, tuple[str, ...]] = {
@@ -54,6 +61,8 @@ class LoadedModel:
     profile: str | None = None  # memory profile applied (None: as loaded)
     loaded_on_device: bool = True  # False: a fresh load kept in host RAM until a task's profile places it
     fp8: dict[str, Any] | None = None  # per transformer, what fp8 quantisation did (None: model dtype)
+    weight_files: WeightFiles = field(default_factory=WeightFiles)  # identities at load: re-checked per task
+    reloaded_because: str | None = None  # set by the orchestrator when this load replaced changed files
 
     @property
     def resident(self) -> bool:
@@ -110,10 +119,37 @@ def _pipeline_class_name(folder: Path) -> str:
     return str(json.loads((folder / "model_index.json").read_text()).get("_class_name", ""))
 
 
-def _load_expert(path2: Path, transformer_cls: Any, dtype: torch.dtype) -> Any:
+def _load_expert(path2: Path, transformer_cls: Any, dtype: torch.dtype, **options: Any) -> Any:
     """The low-noise expert named by URLs2: a transformer folder, or a pipeline folder's transformer."""
     subfolder = "transformer" if (path2 / "model_index.json").is_file() else None
-    return transformer_cls.from_pretrained(path2, subfolder=subfolder, dtype=dtype, use_safetensors=True)
+    return transformer_cls.from_pretrained(path2, subfolder=subfolder, dtype=dtype, use_safetensors=True, **options)
+
+
+@functools.cache
+def diffusers_has_disable_mmap() -> bool:
+    """Whether the installed diffusers' `from_pretrained` takes `disable_mmap` (0.42 does)."""
+    import diffusers
+
+    try:
+        return "disable_mmap" in inspect.getsource(diffusers.ModelMixin.from_pretrained)
+    except (OSError, TypeError):  # no source (frozen install): do not guess, detach_weights covers it
+        return False
+
+
+def detach_weights(pipe: Any) -> int:
+    """Make sure no parameter/buffer of `pipe` aliases a memory-mapped weight file; returns the bytes copied.
+
+    A tensor viewing the mapping sees an in-place rewrite of the file (different frames from the same seed)
+    and raises SIGBUS when the file is truncated; a private copy sees neither. Weights already on the GPU
+    are copies and are skipped, so on a CUDA-resident load this only scans.
+    """
+    started = time.perf_counter()
+    copied = detach_file_mappings(pipeline_modules(pipe))
+    if copied:
+        log.info(
+            "copied %.1f MB of memory-mapped weights into RAM in %.3fs", copied / 1e6, time.perf_counter() - started
+        )
+    return copied
 
 
 def load_pipeline(
@@ -142,16 +178,24 @@ def load_pipeline(
             f"preset's architecture {preset.model.architecture!r} needs {' or '.join(expected)}; "
             "fix the preset's URLs."
         )
+    # Stat before reading: a file rewritten while it is being loaded then shows as changed at the next task.
+    weight_files = WeightFiles.record(weight_paths(check))
+    # Weights that stay in host RAM are read into memory rather than mapped (diffusers components; the text
+    # encoder and single files are copied by detach_weights below). A CUDA-resident load copies them to
+    # the device anyway, where reading the file into RAM first would only add a host copy.
+    options: dict[str, Any] = {}
+    if (device.type != "cuda" or not resident) and diffusers_has_disable_mmap():
+        options["disable_mmap"] = True
     # Wan's VAE is numerically sensitive: decode in float32 even when the transformers run in bf16.
     vae = diffusers.AutoencoderKLWan.from_pretrained(
-        check.path, subfolder="vae", dtype=torch.float32, use_safetensors=True
+        check.path, subfolder="vae", dtype=torch.float32, use_safetensors=True, **options
     )
-    kwargs: dict[str, Any] = {"vae": vae, "dtype": dtype, "use_safetensors": True}
+    kwargs: dict[str, Any] = {"vae": vae, "dtype": dtype, "use_safetensors": True, **options}
     kwargs.update(load_single_file_transformers(check, class_name, dtype))  # URLs/URLs2 as .safetensors files
     if check.path2 is not None:
         is_vace = class_name == "WanVACEPipeline"
         transformer_cls = diffusers.WanVACETransformer3DModel if is_vace else diffusers.WanTransformer3DModel
-        kwargs["transformer_2"] = _load_expert(check.path2, transformer_cls, dtype)
+        kwargs["transformer_2"] = _load_expert(check.path2, transformer_cls, dtype, **options)
     pipe = getattr(diffusers, class_name).from_pretrained(check.path, **kwargs)
     if "transformer_2" in kwargs and pipe.config.boundary_ratio is None:
         pipe.register_to_config(boundary_ratio=DEFAULT_BOUNDARY_RATIO)
@@ -159,6 +203,7 @@ def load_pipeline(
     fp8_reports = quantize_pipeline(pipe, device) if fp8 else None
     if resident:
         pipe.to(device)
+    detach_weights(pipe)  # after the move: what went to the GPU is a copy already; the rest is copied here
     speed = apply_speed_path(pipe, device)  # CUDA only: probed attention kernel + regional compile (WAN_SPEED)
     return LoadedModel(
         preset=preset,
@@ -171,6 +216,7 @@ def load_pipeline(
         speed=speed,
         loaded_on_device=resident,
         fp8=fp8_reports,
+        weight_files=weight_files,
     )
 
 

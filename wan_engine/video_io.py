@@ -17,15 +17,22 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import subprocess
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import imageio_ffmpeg
 import numpy as np
+
+# imageio-ffmpeg's own stderr catcher and header parser (stable since 0.4): InputVideoReader reports the same
+# `meta` as imageio_ffmpeg.read_frames, which cannot hand the child a descriptor.
+from imageio_ffmpeg._parsing import LogCatcher, parse_ffmpeg_header
 from PIL import Image
 
 MP4_CRF = 17  # visually lossless H.264; the default (quality 5) is visibly blocky on small videos
@@ -273,22 +280,226 @@ def active_staging() -> StagedOutputs | None:
     return _STAGING.get()
 
 
-def count_video_frames(path: Path, *, at_most: int | None = None, input_params: Iterable[str] = ()) -> int:
+# ---- inputs opened once (see docs/RELIABILITY.md "Inputs opened once") ----------------------------
+
+# Linux reopens /proc/self/fd/N as the very file behind descriptor N, at offset 0 and whatever its name is
+# now; elsewhere /dev/fd/N duplicates the descriptor (a shared offset: rewound before each child).
+_CHILD_FD_DIR = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+HEADER_TIMEOUT_S = 10.0  # as imageio_ffmpeg.read_frames: ffmpeg prints the stream header well within this
+
+
+class NotARegularFile(OSError):
+    """An input path that names a FIFO, a directory, a device or a socket: never read (a FIFO would block)."""
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def descriptor_path(fd: int) -> Path | None:
+    """The real path of the file open as `fd` (Linux: /proc/self/fd), or None where the system cannot say."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+    if not target.startswith("/"):  # "pipe:[123]", "anon_inode:[...]"
+        return None
+    return Path(target.removesuffix(" (deleted)"))
+
+
+class OpenedInput:
+    """An input file opened once; every later read (PIL, ffmpeg) goes through this descriptor, never the path.
+
+    A path checked and then opened again by a decoder can be swapped in between (a symlink to a file outside
+    the input roots); reading the checked descriptor closes that window. `path` is the file's real path when
+    it was opened: it names the file in messages and gives its type (suffix), nothing opens it again.
+    Deliberately not os.PathLike: `Path(opened)` raises instead of silently falling back to the name.
+
+    Pickled (a context-parallel group sends the call to its other ranks) it travels as its path and file
+    identity: the copy reopens the path without following a symlink, and refuses a file that is not the one
+    checked here (another device/inode), when it is first read.
+    """
+
+    def __init__(self, path: Path, identity: tuple[int, int], file: BinaryIO | None) -> None:
+        self.path = path
+        self.identity = identity  # (st_dev, st_ino) of the file opened
+        self._file = file  # None: an unpickled copy, opened at first use
+
+    @classmethod
+    def open(cls, path: Path | str, *, follow_symlinks: bool = True) -> OpenedInput:
+        """Open `path` for reading; raise NotARegularFile for anything but a regular file (OSError if unopenable).
+
+        O_NONBLOCK makes opening a FIFO return at once (it is then refused by fstat) instead of waiting for a
+        writer; it is cleared again for the reads. With follow_symlinks=False a final symlink fails (ELOOP).
+        """
+        nonblock = getattr(os, "O_NONBLOCK", 0)
+        flags = os.O_RDONLY | nonblock | getattr(os, "O_CLOEXEC", 0)
+        if not follow_symlinks:
+            flags |= os.O_NOFOLLOW
+        fd = os.open(path, flags)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise NotARegularFile(errno.EINVAL, f"it is {_file_kind(info.st_mode)}, not a regular file")
+            if nonblock:
+                import fcntl  # POSIX only, like O_NONBLOCK
+
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~nonblock)
+            real = descriptor_path(fd) or Path(os.path.abspath(path))
+            file = os.fdopen(fd, "rb", buffering=0)  # unbuffered: seek() always moves the descriptor's offset
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(real, (info.st_dev, info.st_ino), file)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def suffix(self) -> str:
+        return self.path.suffix
+
+    @property
+    def closed(self) -> bool:
+        return self._file is not None and self._file.closed
+
+    def _handle(self) -> BinaryIO:
+        if self._file is None:
+            # An unpickled copy: the same file or nothing (no symlink followed, same device and inode).
+            opened = OpenedInput.open(self.path, follow_symlinks=False)
+            if opened.identity != self.identity:
+                opened.close()
+                raise OSError(errno.ESTALE, f"{self.path} is no longer the file that was checked")
+            self._file = opened._file
+        if self._file.closed:
+            raise ValueError(f"{self.path} was already closed")
+        return self._file
+
+    def fileno(self) -> int:
+        return self._handle().fileno()
+
+    def rewound(self) -> BinaryIO:
+        """The open file, at offset 0 (the caller must not close it: `close` does)."""
+        file = self._handle()
+        file.seek(0)
+        return file
+
+    def child_args(self) -> tuple[str, tuple[int, ...]]:
+        """ffmpeg's `-i` argument and Popen's `pass_fds` for a child that reads this file through its descriptor.
+
+        The child inherits the descriptor under the same number, so the path names it in the child's own table.
+        """
+        fd = self.rewound().fileno()
+        return f"{_CHILD_FD_DIR}/{fd}", (fd,)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def __enter__(self) -> OpenedInput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (OpenedInput, (self.path, self.identity, None))
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("pending" if self._file is None else f"fd {self._file.fileno()}")
+        return f"OpenedInput({str(self.path)!r}, {state})"
+
+
+class InputVideoReader:
+    """ffmpeg decoding an `OpenedInput` to rgb24 frames on its stdout; the child reads only that descriptor.
+
+    imageio_ffmpeg.read_frames takes a path and closes every other descriptor in its child, hence this reader.
+    `meta` (size, fps, duration ...) is parsed from the header as imageio_ffmpeg does, before frames are read.
+    Close it (or use `with`) to stop ffmpeg: frames not read are never decoded past the pipe's buffer.
+    """
+
+    def __init__(self, source: OpenedInput, input_params: Sequence[str] = ()) -> None:
+        target, fds = source.child_args()
+        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", *input_params, "-i", target]
+        cmd += ["-pix_fmt", "rgb24", "-vcodec", "rawvideo", "-f", "image2pipe", "-"]
+        self.name = source.name
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=fds
+        )
+        self._log = LogCatcher(self._proc.stderr)  # drains stderr: a full pipe would stall ffmpeg
+        try:
+            deadline = time.monotonic() + HEADER_TIMEOUT_S
+            while self._log.is_alive() and not self._log.header and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if not self._log.header:
+                raise OSError(f"ffmpeg could not read the header of {self.name}: {self._log.get_text(0.2)[-500:]}")
+            try:
+                self.meta: dict[str, Any] = parse_ffmpeg_header(self._log.header)
+            except (IndexError, ValueError, AttributeError) as exc:
+                raise OSError(f"ffmpeg printed no usable video header for {self.name} ({exc})") from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def __iter__(self) -> Iterator[bytes]:
+        """The raw rgb24 bytes of each frame, in order."""
+        width, height = self.meta["size"]
+        size = width * height * 3
+        stdout = self._proc.stdout
+        assert stdout is not None
+        while True:
+            raw = stdout.read(size)  # a buffered read: short only at the end of the stream
+            if not raw:
+                return
+            if len(raw) < size:
+                raise RuntimeError(f"ffmpeg stopped in the middle of a frame of {self.name}: {self._log.get_text()}")
+            yield raw
+
+    def close(self) -> None:
+        """Stop ffmpeg (if still running) and release its pipes."""
+        self._log.stop_me()
+        if self._proc.poll() is None:
+            self._proc.kill()  # a reader only: nothing to finish writing
+        self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+    def __enter__(self) -> InputVideoReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def count_video_frames(
+    path: Path | OpenedInput, *, at_most: int | None = None, input_params: Iterable[str] = ()
+) -> int:
     """Frames of the first video stream, counted from the container's packets without decoding any.
 
     A stream copy to the null muxer only demuxes, so even a long video is counted in milliseconds
     (decoding 28,800 1080p frames takes minutes). With `at_most`, counting stops there: a caller
     that only needs to know "more than N" never reads past N. Raises RuntimeError if ffmpeg fails.
+    An `OpenedInput` is read through its descriptor (the child inherits it), never by its name.
     """
+    target, fds = path.child_args() if isinstance(path, OpenedInput) else (str(path), ())
+    label = path.path if isinstance(path, OpenedInput) else path
     cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", *FFMPEG_INPUT_PARAMS, *input_params]
-    cmd += ["-i", str(path), "-map", "0:v:0", "-c", "copy"]
+    cmd += ["-i", target, "-map", "0:v:0", "-c", "copy"]
     if at_most is not None:
         cmd += ["-frames:v", str(at_most)]
-    done = subprocess.run([*cmd, "-f", "null", "-"], capture_output=True, check=False)
+    done = subprocess.run([*cmd, "-f", "null", "-"], capture_output=True, check=False, pass_fds=fds)
     counts = _FRAME_LINE.findall(done.stderr)
     if done.returncode != 0 or not counts:
         tail = done.stderr.decode(errors="replace")[-500:]
-        raise RuntimeError(f"ffmpeg could not count the frames of {path} (exit {done.returncode}): {tail}")
+        raise RuntimeError(f"ffmpeg could not count the frames of {label} (exit {done.returncode}): {tail}")
     return int(counts[-1])
 
 

@@ -7,6 +7,19 @@ import logging
 import sys
 
 CONTEXT_KEYS = ("worker_id", "task_id", "model", "attempt", "event")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def parse_log_level(value: str | int) -> int:
+    """A log level name in any case (`debug`, `INFO`, `Warning`) as its number; ValueError (one line,
+    naming the value and the allowed names) for anything else. `warn` is accepted as `warning`."""
+    if isinstance(value, int):
+        return value
+    name = value.strip().lower()
+    name = "warning" if name == "warn" else name
+    if name not in LOG_LEVELS:
+        raise ValueError(f"--log-level {value!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
+    return int(getattr(logging, name.upper()))
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -34,12 +47,13 @@ class KeyValueFormatter(logging.Formatter):
         return f"{line} {suffix}" if suffix else line
 
 
-def configure_logging(level: str = "INFO", json_lines: bool = False) -> None:
-    """Install the formatter on the root logger (stderr); quiet chatty libraries."""
+def configure_logging(level: str | int = "INFO", json_lines: bool = False) -> None:
+    """Install the formatter on the root logger (stderr); quiet chatty libraries. `level`: see `parse_log_level`."""
+    numeric = parse_log_level(level)  # before touching the handlers: a bad level leaves logging as it was
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(KeyValueFormatter(json_lines=json_lines))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(numeric)
     for noisy in ("httpx", "urllib3", "alembic", "diffusers", "transformers", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

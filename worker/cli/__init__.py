@@ -25,6 +25,8 @@ from worker.cli.commands import (
     cmd_list,
     cmd_make_tiny_models,
     cmd_models,
+    cmd_purge,
+    cmd_retry,
     cmd_status,
     cmd_submit,
 )
@@ -37,7 +39,7 @@ from worker.cli.run import (
     cmd_run,
 )
 from worker.logs import configure_logging
-from worker.store.schema import DatabaseUnreachable
+from worker.store.schema import DatabaseUnreachable, check_db_url
 
 # The private helpers are re-exported for the tests and callers that imported them from worker.cli.
 __all__ = [
@@ -59,6 +61,8 @@ __all__ = [
     "cmd_list",
     "cmd_make_tiny_models",
     "cmd_models",
+    "cmd_purge",
+    "cmd_retry",
     "cmd_run",
     "cmd_status",
     "cmd_submit",
@@ -74,6 +78,8 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cmd_status,
     "list": cmd_list,
     "cancel": cmd_cancel,
+    "retry": cmd_retry,
+    "purge": cmd_purge,
     "models": cmd_models,
     "make-tiny-models": cmd_make_tiny_models,
     "demo": cmd_demo,
@@ -81,12 +87,15 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse, configure logging and run one command; a bad flag, preset or address exits 2."""
+    """Parse, configure logging and run one command; a bad flag, log level, database URL, preset or address
+    exits 2 with one `error: ...` line."""
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `run --gpus` restarts this command per GPU
-    configure_logging(args.log_level, json_lines=args.log_json)
     handler = _COMMANDS[args.command]
     try:
+        configure_logging(args.log_level, json_lines=args.log_json)
+        if getattr(args, "db", None) is not None:
+            check_db_url(args.db)  # `--db tasks.db` would otherwise end in a SQLAlchemy traceback
         return handler(args)
     except (ValueError, KeyError, DatabaseUnreachable) as exc:
         print(f"error: {exc}", file=sys.stderr)

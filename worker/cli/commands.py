@@ -1,4 +1,5 @@
-"""The table and model subcommands: init-db, submit, status, list, cancel, models, make-tiny-models, demo.
+"""The table and model subcommands: init-db, submit, status, list, cancel, retry, purge, models,
+make-tiny-models, demo.
 
 `run` lives in worker.cli.run. Heavy imports (engine, torch, the queue) stay inside the commands, so
 `wan-worker list` and friends start fast.
@@ -15,7 +16,7 @@ from typing import Any
 from wan_engine.progress_bars import quiet_progress_bars
 from worker.cli.parser import _optional_path
 from worker.config import env_default
-from worker.store.schema import create_db_engine, redact_url
+from worker.store.schema import create_db_engine, redact_url, sqlite_file
 from worker.task import TaskStatus
 
 # ---- the tasks table ----------------------------------------------------------------------------------
@@ -33,20 +34,41 @@ def cmd_init_db(args: argparse.Namespace) -> int:
 
 
 def _repository(db_url: str) -> Any:
-    """A repository on an up-to-date schema (the read/cancel commands need no queue)."""
+    """A repository on an up-to-date schema (the read/cancel commands need no queue).
+
+    These commands never create a database: a SQLite file that does not exist is a ValueError (`error: no
+    database at PATH`, exit 2) rather than a new, empty, migrated tasks.db left in the working directory.
+    """
     from worker.store.migrate import upgrade_to_head
     from worker.store.repository import SqlTaskRepository
 
+    path = sqlite_file(db_url)
+    if path is not None and not path.exists():
+        raise ValueError(f"no database at {path} (run wan-worker init-db or wan-worker run first)")
     engine = create_db_engine(db_url)
     upgrade_to_head(engine)
     return SqlTaskRepository(engine)
 
 
+def _json_object(value: Any) -> Any:
+    """A JSON column as an object: text holding a JSON object is decoded (bounded, never raising);
+    anything else (a hostile row's non-JSON params) is printed as it is stored."""
+    from worker.tasks.params import params_or_none
+
+    if isinstance(value, str):
+        decoded = params_or_none(value)
+        return value if decoded is None else decoded
+    return value
+
+
 def _row(task: Any) -> dict[str, Any]:
-    """A task as the JSON that `status` and `submit --wait` print."""
+    """A task as the JSON that `status`, `list --json` and `submit --wait` print: params, result_data and
+    progress as JSON objects, not JSON text inside a string."""
     data = dict(task.__dict__)
     data["status"] = task.status.value
-    data["params"] = data.pop("params_text")
+    data["params"] = _json_object(data.pop("params_text"))
+    for key in ("result_data", "progress"):
+        data[key] = _json_object(data[key])
     return data
 
 
@@ -102,8 +124,22 @@ def _follow(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """`list`: recent tasks, one line each."""
-    rows = _repository(args.db).list_tasks(args.status, args.limit)
+    """`list`: recent tasks, one line each (`--json`: a JSON array of rows; `--model`: one model's rows)."""
+    repository = _repository(args.db)
+    if args.model is None:
+        rows = repository.list_tasks(args.status, args.limit)
+    else:
+        from worker.store.db import Db
+        from worker.store.queries import list_tasks_matching
+        from worker.tasks.params import model_key_for
+
+        def for_model(task: Any) -> bool:
+            return model_key_for(task.task_type, task.params_text) == args.model
+
+        rows = list_tasks_matching(Db(repository.engine), for_model, args.status, args.limit)
+    if args.json:
+        print(json.dumps([_row(task) for task in rows], indent=2, default=str))
+        return 0
     print(f"{'id':34} {'status':12} {'pri':>4} {'type':10} {'att':>3}  output / error")
     for task in rows:
         detail = task.output_location or task.error_message or ""
@@ -124,6 +160,121 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     state = f"already {task.status.value}" if task else "not found"
     print(f"error: task {args.task_id} not cancelled ({state})", file=sys.stderr)
     return 1
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """`retry`: a Failed or Cancelled task back to Queued (1 when it is in another status or does not exist)."""
+    repository = _repository(args.db)
+    if repository.retry(args.task_id):
+        print(f"queued {args.task_id} again")
+        return 0
+    task = repository.get(args.task_id)
+    state = f"it is {task.status.value}; only Failed or Cancelled tasks are retried" if task else "not found"
+    print(f"error: task {args.task_id} not retried ({state})", file=sys.stderr)
+    return 1
+
+
+_AGE_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(value: str) -> float:
+    """`30m`, `12h`, `7d`, `2w` as seconds; ValueError (one line, naming the value and the forms) otherwise."""
+    text = value.strip().lower()
+    number, unit = text[:-1], text[-1:]
+    if unit in _AGE_UNITS and number.isdigit() and int(number) > 0:
+        return float(int(number) * _AGE_UNITS[unit])
+    raise ValueError(
+        f"--older-than {value!r} is not an age; use a whole number and a unit: 30m (minutes), 12h (hours), "
+        "7d (days) or 2w (weeks)"
+    )
+
+
+def _output_file(location: str, outputs_root: Path) -> Path | None:
+    """The file `location` names when it is a regular file directly named inside the outputs dir; None
+    otherwise (outside it, through a symlink, missing, a directory): such a file is never deleted."""
+    path = Path(location)
+    if not path.is_absolute():
+        path = Path.cwd() / path
+    # Resolve the directory, never the file: a symlink named as the output is not followed anywhere.
+    try:
+        parent = path.parent.resolve(strict=True)
+    except OSError:
+        return None
+    candidate = parent / path.name
+    if not candidate.is_relative_to(outputs_root) or candidate == outputs_root:
+        return None
+    if candidate.is_symlink() or not candidate.is_file():
+        return None
+    return candidate
+
+
+def _plan_outputs(rows: list[Any], outputs_dir: Path, still_referenced: set[str]) -> tuple[list[Path], dict[str, int]]:
+    """The files `purge --outputs` removes for these rows, and how many recorded outputs it keeps, by why."""
+    kept = {"outside the outputs dir or not a plain file": 0, "still recorded by another row": 0}
+    try:
+        root = outputs_dir.resolve(strict=True)
+    except OSError:
+        root = None  # no outputs dir: nothing may be deleted
+    files: list[Path] = []
+    for row in rows:
+        if not row.output_location:
+            continue
+        if row.output_location in still_referenced:
+            kept["still recorded by another row"] += 1
+            continue
+        path = _output_file(row.output_location, root) if root is not None else None
+        if path is None:
+            kept["outside the outputs dir or not a plain file"] += 1
+        elif path not in files:
+            files.append(path)
+    return files, kept
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """`purge`: delete rows that ended longer ago than --older-than (and with --outputs their files)."""
+    from collections import Counter
+
+    from worker.store import purge
+    from worker.store.db import Db
+
+    age_s = parse_age(args.older_than)
+    db = Db(_repository(args.db).engine)
+    statuses = list(dict.fromkeys(args.status))
+    kept_rows = purge.count_kept_for_open_rows(db, age_s, statuses)
+    select_or_delete = purge.select_purgeable if args.dry_run else purge.delete_purgeable
+    rows = select_or_delete(db, age_s, statuses)
+    locations = [row.output_location for row in rows if row.output_location]
+    # A file another (kept) row records stays, e.g. a row a client pointed at an existing video.
+    others = purge.referenced_outputs(db, locations, excluding=[row.id for row in rows]) if args.outputs else set()
+    by_status = Counter(row.status for row in rows)
+    counts = ", ".join(f"{status} {by_status[status]}" for status in statuses if by_status[status])
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb} {len(rows)} rows older than {args.older_than}" + (f" ({counts})" if counts else ""))
+    if kept_rows:
+        print(f"kept {kept_rows} rows that open tasks still depend on")
+    if not args.outputs:
+        return 0
+    files, kept = _plan_outputs(rows, args.outputs_dir, others)
+    removed_bytes = 0
+    removed = 0
+    for path in files:
+        try:
+            size = path.lstat().st_size
+            if not args.dry_run:
+                path.unlink()
+        except FileNotFoundError:
+            continue  # gone meanwhile: nothing to remove
+        except OSError as exc:
+            print(f"warning: could not remove {path}: {exc}", file=sys.stderr)
+            continue
+        removed += 1
+        removed_bytes += size
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {removed} output files ({removed_bytes} bytes) in {args.outputs_dir}")
+    for why, count in kept.items():
+        if count:
+            print(f"kept {count} recorded outputs: {why}")
+    return 0
 
 
 # ---- models -------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,10 +32,29 @@ def _optional_path(value: str | None) -> Path | None:
 
 
 def _add_db(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: absent here, `--db` given before the subcommand (or the default) stays; see WanWorkerParser.
     parser.add_argument(
         "--db",
-        default=env_default("db_url", DEFAULT_DB_URL),
-        help=f"SQLAlchemy URL (env {ENV_VARS['db_url']}; default {DEFAULT_DB_URL})",
+        default=argparse.SUPPRESS,
+        help=f"SQLAlchemy URL, e.g. sqlite:///tasks.db (env {ENV_VARS['db_url']}; default {DEFAULT_DB_URL})",
+    )
+    parser.set_defaults(_db_default=env_default("db_url", DEFAULT_DB_URL))
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, top_level: bool) -> None:
+    """`--log-level` and `--log-json`, accepted before the subcommand (top level, with the defaults) and
+    after it (SUPPRESS: a subcommand that was not given them keeps the top-level value)."""
+    parser.add_argument(
+        "--log-level",
+        default="INFO" if top_level else argparse.SUPPRESS,
+        metavar="LEVEL",
+        help="debug, info, warning, error or critical, in any case (default info)",
+    )
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        default=False if top_level else argparse.SUPPRESS,
+        help="one JSON object per log line",
     )
 
 
@@ -208,13 +228,53 @@ def _add_list(commands: _Commands) -> None:
     listing = commands.add_parser("list", help="list recent tasks")
     _add_db(listing)
     listing.add_argument("--status", choices=[s.value for s in TaskStatus])
+    listing.add_argument("--model", default=None, help="only rows for this model key (params' model, else the type's)")
     listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--json", action="store_true", help="print a JSON array of rows (as `status` prints them)")
 
 
 def _add_cancel(commands: _Commands) -> None:
     cancel = commands.add_parser("cancel", help="cancel a queued or running task")
     _add_db(cancel)
     cancel.add_argument("task_id")
+
+
+def _add_retry(commands: _Commands) -> None:
+    retry = commands.add_parser("retry", help="put a Failed or Cancelled task back to Queued (attempts reset)")
+    _add_db(retry)
+    retry.add_argument("task_id")
+
+
+def _add_purge(commands: _Commands) -> None:
+    purge = commands.add_parser("purge", help="delete rows (and, with --outputs, their videos) that ended long ago")
+    _add_db(purge)
+    purge.add_argument(
+        "--older-than",
+        required=True,
+        metavar="AGE",
+        help="only rows last updated longer ago than this: 30m, 12h, 7d or 2w",
+    )
+    ended = [s.value for s in TaskStatus if s.is_final]
+    purge.add_argument(
+        "--status",
+        nargs="+",
+        choices=ended,
+        default=ended,
+        metavar="STATUS",
+        help=f"only rows in these statuses ({', '.join(ended)}; default: all three; never Queued or In Progress)",
+    )
+    purge.add_argument(
+        "--outputs",
+        action="store_true",
+        help="also delete each purged row's output file, when it lies inside --outputs-dir",
+    )
+    purge.add_argument(
+        "--outputs-dir",
+        type=Path,
+        default=Path(env_default("outputs_dir", "outputs") or "outputs"),
+        help=f"the only directory --outputs deletes files in (env {ENV_VARS['outputs_dir']}; default outputs)",
+    )
+    purge.add_argument("--dry-run", action="store_true", help="report what would be removed; change nothing")
 
 
 def _add_models(commands: _Commands) -> None:
@@ -244,18 +304,48 @@ _SUBCOMMANDS = (
     _add_status,
     _add_list,
     _add_cancel,
+    _add_retry,
+    _add_purge,
     _add_models,
     _add_make_tiny_models,
     _add_demo,
 )  # the order `wan-worker --help` lists them in
 
 
+class WanWorkerParser(argparse.ArgumentParser):
+    """The top-level parser: after parsing, `args.db` is the subcommand's `--db`, else the one given before
+    the subcommand, else the environment's or the built-in default (only for commands that take `--db`)."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extra = super().parse_known_args(args, namespace)
+        default = vars(parsed).pop("_db_default", None)
+        if default is not None and getattr(parsed, "db", None) is None:
+            parsed.db = default
+        return parsed, extra
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The `wan-worker` parser: global logging options, then one subparser per command."""
-    parser = argparse.ArgumentParser(prog="wan-worker", description="Headless Wan video-generation worker.")
-    parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--log-json", action="store_true", help="one JSON object per log line")
-    commands = parser.add_subparsers(dest="command", required=True)
+    """The `wan-worker` parser: global options, then one subparser per command."""
+    parser = WanWorkerParser(prog="wan-worker", description="Headless Wan video-generation worker.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _add_global_options(parser, top_level=True)
+    parser.add_argument("--db", default=None, help="SQLAlchemy URL, for the commands that use the database")
+    # Plain parsers below: only the top level resolves --db (WanWorkerParser.parse_known_args).
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=argparse.ArgumentParser)
     for add_subcommand in _SUBCOMMANDS:
         add_subcommand(commands)
+    for subcommand in commands.choices.values():
+        _add_global_options(subcommand, top_level=False)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (`unknown` when run from a tree that was never installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("wan-worker")
+    except PackageNotFoundError:
+        return "unknown"

@@ -61,6 +61,7 @@ class RankOrchestrator(Orchestrator, Protocol):
     allow_download: bool
 
     def unload_model(self) -> None: ...
+    def needs_reload(self, model_key: str) -> str | None: ...
 
 
 # Builds this rank's orchestrator on a device (the CLI passes one around `headless_wgp.WanOrchestrator`).
@@ -225,6 +226,10 @@ class GroupLeaderProxy:
     def models_dir(self) -> Path:
         return self.orchestrator.models_dir
 
+    def needs_reload(self, model_key: str) -> str | None:
+        """What changed in the resident model's weight files (None: nothing); `load_model` then reloads."""
+        return self.orchestrator.needs_reload(model_key)
+
     # ---- model residency --------------------------------------------------------------------------
 
     def load_model(self, model_key: str, *, progress: ProgressCallback | None = None) -> float:
@@ -232,7 +237,9 @@ class GroupLeaderProxy:
         orchestrator = self.orchestrator
         with self._lock:
             self._check_usable()
-            if orchestrator.current_model == model_key:
+            # Resident and its files as loaded: nothing to do. Changed files: every rank reloads (each rank's
+            # orchestrator sees the change in its own load_model).
+            if orchestrator.current_model == model_key and orchestrator.needs_reload(model_key) is None:
                 return 0.0
             preset = orchestrator.presets.get(model_key)  # unknown key: refused before the followers hear of it
             if model_key not in orchestrator.model_cache:

@@ -6,7 +6,7 @@ same names (`repo.changed_since(...)`, `repo.queued_in_order()`, ...).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -22,6 +22,32 @@ def list_tasks(db: Db, status: str | None = None, limit: int = 100) -> list[Task
     if status is not None:
         query = query.where(tasks.c.status == status)
     return db.select_tasks(query)
+
+
+LIST_SCAN_MAX = 10_000  # rows `list_tasks_matching` reads at most: a filter in Python stays a bounded read
+LIST_PAGE = 500
+
+
+def list_tasks_matching(
+    db: Db, accept: Callable[[Task], bool], status: str | None = None, limit: int = 100, scan: int = LIST_SCAN_MAX
+) -> list[Task]:
+    """The newest rows (optionally of one status) that `accept` keeps, newest first: pages of `list_tasks`'
+    order, filtered in Python (the params column is raw text, so a portable SQL filter on its JSON is not
+    available), until `limit` rows matched or `scan` rows were read."""
+    matched: list[Task] = []
+    seen: set[str] = set()  # offsets shift when rows are inserted meanwhile: never list one row twice
+    base = sa.select(tasks).order_by(tasks.c.created_at.desc(), db.tiebreak().desc())
+    if status is not None:
+        base = base.where(tasks.c.status == status)
+    for offset in range(0, max(scan, 0), LIST_PAGE):
+        window = db.select_tasks(base.limit(min(LIST_PAGE, scan - offset)).offset(offset))
+        for task in window:
+            if task.id not in seen and accept(task):
+                matched.append(task)
+            seen.add(task.id)
+        if len(matched) >= limit or len(window) < LIST_PAGE:
+            break
+    return matched[: max(limit, 0)]
 
 
 def counts_by_status(db: Db) -> dict[str, int]:

@@ -452,6 +452,50 @@ class SqlTaskRepository:
         """Every worker row, by id."""
         return side_tables.list_workers(self._db)
 
+    # ---- a user's retry (wan-worker retry) --------------------------------------------------------
+
+    def retry(self, task_id: str) -> bool:
+        """Put a Failed or Cancelled task back to Queued with fresh attempts; False for any other status
+        (or no such row). `result_data.retried` records when, and the status, error and attempts before."""
+        with self._db.tx() as conn:
+            # Read and write in one transaction (SQLite: BEGIN IMMEDIATE; Postgres: the row lock), so the
+            # record describes exactly the row the guarded UPDATE changes.
+            query = sa.select(tasks, self._db.now().label("retried_at")).where(
+                tasks.c.id == task_id, tasks.c.status.in_([F, X])
+            )
+            if not self._db.sqlite:
+                query = query.with_for_update()
+            row = conn.execute(query).mappings().first()
+            if row is None:
+                return False
+            task = read_task(row)
+            retried: dict[str, Any] = {
+                "at": str(row["retried_at"]),
+                "previous_status": row["status"],
+                "previous_error": row["error_message"],
+                "previous_attempts": row["attempts"],
+            }
+            if task is not None and task.result_data:
+                retried["previous_result_data"] = task.result_data
+            result = conn.execute(
+                tasks.update()
+                .where(tasks.c.id == task_id, tasks.c.status.in_([F, X]))
+                .values(
+                    status=Q,
+                    attempts=0,
+                    error_message=None,
+                    run_after=None,
+                    worker_id=None,
+                    claim_token=None,
+                    lease_expires_at=None,
+                    output_location=None,
+                    progress=None,
+                    result_data={"retried": retried},
+                    updated_at=self._db.now(),
+                )
+            )
+            return result.rowcount == 1
+
 
 __all__ = [
     "CLAIM_CANDIDATES",

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -203,6 +204,34 @@ def redact_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return "<unparseable database URL>"
+
+
+def check_db_url(url: str) -> None:
+    """Raise ValueError (one line, for `error: ...`) unless `url` is a SQLAlchemy URL of a known backend.
+
+    A bare file name (`--db tasks.db`) is the common mistake: SQLAlchemy's own error is a traceback.
+    """
+    try:
+        make_url(url).get_dialect()
+    except sa.exc.NoSuchModuleError:
+        raise ValueError(
+            f"--db {redact_url(url)!r}: unknown database backend; use sqlite:///PATH or postgresql://USER@HOST/DB"
+        ) from None
+    except sa.exc.ArgumentError:
+        raise ValueError(
+            f"--db {url!r} is not a database URL; use a URL such as sqlite:///tasks.db (or postgresql://USER@HOST/DB)"
+        ) from None
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names (relative to the working directory); None for other backends, an
+    in-memory database or a `file:` URI (whose path SQLite itself interprets)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    if parsed.query.get("uri") or parsed.database.startswith("file:"):
+        return None
+    return Path(parsed.database)
 
 
 class DatabaseUnreachable(RuntimeError):

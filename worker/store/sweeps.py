@@ -71,6 +71,10 @@ def requeue_stale(db: Db) -> StaleRecovery:
                 .values(
                     status=Q,
                     worker_id=None,
+                    # Cleared like worker_id: a worker of a version before migration 0003 claims without writing
+                    # a token, and a stale token left here would let the stalled holder, if it shares that
+                    # worker's id, write the row again.
+                    claim_token=None,
                     lease_expires_at=None,
                     error_message=requeued_message,
                     updated_at=db.now(),

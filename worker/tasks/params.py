@@ -27,6 +27,7 @@ from wan_engine.limits import (
     MAX_MODEL_KEY_CHARS,
     MAX_PARALLEL,
     MAX_PARAMS_BYTES,
+    MAX_PARAMS_DEPTH,
     MAX_PATH_CHARS,
     MAX_PRIORITY,
     MAX_PROMPT_CHARS,
@@ -197,8 +198,6 @@ MODE_PARAMS: dict[str, type[GenerationParams]] = {
     "ti2v": TI2VParams,
 }
 
-
-MAX_PARAMS_DEPTH = 32  # nesting levels of arrays/objects a params text may have (real params use 2 or 3)
 
 # The characters that change JSON nesting or string state; everything else is skipped by the C regex engine.
 _STRUCTURE = re.compile(r'[\[\]{}"\\]')

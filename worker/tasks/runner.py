@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from wan_engine.errors import ModelUnavailableError
-from wan_engine.video_io import StagedOutputs, remove_partial_files, staged_outputs
+from wan_engine.video_io import OpenedInput, StagedOutputs, remove_partial_files, staged_outputs
 from worker.loop.worker import RunContext
 from worker.task import Task, TaskDeferred, TaskOutcome
 from worker.tasks.claim_filter import ClaimFilter
@@ -34,7 +34,7 @@ from worker.tasks.params import (
     parse_params_text,
     validate_priority,
 )
-from worker.tasks.paths import output_stem, resolve_input_path
+from worker.tasks.paths import close_inputs, open_input, output_stem
 from worker.tasks.travel import TRAVEL_TASK_TYPES, TravelCoordinator, TravelSegmentParams, TravelStore
 from worker.tasks.validation import validate_task
 
@@ -61,6 +61,7 @@ class GenerationRunner:
         self.model_loads = 0
         self.model_switches = 0
         self.load_seconds = 0.0
+        self.last_reload_reason: str | None = None  # set by ensure_model
         self.travel = (
             TravelCoordinator(store, outputs_dir, self.input_roots, self._travel_resolution) if store else None
         )
@@ -80,16 +81,21 @@ class GenerationRunner:
             return None
 
     def ensure_model(self, model_key: str, context: RunContext | None = None) -> float | None:
-        """Load `model_key` unless it is resident; returns the seconds spent loading (None: no load)."""
+        """Load `model_key` unless it is resident with unchanged weight files; returns the seconds spent
+        loading (None: no load). `last_reload_reason` says why a resident model was loaded again (or None)."""
+        self.last_reload_reason = None
         previous = self.orchestrator.current_model
-        if previous == model_key:
+        # Stat only: a resident model whose files were rewritten in place is loaded again (issue 18).
+        needs_reload = getattr(self.orchestrator, "needs_reload", None)  # absent on test doubles
+        if previous == model_key and (needs_reload is None or needs_reload(model_key) is None):
             return None
         if context is not None:
             context.report("loading_model", model=model_key)
         seconds = self.orchestrator.load_model(model_key)
         self.model_loads += 1
-        self.model_switches += previous is not None
+        self.model_switches += previous is not None and previous != model_key  # a reload is not a switch
         self.load_seconds += seconds
+        self.last_reload_reason = getattr(self.orchestrator, "model_reloaded_because", None)
         log.info("loaded model in %.2fs (previous: %s)", seconds, previous, extra={"model": model_key})
         return seconds
 
@@ -104,6 +110,15 @@ class GenerationRunner:
         mode = TASK_TYPE_MODES[task.task_type]
         self._check_parallel(params, mode)
         inputs = self._input_paths(params)  # before loading anything: a bad path fails at once
+        try:
+            return self._run_generation(task, context, params, mode, inputs)
+        finally:
+            close_inputs(inputs)  # the descriptors _input_paths opened
+
+    def _run_generation(
+        self, task: Task, context: RunContext, params: GenerationParams, mode: str, inputs: dict[str, Any]
+    ) -> TaskOutcome:
+        """Load the model and generate with the opened `inputs` (see `run`)."""
         context.check()
         _ran, load_s, fallback = self._ensure_model_or_fallback(str(params.model), context)
         context.check()
@@ -129,6 +144,7 @@ class GenerationRunner:
             "model_loaded": load_s is not None,
             "load_seconds": round(load_s or 0.0, 3),
             "model_fallback": fallback,
+            "model_reloaded_because": self.last_reload_reason,  # weight files changed under the resident model
             "attempt": task.attempts,
             "worker_id": context.worker_id,
         }
@@ -187,7 +203,12 @@ class GenerationRunner:
                 progress=lambda event: progress(event.stage, event.step, event.total_steps),
                 **params.generation_kwargs(),
             )
-            return {**result.to_dict(), "model_loaded": load_s is not None, "load_seconds": round(load_s or 0.0, 3)}
+            return {
+                **result.to_dict(),
+                "model_loaded": load_s is not None,
+                "load_seconds": round(load_s or 0.0, 3),
+                "model_reloaded_because": self.last_reload_reason,
+            }
 
         with _staging(context):
             return self.travel.run_segment(task, generate, context.report, context.report_parent)
@@ -204,17 +225,23 @@ class GenerationRunner:
         return int(width), int(height)
 
     def _input_paths(self, params: GenerationParams) -> dict[str, Any]:
-        """The mode's keys with every file path resolved inside the input roots / outputs dir."""
+        """The mode's keys with every file opened (and checked on its descriptor) inside the input roots / outputs
+        dir: the engine reads these `OpenedInput`s, never the paths again. The caller closes them (close_inputs)."""
         kwargs = params.mode_kwargs()
         roots = list(self.input_roots)
-        for key in params.PATH_KEYS:
-            value = kwargs.get(key)
-            if isinstance(value, list):
-                kwargs[key] = [
-                    resolve_input_path(v, roots, self.outputs_dir, key=f"{key}[{i}]") for i, v in enumerate(value)
-                ]
-            elif value is not None:
-                kwargs[key] = resolve_input_path(value, roots, self.outputs_dir, key=key)
+        try:
+            for key in params.PATH_KEYS:
+                value = kwargs.get(key)
+                if isinstance(value, list):
+                    opened: list[OpenedInput] = []
+                    kwargs[key] = opened  # filled as they open: a refusal closes those already open
+                    for i, v in enumerate(value):
+                        opened.append(open_input(v, roots, self.outputs_dir, key=f"{key}[{i}]"))
+                elif value is not None:
+                    kwargs[key] = open_input(value, roots, self.outputs_dir, key=key)
+        except BaseException:
+            close_inputs(kwargs)  # those opened before the refused one
+            raise
         return kwargs
 
     def _check_parallel(self, params: GenerationParams, mode: str) -> None:

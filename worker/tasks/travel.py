@@ -53,7 +53,7 @@ from wan_engine.limits import (
 from wan_engine.video_io import active_staging, iter_video_frames, remove_partial_files
 from worker.task import NewTask, Task, TaskDeferred, TaskOutcome, TaskStatus
 from worker.tasks.params import InvalidTaskError, describe_validation_error, parse_params_text
-from worker.tasks.paths import output_stem, resolve_input_path
+from worker.tasks.paths import open_input, output_stem, resolve_input_path
 
 DEFAULT_TRAVEL_MODEL = "vace_14B_cocktail_2_2"
 TRAVEL_TASK_TYPES = ("travel_orchestrator", "travel_segment", "travel_stitch")
@@ -334,9 +334,10 @@ class TravelCoordinator:
         return TaskOutcome(str(result.get("output_path", output_path)), result)
 
     def _image(self, path: str, key: str) -> np.ndarray:
-        resolved = resolve_input_path(path, list(self.input_roots), self.outputs_dir, key=key)
-        # The engine's bounded loader: formats, decompression bombs and pixel limits as for every other input.
-        return np.asarray(load_image(resolved, key=key))
+        # Opened once and checked on the descriptor; the engine's bounded loader reads that descriptor (formats,
+        # decompression bombs and pixel limits as for every other input).
+        with open_input(path, list(self.input_roots), self.outputs_dir, key=key) as opened:
+            return np.asarray(load_image(opened, key=key))
 
     def _previous_tail(self, params: TravelSegmentParams) -> np.ndarray:
         previous = self.store.get(str(params.previous_segment))
