@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ from worker.store.schema import DEFAULT_DB_URL, create_db_engine
 from worker.task import NewTask, Task, TaskStatus
 from worker.tasks.params import validate_priority
 from worker.tasks.runner import GenerationRunner
+from worker.tasks.travel import DEFAULT_TRAVEL_MODEL
 from worker.tasks.validation import validate_task
 
 if TYPE_CHECKING:
@@ -112,16 +114,29 @@ class HeadlessTaskQueue:
         self._started_at = time.monotonic()
         self.events = events  # None: a LiveSink (ETA, monitoring) is built with the worker
         self._early_stops = 0  # stop requests that came before the worker existed (start-up)
+        self._worker_error: BaseException | None = None  # what ended the start() thread (see worker_error)
 
     # ---- submitting and watching ----------------------------------------------------------------
 
     def submit_task(self, task: GenerationTask) -> str:
-        """Validate and queue a task (same table as SQL users); returns its id. Bad input raises ValueError."""
-        preset = self.presets.get(task.model)
-        task_type = task.task_type or preset.model.architecture
-        params = {"model": task.model, "prompt": task.prompt, **task.parameters}
-        # The runner's own checks (schema, architecture, engine resolver, scheduler steps): a task that
-        # gets in here is not then failed by the worker for its params.
+        """Validate and queue a task of any submittable type (same table as SQL users); returns its id.
+
+        Bad input raises ValueError with the message the worker would write on the row. `task_type` defaults
+        from the model's preset. For `travel_orchestrator` the params are the travel schema's
+        (`input_images`, `base_prompts`, `segment_frames`, ...): `prompt` stands for `base_prompts` when the
+        parameters have none (otherwise it is not used). `travel_segment` / `travel_stitch` are refused: the
+        orchestrator creates them.
+        """
+        if task.task_type == "travel_orchestrator":
+            params: dict[str, Any] = {"model": task.model, **task.parameters}
+            if "base_prompts" not in params and task.prompt:
+                params["base_prompts"] = task.prompt
+            task_type = task.task_type
+        else:
+            task_type = task.task_type or self.presets.get(task.model).model.architecture
+            params = {"model": task.model, "prompt": task.prompt, **task.parameters}
+        # The runner's own checks (schema, architecture, engine resolver, scheduler steps; the travel schema and
+        # plan): a task that gets in here is not then failed by the worker for its params.
         validate_task(task_type, params, self.presets, self.settings.models_dir)
         validate_priority(task.priority)
         return self.repository.insert(
@@ -135,12 +150,56 @@ class HeadlessTaskQueue:
             )
         )
 
+    def submit_travel(
+        self,
+        input_images: Sequence[str | Path],
+        prompts: str | Sequence[str],
+        *,
+        model: str | None = None,
+        segment_frames: int | Sequence[int] = 81,
+        frame_overlap: int | Sequence[int] = 8,
+        resolution: str | None = None,
+        seed_base: int = -1,
+        priority: int = 0,
+        **settings: Any,
+    ) -> str:
+        """Queue a travel between `input_images` (a `travel_orchestrator` row); returns its id.
+
+        `prompts`: one prompt, or one per segment (len(input_images) - 1). `model`: a VACE preset (None: the
+        worker's default, `vace_14B_cocktail_2_2`). `settings`: further travel keys (`num_inference_steps`,
+        `fps`, `crossfade_sharpen`, `negative_prompts`, ...). Validated like `submit_task` (ValueError).
+        """
+        parameters: dict[str, Any] = {
+            "input_images": [str(image) for image in input_images],
+            "base_prompts": prompts if isinstance(prompts, str) else list(prompts),
+            "segment_frames": segment_frames if isinstance(segment_frames, int) else list(segment_frames),
+            "frame_overlap": frame_overlap if isinstance(frame_overlap, int) else list(frame_overlap),
+            "seed_base": seed_base,
+            **settings,
+        }
+        if resolution is not None:
+            parameters["resolution"] = resolution
+        return self.submit_task(
+            GenerationTask(
+                model=model or DEFAULT_TRAVEL_MODEL,
+                prompt="",
+                parameters=parameters,
+                task_type="travel_orchestrator",
+                priority=priority,
+            )
+        )
+
     def get_task_status(self, task_id: str) -> TaskInfo | None:
         task = self.repository.get(task_id)
         return TaskInfo.from_task(task) if task else None
 
     def wait_for_completion(self, task_id: str, timeout: float | None = None) -> TaskInfo:
-        """Block until the task is Complete, Failed or Cancelled; TimeoutError after `timeout` seconds."""
+        """Block until the task is Complete, Failed or Cancelled; TimeoutError after `timeout` seconds.
+
+        RuntimeError (chained to the worker thread's exception) as soon as the background thread that
+        `start()` began has died: nothing in this process would ever run the task (another worker may, but
+        then wait on the table, not on this queue).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             info = self.get_task_status(task_id)
@@ -148,9 +207,21 @@ class HeadlessTaskQueue:
                 raise KeyError(f"no task with id {task_id!r}")
             if info.status.is_final:
                 return info
+            error = self._worker_error
+            if error is not None:
+                raise RuntimeError(
+                    f"task {task_id} is still {info.status.value}: the worker thread died: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"task {task_id} still {info.status.value} after {timeout}s")
             time.sleep(WAIT_POLL_S)
+
+    @property
+    def worker_error(self) -> BaseException | None:
+        """The exception that ended the background worker thread (preload included); None while it runs or
+        after a clean stop."""
+        return self._worker_error
 
     def cancel(self, task_id: str) -> bool:
         """Cancel a queued or running task; False if it had already ended (or does not exist)."""
@@ -218,12 +289,39 @@ class HeadlessTaskQueue:
         worker.run_forever(until_idle=until_idle)
 
     def start(self, preload_model: str | None = None) -> None:
-        """Run the worker loop in a background thread (the seeds' `queue.start()`)."""
+        """Run the worker loop in a background thread (the seeds' `queue.start()`).
+
+        A failure in that thread (a preload whose weights are missing, a lost database) is logged once and
+        kept: `worker_error`, and `wait_for_completion` raises it instead of polling on.
+        """
         if self._thread and self._thread.is_alive():
             return
         self._build_worker()
-        self._thread = threading.Thread(target=self.run_forever, args=(preload_model,), name="wan-worker", daemon=True)
+        self._worker_error = None
+        self._thread = threading.Thread(target=self._run_thread, args=(preload_model,), name="wan-worker", daemon=True)
         self._thread.start()
+
+    def _run_thread(self, preload_model: str | None) -> None:
+        """The background thread's target: `run_forever`, its exception recorded rather than printed by
+        threading's excepthook (a bare traceback on stderr that no caller sees)."""
+        try:
+            self.run_forever(preload_model)
+        except BaseException as exc:  # whatever ended the thread is what the waiters must see
+            self._worker_error = exc
+            log.error(
+                "worker thread stopped: %s: %s",
+                type(exc).__name__,
+                exc,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+                extra={"worker_id": self.settings.worker_id},
+            )
+
+    def __enter__(self) -> HeadlessTaskQueue:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """`with HeadlessTaskQueue(...) as queue:` closes the queue (stop, events, connections) on exit."""
+        self.close()
 
     def use_live_events(self, publish: bool = True) -> LiveSink:
         """Build and install the live sink (ETA, resource monitor; an outbox for the live server when

@@ -63,7 +63,8 @@ logger = logging.getLogger(__name__)
 
 T2V_ARCHITECTURES = (*MODE_ARCHITECTURES["t2v"], "vace")  # a VACE model without a guide video is plain T2V
 I2V_ARCHITECTURES = MODE_ARCHITECTURES["i2v"]
-BUILTIN_LORAS_DIR = Path(__file__).resolve().parent / "loras"
+# The checkout's loras/, or in a wheel install the packaged README-only wan_engine/_loras (one resolver for both).
+from wan_engine.presets import BUILTIN_LORAS_DIR  # noqa: E402
 
 
 class WanOrchestrator:

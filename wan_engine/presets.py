@@ -1,14 +1,16 @@
 """Model presets: Wan2GP-style JSON files `defaults/<key>.json`, validated with pydantic.
 
 A preset file holds a `model` object (which weights, which architecture) plus default generation
-settings. Built-in presets live in the repository's `defaults/`; a user directory may override
-any property of a built-in (the `model` object is merged key by key) or add new presets.
+settings. Built-in presets live in the repository's `defaults/`, which a wheel installs as the data
+package `wan_engine/_defaults` (pyproject.toml); a user directory may override any property of a
+built-in (the `model` object is merged key by key) or add new presets.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +19,30 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from wan_engine.errors import PresetError, UnknownModelError
 from wan_engine.limits import MAX_PARALLEL, MAX_STEPS, MAX_SWITCH_THRESHOLD, MIN_STEPS, MIN_SWITCH_THRESHOLD
 
-BUILTIN_PRESETS_DIR = Path(__file__).resolve().parent.parent / "defaults"
+_CHECKOUT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def builtin_data_dir(packaged: str, checkout: str) -> Path:
+    """Where a folder of data shipped with the worker is: packaged in a wheel, else in the checkout.
+
+    `packaged` is its name inside the installed `wan_engine` package (`_defaults`, `_loras`: the
+    pyproject's package-dir mapping puts the top-level folders there in a wheel); `checkout` is the
+    top-level folder of the repository, which an editable install keeps reading. When neither
+    exists, the one this installation should have is returned, so that errors name it.
+    """
+    installed = resources.files("wan_engine") / packaged
+    if isinstance(installed, Path) and installed.is_dir():
+        return installed
+    checkout_dir = _CHECKOUT_ROOT / checkout
+    if checkout_dir.is_dir() or (_CHECKOUT_ROOT / "pyproject.toml").is_file() or not isinstance(installed, Path):
+        return checkout_dir
+    return installed
+
+
+# The built-in presets (`defaults/<key>.json`) and the default LoRA folder (`loras/`, README only
+# in a wheel; headless_wgp.BUILTIN_LORAS_DIR re-exports it).
+BUILTIN_PRESETS_DIR = builtin_data_dir("_defaults", "defaults")
+BUILTIN_LORAS_DIR = builtin_data_dir("_loras", "loras")
 
 Architecture = Literal["t2v", "vace", "i2v", "flf2v", "ti2v"]
 Group = Literal["wan", "wan2_2"]

@@ -293,3 +293,107 @@ def build_tiny_models(models_dir: Path) -> dict[str, Path]:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return built
+
+
+# ----- extras for `wan-worker make-tiny-models`: a LoRA, a single-file checkpoint and its preset --------
+
+TINY_LORA_NAME = "tiny_style"  # DIR/loras/tiny_style.safetensors
+TINY_SINGLE_FILE = "tiny_t2v_single.safetensors"  # DIR/tiny_t2v_single.safetensors
+TINY_SINGLE_PRESET = "tiny_t2v_single"  # DIR/presets/tiny_t2v_single.json
+TINY_LORA_RANK = 4
+_TINY_INNER_DIM = 24  # num_attention_heads x attention_head_dim of `_TRANSFORMER_KWARGS`
+_LORA_SEED = 100
+_LORA_STD = 0.5  # changes the tiny model's frames about as much as another seed does
+
+
+def tiny_lora_weights() -> dict[str, torch.Tensor]:
+    """A rank-4 LoRA over the attention projections and feed-forward layers of the tiny Wan 2.1 T2V transformer.
+
+    Key layout: the original Wan / ComfyUI one that most Wan LoRAs on Civitai use (lightx2v, Kijai,
+    ComfyUI trainers): `diffusion_model.blocks.N.self_attn.q.lora_down.weight`, `...lora_up.weight` and
+    a scalar `...alpha` (scale alpha / rank). The worker loads it through diffusers' Wan LoRA converter,
+    so this file goes through the same conversion as a LoRA downloaded for a real Wan model.
+    """
+    num_layers, ffn_dim = _TRANSFORMER_KWARGS["num_layers"], _TRANSFORMER_KWARGS["ffn_dim"]
+    assert isinstance(num_layers, int) and isinstance(ffn_dim, int)
+    # (module, in features, out features) of every layer the LoRA adapts.
+    layers = [
+        (f"blocks.{block}.{attention}.{proj}", _TINY_INNER_DIM, _TINY_INNER_DIM)
+        for block in range(num_layers)
+        for attention in ("self_attn", "cross_attn")
+        for proj in ("q", "k", "v", "o")
+    ]
+    layers += [(f"blocks.{block}.ffn.0", _TINY_INNER_DIM, ffn_dim) for block in range(num_layers)]
+    layers += [(f"blocks.{block}.ffn.2", ffn_dim, _TINY_INNER_DIM) for block in range(num_layers)]
+    generator = torch.Generator().manual_seed(_LORA_SEED)
+    weights: dict[str, torch.Tensor] = {}
+    for module, fan_in, fan_out in layers:
+        prefix = f"diffusion_model.{module}"
+        weights[f"{prefix}.lora_down.weight"] = torch.randn(TINY_LORA_RANK, fan_in, generator=generator) * _LORA_STD
+        weights[f"{prefix}.lora_up.weight"] = torch.randn(fan_out, TINY_LORA_RANK, generator=generator) * _LORA_STD
+        weights[f"{prefix}.alpha"] = torch.tensor(float(TINY_LORA_RANK))  # scale alpha / rank = 1
+    return weights
+
+
+def _single_preset(single_file: str, base: str) -> dict[str, object]:
+    """The preset of the single-file checkpoint: tiny_t2v's settings, its transformer from one file."""
+    return {
+        "model": {
+            "name": "Tiny Wan2.1 text2video from a single-file checkpoint (random weights)",
+            "architecture": "t2v",
+            "description": "The tiny_t2v transformer in the original Wan key layout; the rest comes from model.base.",
+            "URLs": single_file,
+            "base": base,
+            "group": "wan",
+        },
+        "resolution": "64x48",
+        "video_length": 9,
+        "num_inference_steps": 4,
+        "guidance_scale": 5.0,
+        "flow_shift": 3.0,
+        "fps": 16,
+        "negative_prompt": "",
+    }
+
+
+def _write_atomically(target: Path, write: Callable[[Path], object]) -> None:
+    """Write through a temporary sibling and rename, so a crash never leaves a half-written file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def build_tiny_extras(models_dir: Path) -> dict[str, Path]:
+    """Write the tiny LoRA, the single-file T2V checkpoint and its preset; return what -> file.
+
+    Needs the tiny Wan 2.1 T2V folder (`build_tiny_models` first). The single file holds exactly the
+    weights of `<models_dir>/tiny-wan2.1-t2v/transformer`, renamed to the original Wan keys
+    (`wan_engine.single_file.export_single_file`, the inverse of the loader's converter). The preset's
+    `URLs` and `base` are relative to the models dir, so it works for any `--models-dir DIR
+    --presets-dir DIR/presets`. Existing files are left alone (the builds are deterministic).
+    """
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import save_file
+
+    from wan_engine.single_file import export_single_file
+
+    models_dir = Path(models_dir)
+    base = TINY_MODEL_DIRS["tiny_t2v"]
+    if not is_complete_model_dir(models_dir / base):
+        raise FileNotFoundError(f"{models_dir / base} is not a complete tiny model: run build_tiny_models first")
+    lora = models_dir / "loras" / f"{TINY_LORA_NAME}.safetensors"
+    single = models_dir / TINY_SINGLE_FILE
+    preset = models_dir / "presets" / f"{TINY_SINGLE_PRESET}.json"
+    if not lora.is_file():
+        _write_atomically(lora, lambda p: save_file(tiny_lora_weights(), str(p), metadata={"format": "pt"}))
+    if not single.is_file():
+        transformer = WanTransformer3DModel.from_pretrained(models_dir / base, subfolder="transformer")
+        _write_atomically(single, lambda p: export_single_file(transformer, p, "wan"))
+    if not preset.is_file():
+        text = json.dumps(_single_preset(TINY_SINGLE_FILE, base), indent=4) + "\n"
+        _write_atomically(preset, lambda p: p.write_text(text))
+    return {"lora": lora, "single_file": single, "preset": preset}

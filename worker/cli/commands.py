@@ -73,26 +73,105 @@ def _row(task: Any) -> dict[str, Any]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    """`submit`: validate and queue a task through the Python API; prints its id."""
-    from headless_model_management import GenerationTask, HeadlessTaskQueue
-    from worker.tasks.params import parse_params_text
+    """`submit`: validate and queue a task of any type through the Python API; prints its id.
 
-    queue = HeadlessTaskQueue(args.db, presets_dir=args.presets_dir)
-    task = GenerationTask(
-        model=args.model,
-        prompt=args.prompt,
-        parameters=parse_params_text(args.params),
-        task_type=args.task_type,
-        priority=args.priority,
-        dependant_on=args.dependant_on,
-    )
-    task_id = queue.submit_task(task)
-    print(task_id)
-    if args.wait:
-        info = queue.wait_for_completion(task_id)
-        print(json.dumps(_row(queue.repository.get(task_id)), indent=2, default=str))
-        return 0 if info.status is TaskStatus.COMPLETE else 1
+    The mode inputs come as flags (`--image`, `--video-guide`, ...) mapped onto params, over `--params`. A flag
+    the task type does not take is a one-line error naming it and what the type takes (exit 2).
+    """
+    from headless_model_management import GenerationTask, HeadlessTaskQueue
+    from worker.tasks.params import TASK_TYPE_DEFAULT_MODELS, TASK_TYPE_MODES, parse_params_text
+    from worker.tasks.travel import DEFAULT_TRAVEL_MODEL
+
+    parameters = parse_params_text(args.params)
+    prompts: list[str] = args.prompt or []
+    with HeadlessTaskQueue(args.db, presets_dir=args.presets_dir) as queue:
+        model = args.model or parameters.pop("model", None)
+        task_type = args.task_type
+        if task_type == "travel_orchestrator":
+            _reject_flags(args, _MODE_FLAGS, f"is not for travel_orchestrator tasks; travel takes {_TRAVEL_FLAGS}")
+            model = model or DEFAULT_TRAVEL_MODEL  # the worker's default for a row without a model
+            if args.image is not None:
+                if len(args.image) < 2:
+                    raise ValueError(f"--image given {len(args.image)} time(s): a travel needs 2 or more images")
+                parameters["input_images"] = args.image
+            if prompts:
+                parameters["base_prompts"] = prompts[0] if len(prompts) == 1 else prompts
+            flags = {"segment_frames": args.segment_frames, "frame_overlap": args.frame_overlap}
+            flags |= {"resolution": args.resolution, "seed_base": args.seed}
+            prompt = ""
+        else:
+            _reject_flags(args, _TRAVEL_ONLY_FLAGS, f"is only for --task-type travel_orchestrator ({_I2V_HINT})")
+            if len(prompts) > 1:
+                raise ValueError(
+                    f"--prompt given {len(prompts)} times: only --task-type travel_orchestrator takes one per segment"
+                )
+            if task_type in ("travel_segment", "travel_stitch"):
+                model = model or ""  # refused by the validation, which says the orchestrator creates them
+            if model is None:
+                if task_type not in TASK_TYPE_DEFAULT_MODELS:
+                    raise ValueError("--model is required (or a --task-type with a default model)")
+                model = TASK_TYPE_DEFAULT_MODELS[task_type]
+            prompt = prompts[0] if prompts else parameters.pop("prompt", None)
+            if prompt is None:
+                raise ValueError("--prompt is required (except for --task-type travel_orchestrator)")
+            parameters.pop("prompt", None)
+            mode = (
+                TASK_TYPE_MODES.get(task_type)
+                if task_type
+                else TASK_TYPE_MODES.get(queue.presets.get(model).model.architecture)
+            )
+            if mode is not None:  # an unknown task_type is refused by the validation, listing the known ones
+                allowed = [flag for flag in _MODE_FLAGS if _FLAG_KEYS[flag] in _MODE_KEYS[mode]]
+                refused = tuple(flag for flag in _MODE_FLAGS if flag not in allowed)
+                _reject_flags(
+                    args, refused, f"is not for {mode} tasks; {mode} takes {', '.join(allowed) or 'no mode flags'}"
+                )
+            flags = {key: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, key in _FLAG_KEYS.items()}
+            flags |= {"resolution": args.resolution, "seed": args.seed}
+        parameters |= {key: value for key, value in flags.items() if value is not None}
+        task = GenerationTask(
+            model=model,
+            prompt=prompt,
+            parameters=parameters,
+            task_type=task_type,
+            priority=args.priority,
+            dependant_on=args.dependant_on,
+        )
+        task_id = queue.submit_task(task)
+        print(task_id)
+        if args.wait:
+            info = queue.wait_for_completion(task_id)
+            print(json.dumps(_row(queue.repository.get(task_id)), indent=2, default=str))
+            return 0 if info.status is TaskStatus.COMPLETE else 1
     return 0
+
+
+# `submit`'s mode flags and the params keys they set; which keys each mode takes (worker.tasks.params).
+_FLAG_KEYS = {
+    "--video-guide": "video_guide",
+    "--video-mask": "video_mask",
+    "--image-ref": "image_refs",
+    "--image-start": "image_start",
+    "--image-end": "image_end",
+}
+_MODE_FLAGS = tuple(_FLAG_KEYS)
+_MODE_KEYS: dict[str, tuple[str, ...]] = {
+    "t2v": (),
+    "vace": ("video_guide", "video_mask", "image_refs"),
+    "i2v": ("image_start", "image_end"),
+    "flf2v": ("image_start", "image_end"),
+    "ti2v": ("image_start",),
+}
+_TRAVEL_ONLY_FLAGS = ("--image", "--segment-frames", "--frame-overlap")
+_TRAVEL_FLAGS = "--image, --prompt, --segment-frames, --frame-overlap, --resolution, --seed"
+_I2V_HINT = "for i2v, flf2v and ti2v use --image-start, --image-end"
+
+
+def _reject_flags(args: argparse.Namespace, flags: tuple[str, ...], reason: str) -> None:
+    """ValueError (one line: exit 2) naming the first of `flags` that was given, then `reason`."""
+    for flag in flags:
+        if getattr(args, flag.lstrip("-").replace("-", "_")) is not None:
+            raise ValueError(f"{flag} {reason}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -319,6 +398,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     from wan_engine.vram import detect_gpu, model_report
 
     presets = load_presets(BUILTIN_PRESETS_DIR, args.presets_dir)
+    if not presets:
+        # No presets at all is a broken installation (or a wrong --presets-dir), not an empty table.
+        looked_in = str(BUILTIN_PRESETS_DIR) + (f" and {args.presets_dir}" if args.presets_dir else "")
+        print(f"error: no model presets found (looked in {looked_in})", file=sys.stderr)
+        return 2
     keys = args.keys or list(presets)
     for key in keys:
         presets.get(key)  # UnknownModelError (a ValueError) lists the known keys
@@ -342,11 +426,19 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_models(args: argparse.Namespace) -> int:
-    """`make-tiny-models`: tiny random-weight Wan models (tests, demo)."""
-    from wan_engine.tiny_models import build_tiny_models
+    """`make-tiny-models`: tiny random-weight Wan models (tests, demo), a tiny LoRA and a single-file preset."""
+    from wan_engine.tiny_models import build_tiny_extras, build_tiny_models
 
     for name, folder in build_tiny_models(args.directory).items():
         print(f"{name:16} {folder}")
+    extras = build_tiny_extras(args.directory)
+    print(f"{'lora':16} {extras['lora']}  (original Wan lora_down/lora_up/alpha keys, for tiny_t2v)")
+    print(f"{'single file':16} {extras['single_file']}  (tiny_t2v's transformer, original Wan keys)")
+    print(f"{'preset':16} {extras['preset']}  (key tiny_t2v_single: --presets-dir {extras['preset'].parent})")
+    # The worker reads LoRAs from its own folder only (lora_names are bare file names), so say where it must go.
+    from headless_wgp import BUILTIN_LORAS_DIR
+
+    print(f"to use the LoRA, copy it into the worker's LoRA folder: cp {extras['lora']} {BUILTIN_LORAS_DIR}/")
     return 0
 
 

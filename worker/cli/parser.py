@@ -205,16 +205,52 @@ def _add_init_db(commands: _Commands) -> None:
 
 
 def _add_submit(commands: _Commands) -> None:
-    submit = commands.add_parser("submit", help="queue a task; prints its id")
+    def int_or_list(text: str) -> int | list[int]:
+        """`81` or `81,49,81` (one value per segment)."""
+        try:
+            values = [int(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: an integer or comma-separated integers, e.g. 81 or 81,49"
+            ) from None
+        return values[0] if len(values) == 1 else values
+
+    submit = commands.add_parser(
+        "submit",
+        help="queue a task of any type (travel_orchestrator included); prints its id",
+        description="Queue a task. Flags override the same keys in --params. travel_orchestrator: --image (2 or "
+        "more), --prompt (one, or one per segment), --segment-frames, --frame-overlap, --resolution, --seed. "
+        "vace: --video-guide, --video-mask, --image-ref; i2v/flf2v/ti2v: --image-start, --image-end.",
+    )
     _add_db(submit)
     submit.add_argument("--presets-dir", type=Path, default=_optional_path(env_default("presets_dir")))
-    submit.add_argument("--model", required=True)
-    submit.add_argument("--prompt", required=True)
+    submit.add_argument(
+        "--model", default=None, help="preset key (default: the task type's, as the worker does; travel: VACE)"
+    )
+    submit.add_argument(
+        "--prompt", action="append", default=None, help="the prompt; travel: repeat for one per segment"
+    )
     submit.add_argument("--task-type", default=None, help="default: the model's architecture")
-    submit.add_argument("--params", default="{}", help="extra parameters as a JSON object")
+    submit.add_argument("--params", default="{}", help="extra parameters as a JSON object (flags override it)")
     submit.add_argument("--priority", type=int, default=0)
     submit.add_argument("--dependant-on", default=None)
     submit.add_argument("--wait", action="store_true", help="wait until the task ends and print its row")
+    submit.add_argument("--resolution", default=None, metavar="WxH", help="e.g. 832x480")
+    submit.add_argument("--seed", type=int, default=None, help="the seed (travel: seed_base; -1 = random)")
+    travel = submit.add_argument_group("travel_orchestrator")
+    travel.add_argument("--image", action="append", default=None, help="a key image (repeat: 2 or more, in order)")
+    travel.add_argument(
+        "--segment-frames", type=int_or_list, default=None, metavar="N[,N...]", help="frames per segment"
+    )
+    travel.add_argument(
+        "--frame-overlap", type=int_or_list, default=None, metavar="N[,N...]", help="frames shared by neighbours"
+    )
+    modes = submit.add_argument_group("mode inputs (vace, i2v, flf2v, ti2v)")
+    modes.add_argument("--video-guide", default=None, help="vace: the control video (video_guide)")
+    modes.add_argument("--video-mask", default=None, help="vace: the mask video (video_mask)")
+    modes.add_argument("--image-ref", action="append", default=None, help="vace: a reference image (repeatable)")
+    modes.add_argument("--image-start", default=None, help="i2v/flf2v/ti2v: the first frame (image_start)")
+    modes.add_argument("--image-end", default=None, help="i2v (Wan 2.2)/flf2v: the last frame (image_end)")
 
 
 def _add_status(commands: _Commands) -> None:

@@ -50,6 +50,7 @@ from wan_engine.limits import (
     MIN_TRAVEL_IMAGES,
     RANDOM_SEED,
 )
+from wan_engine.presets import PresetRegistry
 from wan_engine.video_io import active_staging, iter_video_frames, remove_partial_files
 from worker.task import NewTask, Task, TaskDeferred, TaskOutcome, TaskStatus
 from worker.tasks.params import InvalidTaskError, describe_validation_error, parse_params_text
@@ -146,11 +147,35 @@ class TravelStitchParams(_Strict):
 
 
 def _validate(model: type[_Strict], task: Task) -> Any:
-    params = parse_params_text(task.params_text)
+    return _validate_params(model, parse_params_text(task.params_text))
+
+
+def _validate_params(model: type[_Strict], params: dict[str, Any]) -> Any:
     try:
         return model.model_validate(params)
     except ValidationError as exc:
-        raise InvalidTaskError(describe_validation_error(exc, params)) from None
+        # The schema's own keys in the message: a travel row's unknown key lists the travel keys.
+        raise InvalidTaskError(describe_validation_error(exc, params, model)) from None  # type: ignore[arg-type]
+
+
+def validate_travel_params(params: dict[str, Any], presets: PresetRegistry) -> TravelOrchestratorParams:
+    """Validate `travel_orchestrator` params as the worker will, before anything loads (for `submit_task`).
+
+    The schema (unknown keys list the travel keys), the model (known, a VACE model), the resolution the
+    segments run at and the segment plan (frames, overlaps, one prompt or one per segment). Input paths are
+    left to the worker: the submitter may not see the worker's input roots. Raises `InvalidTaskError` /
+    `UnknownModelError` (ValueErrors) with the worker's messages.
+    """
+    validated: TravelOrchestratorParams = _validate_params(TravelOrchestratorParams, params)
+    preset = presets.get(validated.model)
+    if preset.model.architecture != "vace":
+        raise InvalidTaskError(f"travel needs a VACE model; {validated.model!r} is a {preset.model.architecture} model")
+    value = validated.resolution or preset.settings.resolution or ""
+    width, _, height = value.partition("x")
+    if not (width.isdigit() and height.isdigit()) or int(width) % 16 or int(height) % 16:
+        raise InvalidTaskError(f"resolution = {value!r}: must look like '832x480' with multiples of 16")
+    TravelCoordinator._plan(validated, len(validated.input_images), max(validated.seed_base, 0))
+    return validated
 
 
 def segment_id(parent_id: str, index: int) -> str:

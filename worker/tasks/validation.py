@@ -1,4 +1,4 @@
-"""The one validation entry point of a generation task: `validate_task`.
+"""The one validation entry point of a task: `validate_task` (generation types and travel).
 
 The runner (rows written by SQL users) and `HeadlessTaskQueue.submit_task` (Python users and
 `wan-worker submit`) call it, so a submitted task is refused with exactly the message the worker
@@ -28,17 +28,30 @@ from wan_engine.generation_params import ResolvedParams, resolve_params
 from wan_engine.limits import MODE_ARCHITECTURES
 from wan_engine.presets import Preset, PresetRegistry
 from worker.tasks.params import TASK_TYPE_MODES, GenerationParams, InvalidTaskError, validate_params
+from worker.tasks.travel import TravelOrchestratorParams, validate_travel_params
 
 
 def validate_task(
     task_type: str, params: dict[str, Any], presets: PresetRegistry, models_dir: Path | None = None
-) -> GenerationParams:
-    """Validate a generation task as the worker will; returns the validated params (model filled in).
+) -> GenerationParams | TravelOrchestratorParams:
+    """Validate a task as the worker will; returns the validated params (model filled in).
+
+    Every submittable task_type: the generation types, and `travel_orchestrator` with the travel schema
+    (`worker.tasks.travel.validate_travel_params`). `travel_segment` / `travel_stitch` are refused: only
+    the orchestrator creates them.
 
     Raises `InvalidTaskError` / `InvalidRequestError` / `UnknownModelError` (all ValueErrors) whose
     message is the one the worker writes on the row. `models_dir`: where the model folders are, for
     the scheduler step limit (None: that check is left to the worker).
     """
+    if task_type == "travel_orchestrator":
+        return validate_travel_params(params, presets)
+    if task_type in ("travel_segment", "travel_stitch"):
+        # Their params (ids of siblings, planned frames) only make sense as the orchestrator writes them.
+        raise InvalidTaskError(
+            f"task_type {task_type!r} is internal: travel_segment and travel_stitch tasks are created by a "
+            "travel_orchestrator task; submit a travel_orchestrator with input_images and base_prompts"
+        )
     validated = validate_params(task_type, params)
     preset = presets.get(str(validated.model))
     check_architecture(str(validated.model), preset, TASK_TYPE_MODES[task_type])
