@@ -1,6 +1,6 @@
 """Stop signals the daemon must survive as documented (issue 18, items 4 and 4b), on the real `wan-worker run`.
 
-- A SIGTERM during start-up (after the first log line, before the loop exists) stops the worker: exit 0,
+- A SIGTERM during start-up (after "starting worker on", before the loop exists) stops the worker: exit 0,
   nothing claimed. Before the fix it was either fatal (-15, the default action) or logged and ignored.
 - SIGHUP (a closed terminal or ssh session) during a task is the graceful stop: the task finishes, exit 0.
 - Two SIGTERMs 0.5 s apart on an idle worker exit 0, not -15 (the second one lands during shutdown).
@@ -12,8 +12,10 @@ import signal
 import time
 
 import pytest
+import sqlalchemy as sa
 
 from tests.support.processes import Stack
+from worker.store.migrate import MIGRATION_LOCK_KEY
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.slow]
 
@@ -28,12 +30,21 @@ def _wait_log(stack: Stack, worker: object, text: str, timeout: float = 120.0) -
     stack.wait_for(lambda: text in worker.log_text(), timeout, f"log line {text!r}")  # type: ignore[attr-defined]
 
 
-def test_sigterm_during_start_up_stops_before_claiming(sqlite_stack: Stack) -> None:
-    stack = sqlite_stack
+@pytest.mark.postgres
+def test_sigterm_during_start_up_stops_before_claiming(postgres_stack: Stack) -> None:
+    stack = postgres_stack
     task_id = stack.insert("t2v", _tiny("must not start"))
-    worker = stack.start_worker()
-    _wait_log(stack, worker, "starting worker on")  # start-up is under way; the loop does not exist yet
-    worker.signal(signal.SIGTERM)
+    # Hold the migration lock: the worker logs "starting worker on", then waits for that lock in its schema
+    # upgrade until the test lets go, so the signal surely lands before the loop exists.
+    with stack.engine.connect() as lock:
+        lock.execute(sa.text(f"SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
+        try:
+            worker = stack.start_worker()
+            _wait_log(stack, worker, "starting worker on")  # start-up is under way; the loop does not exist yet
+            worker.signal(signal.SIGTERM)
+            time.sleep(0.5)
+        finally:
+            lock.execute(sa.text(f"SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))
     assert worker.wait_exit(120) == 0, worker.log_text()[-3000:]
     row = stack.row(task_id)
     assert row["status"] == "Queued" and row["attempts"] == 0, row
