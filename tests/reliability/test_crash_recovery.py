@@ -144,9 +144,10 @@ def wait_and_kill(stack: Stack, queue: Queue, worker: WorkerProcess, stage: str,
             time.sleep(0.02)
         elif stage == "denoising":
             mine = [r for r in read_rows(stack).values() if r["status"] == "In Progress" and r["worker_id"] == name]
+            # Killed within 50 ms of being seen: a longer random delay often let a short task reach writing_video.
             hits = [r["id"] for r in mine if (r["progress"] or {}).get("stage") == stage]
             target = hits[0] if hits else None
-            time.sleep(rng.uniform(0.0, 0.2) if target else 0.05)
+            time.sleep(rng.uniform(0.0, 0.05) if target else 0.02)
         elif stage == "writing_video":
             names = [e.name for e in os.scandir(stack.outputs_dir)] if stack.outputs_dir.exists() else []
             mine = [n for n in names if n.startswith(".") and f".{pid}.partial" in n]
