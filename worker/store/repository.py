@@ -363,31 +363,23 @@ class SqlTaskRepository:
         """Put a task back to wait for another one (an orchestrator waiting for its last child);
         waiting is not an attempt."""
         return self._write(
-            self._guarded(task_id, worker_id).values(
-                status=Q,
-                worker_id=None,
-                claim_token=None,
-                lease_expires_at=None,
-                dependant_on=wait_for,
-                attempts=sa.case((tasks.c.attempts > 0, tasks.c.attempts - 1), else_=0),
-                progress=progress,
-                updated_at=self._db.now(),
-            )
+            self._guarded(task_id, worker_id).values(**self._given_back(), dependant_on=wait_for, progress=progress)
         )
 
     def release(self, task_id: str, worker_id: str) -> bool:
         """Give a task back untouched (shutdown abort): the attempt does not count against it."""
-        return self._write(
-            self._guarded(task_id, worker_id).values(
-                status=Q,
-                worker_id=None,
-                claim_token=None,
-                lease_expires_at=None,
-                attempts=sa.case((tasks.c.attempts > 0, tasks.c.attempts - 1), else_=0),
-                progress=None,
-                updated_at=self._db.now(),
-            )
-        )
+        return self._write(self._guarded(task_id, worker_id).values(**self._given_back(), progress=None))
+
+    def _given_back(self) -> dict[str, Any]:
+        """Back to Queued, unclaimed, without counting the attempt (defer and release)."""
+        return {
+            "status": Q,
+            "worker_id": None,
+            "claim_token": None,
+            "lease_expires_at": None,
+            "attempts": sa.case((tasks.c.attempts > 0, tasks.c.attempts - 1), else_=0),
+            "updated_at": self._db.now(),
+        }
 
     # ---- sweeps (worker.store.sweeps) -----------------------------------------------------------
 
