@@ -50,6 +50,13 @@ class Task:
     lease_expires_at: datetime | None = None
     run_after: datetime | None = None
 
+    @property
+    def output_file(self) -> str | None:
+        """The output's absolute path. `output_location` holds it, except on a Headless-Wan2GP table where it
+        holds HW's relative `files/<name>` form and `result_data.output_file` the path (worker.store.db)."""
+        path = (self.result_data or {}).get("output_file")
+        return path if isinstance(path, str) else self.output_location
+
 
 @dataclass(frozen=True)
 class NewTask:

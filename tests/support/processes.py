@@ -45,7 +45,7 @@ def decode_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """A `tasks` row as a dict, its JSON columns decoded where the backend returns text."""
     data = dict(row)
     for key in JSON_COLUMNS:
-        if isinstance(data[key], str):
+        if isinstance(data.get(key), str):  # absent before a worker adopted a foreign table
             data[key] = json.loads(data[key])
     return data
 

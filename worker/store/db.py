@@ -6,14 +6,17 @@ and break created_at ties differently. The status short names (`Q`, `P`, ...) ke
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from worker.store.hw_table import TableLayout, table_layout
 from worker.store.schema import Unreadable, is_sqlite, tasks
 from worker.task import Task, TaskStatus
 
@@ -43,17 +46,61 @@ class Db:
     @contextmanager
     def tx(self) -> Iterator[Connection]:
         """One transaction (SQLite: BEGIN IMMEDIATE, see worker.store.schema)."""
+        self.layout  # noqa: B018 (inspected outside the transaction, see `layout`)
         with self.engine.begin() as connection:
             yield connection
+
+    @property
+    def layout(self) -> TableLayout:
+        """What the live `tasks` table is (an adopted Headless-Wan2GP table?); inspected once per engine.
+
+        `tx` reads it before opening its transaction: inspecting on a second connection inside a SQLite
+        write transaction would wait on that transaction's own lock."""
+        return table_layout(self.engine)
+
+    def failure(self, message: Any) -> dict[str, Any]:
+        """The column values that record a failure's text: `error_message`, and on a Headless-Wan2GP table
+        also `output_location`, where HW's readers take it from (HW's own `update_task_status` writes it there)."""
+        values = {"error_message": message}
+        if self.layout.hw:
+            values["output_location"] = message
+        return values
+
+    def stored_output(self, output: str | None) -> str | None:
+        """The `output_location` to write for an output file.
+
+        On a Headless-Wan2GP SQLite table, a file under `<database folder>/public/` is written as the path
+        relative to `public/` (`files/<name>`), the form HW's readers resolve (HW's `get_abs_path_from_db_path`);
+        anything else, and every other table, keeps the absolute path."""
+        if output is None or not (self.sqlite and self.layout.hw):
+            return output
+        database = self.engine.url.database
+        if not database or database == ":memory:":
+            return output
+        public = (Path(database).resolve().parent / "public").resolve()
+        try:
+            return Path(output).resolve().relative_to(public).as_posix()
+        except ValueError:
+            return output
 
     def tiebreak(self) -> sa.ColumnElement[Any]:
         """The column that orders rows created in the same instant."""
         # SQLite timestamps have millisecond resolution: insertion order (rowid) breaks ties.
         return sa.literal_column("tasks.rowid") if self.sqlite else tasks.c.id
 
+    def created_time(self) -> sa.ColumnElement[Any]:
+        """`created_at` as a value that orders by time.
+
+        SQLite stores times as text, and clients write several forms (ours `2026-12-01 09:27:06.691000`,
+        Headless-Wan2GP's `2026-12-01 09:27:06` and `2026-12-01T09:27:05.589931Z`), which sort wrongly as
+        text; `julianday` reads them all. Text it cannot read sorts last."""
+        if self.sqlite:
+            return sa.func.coalesce(sa.func.julianday(tasks.c.created_at), 1e9)
+        return tasks.c.created_at
+
     def claim_order(self) -> list[sa.ColumnElement[Any]]:
         """The order workers claim queued rows in: priority, then age."""
-        return [tasks.c.priority.desc(), tasks.c.created_at, self.tiebreak()]
+        return [tasks.c.priority.desc(), self.created_time(), self.tiebreak()]
 
     def select_tasks(self, query: sa.Select[Any]) -> list[Task]:
         """Run a `select(tasks)` query in its own transaction."""
@@ -104,6 +151,8 @@ def _params_text(value: Any) -> str:
         return value
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).decode("utf-8", "surrogateescape")
+    if isinstance(value, dict | list):  # a Postgres json/jsonb column (Headless-Wan2GP's Supabase table)
+        return json.dumps(value)
     return str(value)  # a number a client stored unquoted: fails as "params must be a JSON object"
 
 

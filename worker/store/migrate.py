@@ -19,6 +19,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
+from worker.store.hw_table import HW_MARKER_COLUMN, HW_REQUIRED_COLUMNS, forget_layout, is_hw_tasks_table
 from worker.store.schema import metadata
 
 log = logging.getLogger(__name__)
@@ -54,18 +55,32 @@ def check_schema(connection: Connection, config: Config | None = None) -> None:
         return
     # No revision recorded: any table of ours that already exists was made by someone else, and migration
     # 0001 would fail on it with "table already exists" (or, worse, the worker would misread its rows).
+    # The one exception is Headless-Wan2GP's `tasks` (with its Supabase `workers`): 0001 adopts those.
     inspector = sa.inspect(connection)
     existing = set(inspector.get_table_names())
+    adopting = "tasks" in existing and is_hw_tasks_table({c["name"] for c in inspector.get_columns("tasks")})
+    if adopting:
+        log.warning(
+            "adopting the Headless-Wan2GP tasks table in %s: adding wan-worker's columns, keeping every row",
+            where,
+            extra={"event": "hw_table_adopted"},
+        )
     for table in sorted(metadata.tables.values(), key=lambda t: t.name != "tasks"):  # the users' table first
-        if table.name not in existing:
+        if table.name not in existing or (adopting and table.name in ("tasks", "workers")):
             continue
         present = {column["name"] for column in inspector.get_columns(table.name)}
         missing = [column.name for column in table.columns if column.name not in present]
         lacking = f"it lacks the columns {', '.join(missing)}" if missing else "it has the expected columns"
+        hint = (
+            " (a Headless-Wan2GP tasks table is adopted when it has the columns "
+            f"{', '.join(sorted(HW_REQUIRED_COLUMNS | {HW_MARKER_COLUMN}))})"
+            if table.name == "tasks"
+            else ""
+        )
         raise SchemaMismatch(
             f"{where}: a {table.name!r} table exists that was not created by wan-worker ({lacking}, and "
-            "alembic_version records no wan-worker revision): point --db at another database, or rename or "
-            "drop that table"
+            f"alembic_version records no wan-worker revision){hint}: point --db at another database, or rename "
+            "or drop that table"
         )
 
 
@@ -81,4 +96,5 @@ def upgrade_to_head(engine: Engine) -> None:
         check_schema(connection, config)  # under the lock: a concurrent first migration is already recorded
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+    forget_layout(engine)  # the table may have gained columns
     log.info("database schema is at head", extra={"event": "db_migrated"})

@@ -18,7 +18,7 @@ from worker.task import Task
 
 def list_tasks(db: Db, status: str | None = None, limit: int = 100) -> list[Task]:
     """The newest rows (optionally of one status), newest first."""
-    query = sa.select(tasks).order_by(tasks.c.created_at.desc(), db.tiebreak().desc()).limit(limit)
+    query = sa.select(tasks).order_by(db.created_time().desc(), db.tiebreak().desc()).limit(limit)
     if status is not None:
         query = query.where(tasks.c.status == status)
     return db.select_tasks(query)
@@ -36,7 +36,7 @@ def list_tasks_matching(
     available), until `limit` rows matched or `scan` rows were read."""
     matched: list[Task] = []
     seen: set[str] = set()  # offsets shift when rows are inserted meanwhile: never list one row twice
-    base = sa.select(tasks).order_by(tasks.c.created_at.desc(), db.tiebreak().desc())
+    base = sa.select(tasks).order_by(db.created_time().desc(), db.tiebreak().desc())
     if status is not None:
         base = base.where(tasks.c.status == status)
     for offset in range(0, max(scan, 0), LIST_PAGE):

@@ -35,6 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from worker.store import queries, side_tables, sweeps
 from worker.store.db import C, Db, F, P, Q, X, read_task, to_task
+from worker.store.hw_table import HW_DEFAULT_PROJECT_ID, HW_MARKER_COLUMN
 from worker.store.schema import tasks
 from worker.store.side_tables import EtaMerge
 from worker.store.sweeps import CYCLE_IDS_SHOWN, StaleRecovery, find_dependency_cycles
@@ -96,12 +97,37 @@ class SqlTaskRepository:
         """Queue a task; returns its id."""
         task_id = task.id or new_task_id()
         with self._db.tx() as conn:
-            conn.execute(self._insert_statement(task, task_id))
+            conn.execute(self._insert_statement(task, task_id, self._carried_values(conn, task.parent_task_id)))
         return task_id
 
-    def _insert_statement(self, task: NewTask, task_id: str) -> sa.Insert:
+    def _carried_values(self, conn: Connection, parent_id: str | None) -> dict[str, Any]:
+        """Values for the table's own columns that a new row must carry (an adopted Headless-Wan2GP table's
+        `project_id`): a child copies its parent's; a top-level row gets HW's own default project."""
+        carried = self._db.layout.carried_columns
+        if not carried:
+            return {}
+        values: dict[str, Any] = {}
+        if parent_id is not None:
+            columns = ", ".join(f'"{name}"' for name in carried)
+            row = conn.execute(sa.text(f"SELECT {columns} FROM tasks WHERE id = :id"), {"id": parent_id}).first()
+            if row is not None:
+                values = dict(zip(carried, row, strict=True))
+        if HW_MARKER_COLUMN in carried and values.get(HW_MARKER_COLUMN) is None:
+            values[HW_MARKER_COLUMN] = HW_DEFAULT_PROJECT_ID
+        return values
+
+    def _insert_statement(self, task: NewTask, task_id: str, carried: dict[str, Any] | None = None) -> sa.Insert:
         """The INSERT of a new Queued row (attempts 0, stamped with the database clock)."""
-        return tasks.insert().values(
+        table: Any = tasks
+        if carried:  # columns our schema does not declare: insert through a table that names them too
+            types = self._db.layout.carried_types
+            table = sa.table(
+                "tasks",
+                *(sa.column(column.name, column.type) for column in tasks.columns),
+                *(sa.column(name, types[name]) for name in carried),
+            )
+        return table.insert().values(
+            **(carried or {}),
             id=task_id,
             task_type=task.task_type,
             params=json.dumps(task.params),
@@ -157,7 +183,8 @@ class SqlTaskRepository:
                 assert child.id is not None, "children need deterministic ids"
                 exists = conn.execute(sa.select(tasks.c.id).where(tasks.c.id == child.id)).scalar()
                 if exists is None:
-                    conn.execute(self._insert_statement(child, child.id))
+                    carried = self._carried_values(conn, child.parent_task_id)
+                    conn.execute(self._insert_statement(child, child.id, carried))
                     inserted.append(child.id)
         return inserted
 
@@ -312,9 +339,12 @@ class SqlTaskRepository:
         `publish` (rename the staged output into place) runs inside the transaction, after the guarded
         UPDATE matched and while it holds the row's lock; if it raises, nothing is written.
         """
+        stored = self._db.stored_output(output)
+        if stored != output:  # HW's relative form in output_location; the absolute path stays in result_data
+            result = {**result, "output_file": output}
         statement = self._guarded(task_id, worker_id).values(
             status=C,
-            output_location=output,
+            output_location=stored,
             result_data=result,
             error_message=None,
             lease_expires_at=None,
@@ -337,7 +367,7 @@ class SqlTaskRepository:
         return self._write(
             self._guarded(task_id, worker_id).values(
                 status=F,
-                error_message=message,
+                **self._db.failure(message),
                 result_data=result,
                 lease_expires_at=None,
                 generation_processed_at=self._db.now(),

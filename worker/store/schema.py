@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,39 @@ class LenientDateTime(sa.types.TypeDecorator[Any]):
     cache_ok = True
 
     def result_processor(self, dialect: sa.Dialect, coltype: Any) -> Callable[[Any], Any] | None:
-        return _lenient(super().result_processor(dialect, coltype))
+        inner = super().result_processor(dialect, coltype)
+        return _lenient(lambda value: _naive_utc(inner(value) if inner is not None else value))
+
+
+def _naive_utc(value: Any) -> Any:
+    """Aware datetimes (ISO text with `Z` written by Headless-Wan2GP clients, Postgres timestamptz) as naive
+    UTC, the form every time of ours has, so that values of both kinds compare and sort together."""
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value
+
+
+class UncastText(sa.types.UserDefinedType[Any]):
+    """Text bound without SQLAlchemy's `::VARCHAR` cast, for the columns an adopted Headless-Wan2GP Postgres
+    table types its own way (`uuid` ids, a `task_status` enum, `jsonb` params): psycopg sends the value
+    untyped and Postgres reads it as the column's type. Everywhere else it is plain TEXT."""
+
+    cache_ok = True
+    comparator_factory = sa.types.Concatenable.Comparator  # `+` is `||`, as for Text
+
+    def get_col_spec(self, **_kw: Any) -> str:
+        return "TEXT"
+
+
+class TaskId(sa.types.TypeDecorator[Any]):
+    """Task ids (`UncastText`). An adopted HW Postgres table keeps `uuid` ids, which the driver returns as
+    `uuid.UUID`: read as their text form, so every id in the worker is a str."""
+
+    impl = UncastText
+    cache_ok = True
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> Any:
+        return None if value is None else str(value)
 
 
 class LenientJSON(sa.types.TypeDecorator[Any]):
@@ -88,15 +121,15 @@ def lenient_json_loads(text: str | bytes) -> Any:
 tasks = sa.Table(
     "tasks",
     metadata,
-    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("id", TaskId, primary_key=True),
     sa.Column("task_type", sa.Text, nullable=False),
     # Raw text on purpose: rows written by other programs may hold malformed JSON, which the worker
     # must report as a Failed task rather than have the database reject or the claim query crash on.
-    sa.Column("params", sa.Text, nullable=False),
-    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("params", UncastText, nullable=False),
+    sa.Column("status", UncastText, nullable=False),
     sa.Column("priority", sa.Integer, nullable=False),
-    sa.Column("dependant_on", sa.Text, nullable=True),
-    sa.Column("parent_task_id", sa.Text, nullable=True),
+    sa.Column("dependant_on", TaskId, nullable=True),
+    sa.Column("parent_task_id", TaskId, nullable=True),
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("max_attempts", sa.Integer, nullable=False),
     sa.Column("worker_id", sa.Text, nullable=True),
@@ -173,6 +206,8 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
         )
         _configure_sqlite(engine)
         return engine
+    if parsed.get_backend_name() == "postgresql":
+        parsed = _utc_sessions(parsed)
     return sa.create_engine(
         parsed,
         pool_pre_ping=True,
@@ -180,6 +215,15 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
         max_overflow=4,
         **{"json_deserializer": lenient_json_loads, **kwargs},
     )
+
+
+def _utc_sessions(url: sa.URL) -> sa.URL:
+    """The URL with the session time zone set to UTC (added to any `options` the URL has), so that our naive
+    UTC times stay right in `timestamptz` columns (an adopted Headless-Wan2GP table has them)."""
+    options = url.query.get("options", "")
+    if not isinstance(options, str) or "timezone" in options.lower():
+        return url
+    return url.update_query_dict({"options": f"{options} -c timezone=UTC".strip()})
 
 
 def _configure_sqlite(engine: Engine) -> None:

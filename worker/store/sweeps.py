@@ -58,7 +58,7 @@ def requeue_stale(db: Db) -> StaleRecovery:
             conn.execute(
                 tasks.update()
                 .where(stale, tasks.c.attempts >= tasks.c.max_attempts)
-                .values(status=F, error_message=exhausted_message, lease_expires_at=None, updated_at=db.now())
+                .values(status=F, **db.failure(exhausted_message), lease_expires_at=None, updated_at=db.now())
                 .returning(tasks.c.id)
             )
             .scalars()
@@ -166,7 +166,7 @@ def _fail_chains(db: Db, conn: Connection) -> list[str]:
         statement = (
             tasks.update()
             .where(tasks.c.id == task_id, tasks.c.status == Q)
-            .values(status=F, error_message=_chain_message(edges[task_id], root), updated_at=db.now())
+            .values(status=F, **db.failure(_chain_message(edges[task_id], root)), updated_at=db.now())
             .returning(tasks.c.id)
         )
         failed.extend(conn.execute(statement).scalars().all())
@@ -216,7 +216,7 @@ def _fail_cycles(db: Db, conn: Connection) -> list[str]:
         statement = (
             tasks.update()
             .where(tasks.c.id.in_(cycle), tasks.c.status == Q)
-            .values(status=F, error_message=_cycle_message(cycle), updated_at=db.now())
+            .values(status=F, **db.failure(_cycle_message(cycle)), updated_at=db.now())
             .returning(tasks.c.id)
         )
         failed.extend(conn.execute(statement).scalars().all())

@@ -16,7 +16,8 @@ from types import MappingProxyType
 
 from wan_engine.presets import PresetRegistry
 from worker.task import Task
-from worker.tasks.params import PARALLEL_MODES, TASK_TYPE_MODES, model_key_for, parallel_requested
+from worker.tasks.hw_compat import is_hw_row, translate_hw_task
+from worker.tasks.params import PARALLEL_MODES, TASK_TYPE_MODES, model_key_for, parallel_requested, params_or_none
 
 MODEL_FREE_TASK_TYPES = frozenset({"travel_orchestrator", "travel_stitch"})  # bookkeeping and ffmpeg only
 
@@ -65,6 +66,11 @@ class ClaimFilter:
         try:
             if task.task_type in MODEL_FREE_TASK_TYPES:
                 return None
+            params = params_or_none(task.params_text)
+            if params is not None and is_hw_row(task.task_type, params):  # a Headless-Wan2GP row's model
+                translation = translate_hw_task(task.task_type, params)
+                model = translation.params.get("model") if translation is not None else None
+                return model if isinstance(model, str) else None
             return model_key_for(task.task_type, task.params_text)
         except Exception:  # never raise on row content inside the claim
             return None

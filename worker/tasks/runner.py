@@ -12,9 +12,11 @@ file stays under an attempt-unique hidden name, registered with the `RunContext`
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from wan_engine.video_io import OpenedInput, StagedOutputs, remove_partial_files
 from worker.loop.worker import RunContext
 from worker.task import Task, TaskDeferred, TaskOutcome
 from worker.tasks.claim_filter import ClaimFilter
+from worker.tasks.hw_compat import HwTranslation, translate_hw_task
 from worker.tasks.orchestrator import Orchestrator
 from worker.tasks.params import (
     TASK_TYPE_MODES,
@@ -36,6 +39,7 @@ from worker.tasks.params import (
 )
 from worker.tasks.paths import close_inputs, open_input, output_stem
 from worker.tasks.travel import TRAVEL_TASK_TYPES, TravelCoordinator, TravelSegmentParams, TravelStore
+from worker.tasks.url_inputs import MAX_IMAGE_BYTES, MAX_LORA_BYTES, fetch_url, is_url
 from worker.tasks.validation import validate_task
 
 log = logging.getLogger(__name__)
@@ -52,8 +56,10 @@ class GenerationRunner:
         store: TravelStore | None = None,
         allow_fallbacks: bool = False,
         group_size: int = 1,
+        hw_table: bool = False,
     ) -> None:
         self.orchestrator = orchestrator
+        self.hw_table = hw_table  # rows come from an adopted Headless-Wan2GP table (worker.tasks.hw_compat)
         self.allow_fallbacks = allow_fallbacks
         self.group_size = group_size  # ranks every generation runs on (worker.processes.group_ranks); 1: alone
         self.outputs_dir = outputs_dir
@@ -101,6 +107,64 @@ class GenerationRunner:
 
     def run(self, task: Task, context: RunContext) -> TaskOutcome | TaskDeferred:
         validate_priority(task.priority)  # rows from other programs: refused before anything loads
+        translation = self._translate(task)
+        if translation is None:
+            return self._run_native(task, context)
+        log.info(
+            "Headless-Wan2GP %s task runs as %s",
+            translation.hw_task_type,
+            translation.task_type,
+            extra={"task_id": task.id, "event": "hw_task_translated"},
+        )
+        native = replace(task, task_type=translation.task_type, params_text=json.dumps(translation.params))
+        outcome = self._run_native(native, context)
+        if isinstance(outcome, TaskOutcome):
+            result = {**outcome.result_data, "headless_wan2gp": translation.record()}
+            return TaskOutcome(outcome.output_location, result)
+        return outcome
+
+    def _translate(self, task: Task) -> HwTranslation | None:
+        """A Headless-Wan2GP row as our task, with its URLs fetched; None for a native row."""
+        translation = translate_hw_task(
+            task.task_type,
+            parse_params_text(task.params_text),
+            hw_table=self.hw_table,
+            architecture_of=self._architecture_of,
+        )
+        if translation is None:
+            return None
+        params = dict(translation.params)
+        fetched = self.outputs_dir / "inputs" / output_stem(task.id)
+        for key in ("video_guide", "video_mask", "image_start", "image_end"):
+            if is_url(params.get(key)):
+                params[key] = str(fetch_url(params[key], fetched, key, MAX_IMAGE_BYTES))
+        for key in ("image_refs", "input_images"):
+            if isinstance(params.get(key), list):
+                params[key] = [
+                    str(fetch_url(v, fetched, f"{key}[{i}]", MAX_IMAGE_BYTES)) if is_url(v) else v
+                    for i, v in enumerate(params[key])
+                ]
+        for name, url in translation.lora_urls.items():
+            self._fetch_lora(name, url)
+        return replace(translation, params=params)
+
+    def _fetch_lora(self, name: str, url: str) -> None:
+        """A LoRA a HW row names by URL: used when a file of that name is in the LoRA dir, else fetched there."""
+        dirs = getattr(self.orchestrator, "loras_dirs", None) or [getattr(self.orchestrator, "loras_dir", None)]
+        dirs = [Path(d) for d in dirs if d is not None]
+        if not dirs:
+            raise InvalidTaskError(f"LoRA {url!r}: this worker has no LoRA directory to fetch it into")
+        if any((d / name).is_file() or any(d.glob(f"*/{name}")) for d in dirs):
+            return
+        fetch_url(url, dirs[0], f"LoRA {name}", MAX_LORA_BYTES, name=name)
+
+    def _architecture_of(self, model: str) -> str | None:
+        try:
+            return self.orchestrator.presets.get(model).model.architecture
+        except (KeyError, ValueError):
+            return None
+
+    def _run_native(self, task: Task, context: RunContext) -> TaskOutcome | TaskDeferred:
         if task.task_type in TRAVEL_TASK_TYPES:
             return self._run_travel(task, context)
         # The same checks as HeadlessTaskQueue.submit_task (schema, architecture, scheduler steps).

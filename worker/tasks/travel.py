@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -110,6 +111,8 @@ class TravelOrchestratorParams(TravelSettings):
     segment_frames: int | list[int] = 81
     frame_overlap: int | list[int] = 8
     seed_base: int = Field(default=RANDOM_SEED, ge=RANDOM_SEED, le=MAX_SEED)
+    # Written on the children as `orchestrator_run_id` (HW readers group a run's segments by it); default: the id.
+    run_id: str | None = Field(default=None, min_length=1, max_length=MAX_MODEL_KEY_CHARS)
 
 
 class TravelSegmentParams(TravelSettings):
@@ -126,6 +129,9 @@ class TravelSegmentParams(TravelSettings):
     start_image: str | None = None
     end_image: str
     previous_segment: str | None = None
+    # Headless-Wan2GP's link to the orchestrator (its readers look for a run's children by these).
+    orchestrator_task_id_ref: str | None = None
+    orchestrator_run_id: str | None = None
 
     def generation_kwargs(self) -> dict[str, Any]:
         """What the VACE call takes besides guide, mask and prompt."""
@@ -144,6 +150,8 @@ class TravelStitchParams(_Strict):
     overlaps: list[int]
     fps: int = Field(ge=MIN_FPS, le=MAX_FPS)
     crossfade_sharpen: float = Field(default=0.0, ge=0, le=MAX_CROSSFADE_SHARPEN)
+    orchestrator_task_id_ref: str | None = None
+    orchestrator_run_id: str | None = None
 
 
 def _validate(model: type[_Strict], task: Task) -> Any:
@@ -178,12 +186,25 @@ def validate_travel_params(params: dict[str, Any], presets: PresetRegistry) -> T
     return validated
 
 
+def _child_id(parent_id: str, suffix: str) -> str:
+    """A child's id, derived from its parent's so that a re-run orchestrator makes the same rows.
+
+    A parent id in the canonical uuid form (Headless-Wan2GP's Supabase table, whose `id` column is a uuid)
+    gets a uuid5 child id, which that column accepts; any other id gets a readable `-<suffix>`."""
+    if len(parent_id) == 36:
+        try:
+            return str(uuid.uuid5(uuid.UUID(parent_id), suffix))
+        except ValueError:
+            pass
+    return f"{parent_id}-{suffix}"
+
+
 def segment_id(parent_id: str, index: int) -> str:
-    return f"{parent_id}-seg{index:03d}"
+    return _child_id(parent_id, f"seg{index:03d}")
 
 
 def stitch_id(parent_id: str) -> str:
-    return f"{parent_id}-stitch"
+    return _child_id(parent_id, "stitch")
 
 
 @dataclass
@@ -215,7 +236,7 @@ class TravelCoordinator:
             raise InvalidTaskError(f"travel {task.id} has children but no stitch task {stitch_id(task.id)}")
         segments = [child for child in children if child.task_type == "travel_segment"]
         if stitch.status is TaskStatus.COMPLETE:
-            return TaskOutcome(stitch.output_location, self._summary(segments, stitch))
+            return TaskOutcome(stitch.output_file, self._summary(segments, stitch))
         failed = next((c for c in [*segments, stitch] if c.status in (TaskStatus.FAILED, TaskStatus.CANCELLED)), None)
         if failed is not None:
             raise InvalidTaskError(
@@ -248,6 +269,7 @@ class TravelCoordinator:
         self, task: Task, params: TravelOrchestratorParams, plan: travel.TravelPlan, images: list[str]
     ) -> list[NewTask]:
         shared = params.model_dump(include=set(TravelSettings.model_fields), exclude_none=True)
+        hw_link = {"orchestrator_task_id_ref": task.id, "orchestrator_run_id": params.run_id or task.id}
         children = []
         for segment in plan.segments:
             previous = segment_id(task.id, segment.index - 1) if segment.index else None
@@ -264,6 +286,7 @@ class TravelCoordinator:
                 "start_image": images[segment.start_image_index] if segment.index == 0 else None,
                 "end_image": images[segment.end_image_index],
                 "previous_segment": previous,
+                **hw_link,
             }
             children.append(
                 self._child(task, segment_id(task.id, segment.index), "travel_segment", child_params, previous)
@@ -274,6 +297,7 @@ class TravelCoordinator:
             "overlaps": list(plan.overlaps),
             "fps": params.fps,
             "crossfade_sharpen": params.crossfade_sharpen,
+            **hw_link,
         }
         last = segment_id(task.id, plan.segments[-1].index)
         children.append(self._child(task, stitch_id(task.id), "travel_stitch", stitch_params, last))
@@ -298,7 +322,7 @@ class TravelCoordinator:
             "segments": [
                 {
                     "id": s.id,
-                    "output": s.output_location,
+                    "output": s.output_file,
                     "seed": (s.result_data or {}).get("seed"),
                     "frames": (s.result_data or {}).get("frames"),
                 }
@@ -366,10 +390,10 @@ class TravelCoordinator:
 
     def _previous_tail(self, params: TravelSegmentParams) -> np.ndarray:
         previous = self.store.get(str(params.previous_segment))
-        if previous is None or previous.status is not TaskStatus.COMPLETE or not previous.output_location:
+        if previous is None or previous.status is not TaskStatus.COMPLETE or not previous.output_file:
             raise InvalidTaskError(f"previous segment {params.previous_segment} has no completed output")
         tail: deque[np.ndarray] = deque(maxlen=max(1, params.overlap_in))
-        for frame in iter_video_frames(Path(previous.output_location)):
+        for frame in iter_video_frames(Path(previous.output_file)):
             tail.append(frame)
         return np.stack(list(tail))
 
@@ -380,9 +404,9 @@ class TravelCoordinator:
         paths = []
         for child_id in params.segments:
             child = self.store.get(child_id)
-            if child is None or child.status is not TaskStatus.COMPLETE or not child.output_location:
+            if child is None or child.status is not TaskStatus.COMPLETE or not child.output_file:
                 raise InvalidTaskError(f"segment {child_id} has no completed output to stitch")
-            paths.append(Path(child.output_location))
+            paths.append(Path(child.output_file))
         last_report = 0.0
 
         def progress(written: int, total: int) -> None:

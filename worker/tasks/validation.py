@@ -27,6 +27,7 @@ from typing import Any
 from wan_engine.generation_params import ResolvedParams, resolve_params
 from wan_engine.limits import MODE_ARCHITECTURES
 from wan_engine.presets import Preset, PresetRegistry
+from worker.tasks.hw_compat import translate_hw_task
 from worker.tasks.params import TASK_TYPE_MODES, GenerationParams, InvalidTaskError, validate_params
 from worker.tasks.travel import TravelOrchestratorParams, validate_travel_params
 
@@ -44,6 +45,9 @@ def validate_task(
     message is the one the worker writes on the row. `models_dir`: where the model folders are, for
     the scheduler step limit (None: that check is left to the worker).
     """
+    translation = translate_hw_task(task_type, params, architecture_of=lambda model: _architecture(presets, model))
+    if translation is not None:  # a Headless-Wan2GP row: validated as the native task it runs as
+        task_type, params = translation.task_type, translation.params
     if task_type == "travel_orchestrator":
         return validate_travel_params(params, presets)
     if task_type in ("travel_segment", "travel_stitch"):
@@ -59,6 +63,13 @@ def validate_task(
     if models_dir is not None:
         check_scheduler_steps(preset, resolved, Path(models_dir))
     return validated
+
+
+def _architecture(presets: PresetRegistry, model: str) -> str | None:
+    try:
+        return presets.get(model).model.architecture
+    except ValueError:  # unknown model: the validation below names it
+        return None
 
 
 def check_architecture(model: str, preset: Preset, mode: str) -> None:
