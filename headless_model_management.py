@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from wan_engine.presets import BUILTIN_PRESETS_DIR, PresetRegistry, load_presets
+from wan_engine.presets import BUILTIN_PRESETS_DIR, PresetRegistry, load_presets, split_dirs
 from worker.config import WorkerSettings
 from worker.live.events import LiveSink, live_sink
 from worker.loop.events import EventSink
 from worker.loop.worker import Worker
+from worker.store.hw_table import table_layout
 from worker.store.migrate import upgrade_to_head
 from worker.store.repository import SqlTaskRepository
 from worker.store.schema import DEFAULT_DB_URL, create_db_engine
@@ -68,6 +69,25 @@ class TaskInfo:
     result_data: dict[str, Any] | None
     attempts: int
 
+    def hw_result(self) -> dict[str, Any]:
+        """The dict Headless-Wan2GP's `wait_for_completion` returns: `success`, `output_path`, `error`."""
+        path = (self.result_data or {}).get("output_file") or self.output_location
+        return {"success": self.status is TaskStatus.COMPLETE, "output_path": path, "error": self.error_message}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Dict-style reads, so Headless-Wan2GP scripts (`result.get("success")`) run unchanged; any other
+        key reads the field of that name."""
+        hw = self.hw_result()
+        return hw[key] if key in hw else getattr(self, key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        hw = self.hw_result()
+        if key in hw:
+            return hw[key]
+        if key in self.__dataclass_fields__:
+            return getattr(self, key)
+        raise KeyError(key)
+
     @classmethod
     def from_task(cls, task: Task) -> TaskInfo:
         return cls(
@@ -90,16 +110,37 @@ class HeadlessTaskQueue:
         *,
         models_dir: str | Path = "models",
         outputs_dir: str | Path = "outputs",
-        presets_dir: str | Path | None = None,
+        presets_dir: str | Path | Sequence[str | Path] | None = None,
+        loras_dir: str | Path | Sequence[str | Path] | None = None,
         settings: WorkerSettings | None = None,
         orchestrator: WanOrchestrator | None = None,
         events: EventSink | None = None,
+        wan_dir: str | Path | None = None,
+        max_workers: int = 1,
     ) -> None:
+        """`wan_dir` and `max_workers` are Headless-Wan2GP's arguments, so its scripts run unchanged: `wan_dir`
+        (a Wan2GP checkout) supplies the models (`ckpts/`), the definitions (`defaults/`, `finetunes/`) and
+        the LoRAs (`loras/`) where those arguments are not given; one queue runs one model at a time, so
+        `max_workers` must be 1 (run more workers as more processes)."""
+        if max_workers != 1:
+            raise ValueError(
+                f"max_workers={max_workers!r}: a queue runs one task at a time on one resident model; use 1 and "
+                "start more `wan-worker run` processes (or --gpus) for more"
+            )
+        if wan_dir is not None:
+            root = Path(wan_dir).expanduser()
+            if models_dir == "models":
+                models_dir = root / "ckpts"
+            if presets_dir is None:
+                presets_dir = [d for d in (root / "defaults", root / "finetunes") if d.is_dir()] or None
+            if loras_dir is None and (root / "loras").is_dir():
+                loras_dir = root / "loras"
         self.settings = settings or WorkerSettings(
             db_url=db_url,
             models_dir=Path(models_dir),
             outputs_dir=Path(outputs_dir),
-            presets_dir=Path(presets_dir) if presets_dir else None,
+            presets_dir=split_dirs(presets_dir) or None,  # several folders: later ones override
+            loras_dirs=split_dirs(loras_dir),
         )
         self.engine = create_db_engine(self.settings.db_url)
         upgrade_to_head(self.engine)
@@ -257,7 +298,10 @@ class HeadlessTaskQueue:
                 from headless_wgp import WanOrchestrator
 
                 self._orchestrator = WanOrchestrator(
-                    self.settings.models_dir, self.presets, allow_download=self.settings.allow_download
+                    self.settings.models_dir,
+                    self.presets,
+                    allow_download=self.settings.allow_download,
+                    loras_dir=self.settings.loras_dirs or None,  # None: the worker's own loras/
                 )
             self.runner = GenerationRunner(
                 self._orchestrator,
@@ -266,6 +310,7 @@ class HeadlessTaskQueue:
                 self.repository,
                 allow_fallbacks=self.settings.allow_fallbacks,
                 group_size=self.settings.parallel,
+                hw_table=table_layout(self.engine).hw,
             )
             if self.events is None:
                 self.events = live_sink(self.repository, self.presets, self.settings.models_dir)
@@ -297,6 +342,9 @@ class HeadlessTaskQueue:
         if self._thread and self._thread.is_alive():
             return
         self._build_worker()
+        from wan_engine.pipeline_runtime import import_diffusers_classes
+
+        import_diffusers_classes()  # here, not racing the thread (see there)
         self._worker_error = None
         self._thread = threading.Thread(target=self._run_thread, args=(preload_model,), name="wan-worker", daemon=True)
         self._thread.start()

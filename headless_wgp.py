@@ -20,6 +20,7 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from wan_engine import generation_run as gen
+from wan_engine import single_file
 from wan_engine.errors import InvalidRequestError, ModelUnavailableError
 from wan_engine.experts import plan_experts
 from wan_engine.fp8 import check_fp8_device, fp8_from_env
@@ -47,13 +49,14 @@ from wan_engine.memory_profiles import (
     apply_vram_limit,
     choose_profile,
     device_budget_bytes,
+    profile_for_device,
     tile_vae,
     vram_limit_from_env,
 )
 from wan_engine.model_cache import ModelCache
 from wan_engine.model_sources import check_model, resolve_model
 from wan_engine.pipeline_runtime import LoadedModel, check_image_conditioning, detach_weights, load_pipeline
-from wan_engine.presets import BUILTIN_PRESETS_DIR, PresetRegistry, load_presets
+from wan_engine.presets import BUILTIN_PRESETS_DIR, PresetRegistry, load_presets, split_dirs
 from wan_engine.video_io import OpenedInput
 from wan_engine.vram import estimate_vram
 
@@ -70,8 +73,9 @@ from wan_engine.presets import BUILTIN_LORAS_DIR  # noqa: E402
 class WanOrchestrator:
     """Loads Wan models from presets and generates videos with them, one resident model at a time.
 
-    `presets` defaults to the built-in `defaults/` presets with `presets_dir` (user files) layered
-    on top. LoRAs are looked up by name in `loras_dir` (default: the repository's `loras/`).
+    `presets` defaults to the built-in `defaults/` presets with `presets_dir` (user files; several
+    directories allowed, later ones on top) layered on top. LoRAs are looked up by name in `loras_dir`
+    (one folder or several, in order; default: the repository's `loras/`).
     `device` defaults to CUDA when available, else CPU; `dtype` to bfloat16 on CUDA and float32 on
     CPU. Methods are serialised by a lock: one load or generation at a time.
     """
@@ -81,18 +85,18 @@ class WanOrchestrator:
         models_dir: Path,
         presets: PresetRegistry | None = None,
         *,
-        presets_dir: Path | None = None,
+        presets_dir: Path | Sequence[Path] | None = None,
         device: str | None = None,
         dtype: torch.dtype | None = None,
         allow_download: bool = False,
-        loras_dir: Path | None = None,
+        loras_dir: Path | Sequence[Path] | None = None,
         memory_profile: str = "auto",
         vram_fraction: float = DEFAULT_VRAM_FRACTION,
         fp8: bool | None = None,
         vram_limit_gb: float | None = None,
     ) -> None:
         self.models_dir = Path(models_dir)
-        self.loras_dir = Path(loras_dir) if loras_dir is not None else BUILTIN_LORAS_DIR
+        self.loras_dirs = split_dirs(loras_dir) or (BUILTIN_LORAS_DIR,)  # looked in in order
         self.allow_download = allow_download  # fetch missing Hub weights on load (off: never touch the network)
         self.presets = presets if presets is not None else load_presets(BUILTIN_PRESETS_DIR, presets_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -109,6 +113,11 @@ class WanOrchestrator:
         self._loaded: LoadedModel | None = None
         self._lock = threading.RLock()
         self.model_cache = ModelCache.from_env(self.device)  # recently used models in pinned RAM (WAN_PINNED_CACHE_GB)
+
+    @property
+    def loras_dir(self) -> Path:
+        """The first LoRA folder (preset LoRAs given by URL are downloaded there)."""
+        return self.loras_dirs[0]
 
     # ----- model residency -------------------------------------------------------------------------
 
@@ -147,6 +156,12 @@ class WanOrchestrator:
                 return 0.0
             parked = model_key in self.model_cache  # switching back: a copy from pinned RAM, no disk read
             check = None if parked else resolve_model(preset, self.models_dir, allow_download=self.allow_download)
+            if check is not None and check.modules and not hasattr(single_file, "load_transformer_with_modules"):
+                raise ModelUnavailableError(
+                    f"Model {model_key!r}: merging Wan2GP module files onto the base transformer is not supported "
+                    f"yet ({', '.join(str(m) for m in check.modules)}); use a definition whose URLs name a "
+                    "transformer that already holds the VACE blocks (e.g. a diffusers VACE folder)"
+                )
             gen.emit(progress, "loading_model")
             started = time.perf_counter()
             # Free the device before the new weights arrive: park the old model in pinned RAM if it fits
@@ -410,6 +425,7 @@ class WanOrchestrator:
             if loaded.profile is not None:
                 return loaded.profile  # chosen (or stepped down to) by an earlier task: keep it
             requested = self._auto_profile(loaded, p)
+        requested = profile_for_device(requested, loaded.device)
         current = loaded.profile or ("gpu" if loaded.device.type == "cuda" and loaded.loaded_on_device else "cpu")
         if requested != current:
             apply_profile(loaded.pipe, requested, loaded.device, current=current)
@@ -450,12 +466,12 @@ class WanOrchestrator:
         # 2. Experts: which transformer runs each step (refuses step counts that repeat timesteps).
         plan = plan_experts(loaded, p)
         # 3. LoRAs: resolve the names (errors before any work), then load exactly this call's set.
-        requests = gen.lora_requests(loaded, p, self.loras_dir)
+        requests = gen.lora_requests(loaded, p, self.loras_dirs, plan, allow_download=self.allow_download)
         clock.mark("prepared")
         loras = gen.prepare_loras(loaded, requests, plan)
         clock.mark("loras")
         # 4. Encode the prompt once (timed on its own; the pipeline then gets embeddings).
-        embeds = gen.encode_prompt(loaded, p, progress)
+        embeds = gen.encode_prompt(loaded, p, progress, plan)
         clock.mark("encode")
         state = gen.DenoiseState()
 

@@ -14,9 +14,10 @@ import contextlib
 import os
 import subprocess
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,9 @@ from PIL import Image
 
 from wan_engine.limits import MAX_FRAMES, MAX_SEED
 from wan_engine.video_io import (
-    MP4_CRF,
     disk_full_error,
     iter_video_frames,
+    mp4_encoding,
     partial_path_for,
     read_video_info,
     to_uint8,
@@ -87,6 +88,8 @@ class StitchResult:
     frames: int
     width: int
     height: int
+    encoding: dict[str, Any] = field(default_factory=dict)  # the H.264 settings (video_io.mp4_encoding)
+    seconds: float = 0.0  # decode + cross-fade + encode
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -351,9 +354,11 @@ class _Mp4Pipe:
         self.frames = 0
         self._stderr = bytearray()
         self._path, self._size = path, (width, height)
+        self.encoding = mp4_encoding()
+        output = {"crf": self.encoding["crf"], "preset": self.encoding["preset"], "movflags": self.encoding["movflags"]}
         stream = (
             ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", framerate=fps)
-            .output(str(path), format="mp4", vcodec="libx264", pix_fmt="yuv420p", crf=MP4_CRF, movflags="+faststart")
+            .output(str(path), format="mp4", vcodec=self.encoding["codec"], pix_fmt=self.encoding["pix_fmt"], **output)
             .global_args("-hide_banner", "-loglevel", "error")
             .overwrite_output()
         )
@@ -425,6 +430,7 @@ def stitch_videos(
     name and renamed into place; on any failure the temporary file is removed. `progress` is called
     as progress(frames_written, total_frames). A non-.mp4 `output_path` gets the .mp4 suffix.
     """
+    started = time.perf_counter()
     paths = [Path(p) for p in paths]
     overlaps = list(overlaps)
     _check_stitch_args(paths, overlaps, fps)
@@ -445,7 +451,14 @@ def stitch_videos(
             pipe.abort()
         tmp.unlink(missing_ok=True)
         raise
-    return StitchResult(output_path=output_path, frames=pipe.frames, width=width, height=height)
+    return StitchResult(
+        output_path=output_path,
+        frames=pipe.frames,
+        width=width,
+        height=height,
+        encoding=pipe.encoding,
+        seconds=round(time.perf_counter() - started, 3),
+    )
 
 
 def _emitter(pipe: _Mp4Pipe, progress: Callable[[int, int], None] | None, total: int) -> Callable[[np.ndarray], None]:

@@ -19,6 +19,7 @@ from wan_engine.limits import (
     MAX_FPS,
     MAX_FRAMES,
     MAX_GUIDANCE,
+    MAX_GUIDANCE_PHASES,
     MAX_LORAS,
     MAX_SEED,
     MAX_SIDE_PX,
@@ -27,6 +28,7 @@ from wan_engine.limits import (
     MIN_FPS,
     MIN_FRAMES,
     MIN_GUIDANCE,
+    MIN_GUIDANCE_PHASES,
     MIN_SIDE_PX,
     MIN_STEPS,
     MIN_SWITCH_THRESHOLD,
@@ -34,6 +36,7 @@ from wan_engine.limits import (
     SIDE_MULTIPLE_PX,
 )
 from wan_engine.presets import Preset
+from wan_engine.wan2gp_definitions import check_sample_solver
 
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "negative_prompt": "",
@@ -46,6 +49,12 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "switch_threshold": DEFAULT_SWITCH_THRESHOLD,  # Wan 2.2 T2V A14B boundary (timestep out of 1000)
     "seed": RANDOM_SEED,
     "fps": 16,
+    # Wan2GP's 3-phase guidance (wan_engine.experts): None phases = the model's (2 with two experts, else 1).
+    "guidance_phases": None,
+    "guidance3_scale": None,  # None: guidance2_scale
+    "switch_threshold2": 0,  # phase 3 from this timestep down (Wan2GP's default: none)
+    "model_switch_phase": 1,  # the low-noise expert takes over after this phase
+    "sample_solver": None,  # None: the model's own scheduler (UniPC for the Wan repos)
 }
 # Accepted but not acted on by the T2V path here (the worker/queue layers consume them).
 PASS_THROUGH_KEYS = frozenset({"model", "memory_profile"})
@@ -79,6 +88,11 @@ class ResolvedParams:
     lora_names: tuple[str, ...] = ()
     lora_multipliers: str | float | None = None  # raw text; parsed against the loaded model (loras.py)
     loras_from_preset: bool = False
+    guidance_phases: int | None = None  # None: the model's (2 on a two-expert model, else 1)
+    guidance3_scale: float | None = None
+    switch_threshold2: float = 0.0
+    model_switch_phase: int = 1
+    sample_solver: str | None = None
 
 
 def _bad(name: str, value: Any, allowed: str) -> InvalidRequestError:
@@ -157,6 +171,10 @@ def resolve_params(preset: Preset, prompt: Any, params: dict[str, Any]) -> Resol
     guidance2 = merged["guidance2_scale"]
     guidance2 = guidance if guidance2 is None else _float("guidance2_scale", guidance2, MIN_GUIDANCE, MAX_GUIDANCE)
     seed = _int("seed", merged["seed"], RANDOM_SEED, MAX_SEED)
+    switch_threshold = _float(
+        "switch_threshold", merged["switch_threshold"], MIN_SWITCH_THRESHOLD, MAX_SWITCH_THRESHOLD
+    )
+    phases = _phase_params(merged, switch_threshold, guidance2)
     return ResolvedParams(
         prompt=prompt,
         negative_prompt=merged["negative_prompt"],
@@ -167,9 +185,7 @@ def resolve_params(preset: Preset, prompt: Any, params: dict[str, Any]) -> Resol
         guidance_scale=guidance,
         guidance2_scale=guidance2,
         flow_shift=_float("flow_shift", merged["flow_shift"], 0.0, MAX_FLOW_SHIFT, low_open=True),
-        switch_threshold=_float(
-            "switch_threshold", merged["switch_threshold"], MIN_SWITCH_THRESHOLD, MAX_SWITCH_THRESHOLD
-        ),
+        switch_threshold=switch_threshold,
         seed=random_seed() if seed == RANDOM_SEED else seed,
         seed_was_random=seed == RANDOM_SEED,
         fps=_int("fps", merged["fps"], MIN_FPS, MAX_FPS),
@@ -178,7 +194,37 @@ def resolve_params(preset: Preset, prompt: Any, params: dict[str, Any]) -> Resol
         lora_names=lora_names,
         lora_multipliers=lora_multipliers,
         loras_from_preset=loras_from_preset,
+        **phases,
     )
+
+
+def _phase_params(merged: dict[str, Any], switch_threshold: float, guidance2: float) -> dict[str, Any]:
+    """guidance_phases, guidance3_scale, switch_threshold2, model_switch_phase and sample_solver, checked."""
+    phases = merged["guidance_phases"]
+    if phases is not None:
+        phases = _int("guidance_phases", phases, MIN_GUIDANCE_PHASES, MAX_GUIDANCE_PHASES)
+    guidance3 = merged["guidance3_scale"]
+    guidance3 = guidance2 if guidance3 is None else _float("guidance3_scale", guidance3, MIN_GUIDANCE, MAX_GUIDANCE)
+    threshold2 = _float("switch_threshold2", merged["switch_threshold2"], MIN_SWITCH_THRESHOLD, MAX_SWITCH_THRESHOLD)
+    switch_phase = _int("model_switch_phase", merged["model_switch_phase"], 1, MAX_GUIDANCE_PHASES - 1)
+    if phases == 3 and threshold2 > switch_threshold:
+        raise _bad(
+            "switch_threshold2",
+            threshold2,
+            f"with guidance_phases 3 it must be at most switch_threshold ({switch_threshold:g}): the phase 2-3 "
+            "switch comes after the phase 1-2 one as the noise level falls from 1000 to 0",
+        )
+    try:
+        solver = None if merged["sample_solver"] is None else check_sample_solver(merged["sample_solver"])
+    except ValueError as exc:
+        raise InvalidRequestError(f"Invalid {exc}.") from None
+    return {
+        "guidance_phases": phases,
+        "guidance3_scale": guidance3,
+        "switch_threshold2": threshold2,
+        "model_switch_phase": switch_phase if phases == 3 else 1,  # Wan2GP: only 3 phases move the switch
+        "sample_solver": solver,
+    }
 
 
 def _lora_params(preset: Preset, params: dict[str, Any]) -> tuple[tuple[str, ...], str | float | None, bool]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,11 +19,13 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from wan_engine import latent_preview
 from wan_engine.errors import InvalidRequestError
-from wan_engine.experts import ExpertPlan, ExpertRecorder, expert_boundary
+from wan_engine.experts import ExpertPlan, ExpertRecorder, expert_boundary, phased_transformer
 from wan_engine.fp8 import FP8_ENV
 from wan_engine.generation_params import ResolvedParams
 from wan_engine.generation_types import GenerationResult, ProgressCallback, ProgressEvent
+from wan_engine.lora_downloads import is_lora_url, preset_lora_path
 from wan_engine.loras import (
     LoraRequest,
     LoraState,
@@ -34,8 +36,10 @@ from wan_engine.loras import (
 )
 from wan_engine.memory_profiles import apply_profile, next_profile, tile_vae
 from wan_engine.pipeline_runtime import LoadedModel, decode_latents, encode_prompts, scheduled
-from wan_engine.speed import eager_blocks
-from wan_engine.video_io import write_video
+from wan_engine.single_file import checkpoint_reports
+from wan_engine.solvers import solver_scheduler
+from wan_engine.speed import task_compile
+from wan_engine.video_io import mp4_encoding, write_video
 
 logger = logging.getLogger("headless_wgp")  # the orchestrator's logger: its log lines keep their source name
 
@@ -135,8 +139,21 @@ def start_clock(loaded: LoadedModel, inputs_seconds: float) -> RunClock:
 # ----- 3. LoRAs ------------------------------------------------------------------------------------------
 
 
-def lora_requests(loaded: LoadedModel, p: ResolvedParams, loras_dir: Path) -> list[LoraRequest]:
-    """Resolve names and parse multipliers before any work (errors name the bad entry)."""
+def lora_requests(
+    loaded: LoadedModel,
+    p: ResolvedParams,
+    loras_dirs: Path | Sequence[Path],
+    plan: ExpertPlan | None = None,
+    *,
+    allow_download: bool = False,
+) -> list[LoraRequest]:
+    """Resolve names and parse multipliers before any work (errors name the bad entry).
+
+    Names are looked up in each LoRA folder in order (the model's group and Wan2GP subfolders first);
+    a preset's LoRA given as a URL (Wan2GP `model.loras`) is its file name there, fetched into the
+    first folder with `allow_download`. On a phased plan (3-phase guidance) `a;b;c` multipliers
+    follow the guidance phases.
+    """
     if not p.lora_names:
         return []
     if loaded.fp8 is not None:
@@ -144,12 +161,25 @@ def lora_requests(loaded: LoadedModel, p: ResolvedParams, loras_dir: Path) -> li
             f"loras {list(p.lora_names)}: this worker runs {loaded.preset.key!r} with fp8 weights ({FP8_ENV}=on), "
             "and LoRAs cannot be applied to fp8 layers; send the task to a worker without fp8"
         )
-    multipliers = parse_lora_multipliers(p.lora_multipliers, len(p.lora_names), dual=loaded.is_dual_expert)
-    group = loaded.preset.model.group
-    return [
-        LoraRequest(name, resolve_lora_path(name, loras_dir, group), multiplier)
-        for name, multiplier in zip(p.lora_names, multipliers, strict=True)
-    ]
+    phased = plan is not None and plan.phased
+    multipliers = parse_lora_multipliers(
+        p.lora_multipliers,
+        len(p.lora_names),
+        dual=loaded.is_dual_expert or phased,
+        guidance_phases=p.guidance_phases,
+        model_switch_phase=p.model_switch_phase,
+    )
+    if phased and plan is not None and plan.phases is not None:
+        multipliers = tuple(m.for_phases(plan.phases) for m in multipliers)
+    model = loaded.preset.model
+    requests = []
+    for name, multiplier in zip(p.lora_names, multipliers, strict=True):
+        if p.loras_from_preset and is_lora_url(name):
+            path = preset_lora_path(name, loras_dirs, model.lora_subdirs, allow_download=allow_download)
+        else:
+            path = resolve_lora_path(name, loras_dirs, model.group, subdirs=model.lora_subdirs)
+        requests.append(LoraRequest(name, path, multiplier))
+    return requests
 
 
 def prepare_loras(loaded: LoadedModel, requests: list[LoraRequest], plan: ExpertPlan) -> AppliedLoras:
@@ -162,14 +192,17 @@ def prepare_loras(loaded: LoadedModel, requests: list[LoraRequest], plan: Expert
 # ----- 4. encode, 5. denoise, 6. decode, 7. write --------------------------------------------------------
 
 
-def encode_prompt(loaded: LoadedModel, p: ResolvedParams, progress: ProgressCallback | None) -> tuple[Any, Any]:
+def encode_prompt(
+    loaded: LoadedModel, p: ResolvedParams, progress: ProgressCallback | None, plan: ExpertPlan | None = None
+) -> tuple[Any, Any]:
     """Embeddings of the prompt and (with CFG) the negative prompt, computed once per call."""
     emit(progress, "encoding_prompt")
     return encode_prompts(
         loaded.pipe,
         p.prompt,
         p.negative_prompt,
-        do_cfg=p.guidance_scale > 1.0,  # diffusers' rule: CFG for both experts hangs on guidance_scale
+        # diffusers' rule: CFG for both experts hangs on guidance_scale; a phased run's phases decide
+        do_cfg=plan.needs_negative(p) if plan is not None else p.guidance_scale > 1.0,
         device=loaded.device,
         max_length=MAX_SEQUENCE_LENGTH,
     )
@@ -190,6 +223,7 @@ def _step_callback(
         state.step_ended(index, timestep)
         plan.set_lora_weights(loaded.pipe, loras.state, loras.requests, index + 1)
         emit(progress, "denoising", index + 1, total)
+        latent_preview.on_step(index + 1, total, callback_kwargs)  # live preview (issue 16): no-op unless subscribed
         state.last_mark = time.perf_counter()
         return callback_kwargs
 
@@ -214,27 +248,42 @@ def denoise(
     kwargs: dict[str, Any] = {
         **call,
         "prompt_embeds": prompt_embeds,
-        "negative_prompt_embeds": negative_embeds,
+        # A phased run's guidance is PhasedTransformer's (it holds the negative embeddings), not the pipeline's.
+        "negative_prompt_embeds": None if plan.phased else negative_embeds,
         "height": p.height,
         "width": p.width,
         "num_frames": p.video_length,
         "num_inference_steps": p.num_inference_steps,
-        "guidance_scale": p.guidance_scale,
         "generator": torch.Generator(device="cpu").manual_seed(p.seed),  # fresh per attempt: a retry is identical
         "output_type": "latent",  # decode ourselves, to time the VAE on its own
         "callback_on_step_end": _step_callback(
             loaded, p.num_inference_steps, plan=plan, loras=loras, state=state, progress=progress
         ),
         "max_sequence_length": MAX_SEQUENCE_LENGTH,
-        **plan.guidance_kwargs(p),
+        **plan.pipeline_guidance(p),  # guidance_scale (+ guidance_scale_2 on two experts)
     }
     state.last_mark = time.perf_counter()
     with (
         scheduled(loaded, p.flow_shift, pipe) as run_pipe,
         expert_boundary(loaded, run_pipe, plan.boundary),
-        state.recorder.attached(run_pipe),
-        eager_blocks(bool(loras.requests)),  # LoRA scales change per step: compiled blocks would recompile
+        state.recorder.attached(run_pipe),  # on the real experts, before a phased run's stand-in takes the slot
+        # issue 15: compiled or eager as it pays; constant-multiplier LoRAs fused so they run compiled
+        task_compile(
+            loaded.speed,
+            run_pipe,  # before a phased run's stand-in takes the transformer slot
+            width=p.width,
+            height=p.height,
+            frames=p.video_length,
+            steps=p.num_inference_steps,
+            cfg=negative_embeds is not None,
+            lora_state=loras.state,
+            lora_requests=loras.requests,
+            experts_per_step=plan.experts,
+        ),
+        phased_transformer(run_pipe, plan, negative_embeds),
     ):
+        if p.sample_solver is not None:  # Wan2GP's sample_solver (restored with the base scheduler after)
+            run_pipe.scheduler = solver_scheduler(loaded.base_scheduler, p.sample_solver, p.flow_shift)
         return run_pipe(**kwargs).frames
 
 
@@ -328,8 +377,12 @@ def build_result(
             "memory_profile_requested": profile_requested,
             "memory_profile_ladder": ladder,  # profiles that ran out of memory before this one
             "negative_prompt": p.negative_prompt,
-            "speed": loaded.speed.brief(compiled_ran=not loras.requests) if loaded.speed else None,
+            "speed": loaded.speed.brief() if loaded.speed else None,  # with this task's compile decision
+            "video_encoding": mp4_encoding() if frames.shape[0] > 1 else None,  # issue 15: H.264 settings (PNG: none)
             "fp8": loaded.fp8,
+            "guidance_phases": plan.phase_report(p),  # None unless phased (3-phase guidance)
+            "sample_solver": p.sample_solver,
+            "checkpoint": checkpoint_reports(loaded.pipe),  # transformers read from checkpoint files (issue 14)
         },
         mode=mode,
         inputs=notes or {},

@@ -25,6 +25,10 @@ MAX_SWITCH_THRESHOLD: Final = float(NUM_TRAIN_TIMESTEPS)  # A14B model hands ove
 DEFAULT_SWITCH_THRESHOLD: Final = 875  # Wan 2.2 T2V A14B's boundary (timestep out of 1000)
 # The same boundary as diffusers' `boundary_ratio` (switch_threshold / num_train_timesteps).
 DEFAULT_BOUNDARY_RATIO: Final = DEFAULT_SWITCH_THRESHOLD / NUM_TRAIN_TIMESTEPS
+# Wan2GP's guidance phases (guidance_phases): 1, 2 (switch_threshold) or 3 (also switch_threshold2, a
+# timestep out of NUM_TRAIN_TIMESTEPS at most switch_threshold); model_switch_phase is 1 or 2.
+MIN_GUIDANCE_PHASES: Final = 1
+MAX_GUIDANCE_PHASES: Final = 3
 
 # ---- video shape --------------------------------------------------------------------------------
 MIN_FRAMES: Final = 1  # video_length (frames); the engine rounds up to 4N+1, which must stay <= MAX_FRAMES

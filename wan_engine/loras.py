@@ -4,7 +4,9 @@ Names resolve only inside the LoRA directory (optionally in a per-family subfold
 `loras/wan/` or `loras/wan2_2/`); only `.safetensors` files are read. Multipliers follow Wan2GP:
 one entry per LoRA separated by spaces, `;` splits the Wan 2.2 phases (high-noise;low-noise expert)
 and `,` spreads a schedule over the denoising steps (of that phase). Files are loaded through
-diffusers' Wan LoRA loader, which also converts ComfyUI / Kijai / musubi key layouts.
+diffusers' Wan LoRA loader, which also converts ComfyUI / Kijai / musubi key layouts; DiffSynth and
+unprefixed layouts are renamed first, and the full weight deltas diffusers drops (`.diff`, `diff_m`:
+lightx2v / CausVid norms and modulation) are applied here (`wan_engine.lora_formats`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import math
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from wan_engine.errors import InvalidRequestError
+from wan_engine.lora_formats import DeltaTable, describe_keys, has_lora_pairs, normalize_lora, split_weight_deltas
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +36,24 @@ _COMPONENTS: dict[Expert, str] = {"high": "transformer", "low": "transformer_2"}
 # ----- names -------------------------------------------------------------------------------------------
 
 
-def resolve_lora_path(name: Any, loras_dir: Path, group: str | None = None) -> Path:
+def lora_folders(loras_dirs: Path | Sequence[Path], subdirs: Sequence[str] = ()) -> list[Path]:
+    """Where LoRA files are looked for, in order: for each LoRA folder, its `subdirs` then its root.
+
+    `subdirs` are the model's group folder (`wan/`, `wan2_2/`) and Wan2GP's folder for it (`wan_i2v/`,
+    `wan_1.3B/`, `wan_5B/`), so a Wan2GP `loras/` or a ComfyUI `models/loras` folder serves as it is.
+    """
+    roots = [Path(loras_dirs)] if isinstance(loras_dirs, (str, Path)) else [Path(d) for d in loras_dirs]
+    return list(dict.fromkeys(folder for root in roots for folder in (*(root / d for d in subdirs), root)))
+
+
+def resolve_lora_path(
+    name: Any, loras_dir: Path | Sequence[Path], group: str | None = None, *, subdirs: Sequence[str] | None = None
+) -> Path:
     """The file a LoRA name refers to: `<loras_dir>/<group>/<name>.safetensors`, else `<loras_dir>/<name>...`.
 
-    A name is a bare file name (with or without `.safetensors`): path separators, `..`, absolute
-    paths and pickle formats are refused, so a task can never read outside the LoRA directory.
+    `loras_dir` may be several folders, looked in in order (each with its subfolders: `subdirs`, default
+    the `group`). A name is a bare file name (with or without `.safetensors`): path separators, `..`,
+    absolute paths and pickle formats are refused, so a task can never read outside the LoRA folders.
     """
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
         raise InvalidRequestError(
@@ -50,8 +66,7 @@ def resolve_lora_path(name: Any, loras_dir: Path, group: str | None = None) -> P
             f"Invalid lora_names entry {name!r}: only {LORA_SUFFIX} LoRA files are loaded (pickle files can run code)."
         )
     file_name = name if lowered.endswith(LORA_SUFFIX) else name + LORA_SUFFIX
-    root = Path(loras_dir)
-    folders = [root / group, root] if group else [root]
+    folders = lora_folders(loras_dir, subdirs if subdirs is not None else ((group,) if group else ()))
     for folder in folders:
         candidate = folder / file_name
         if candidate.is_file():
@@ -65,10 +80,21 @@ def resolve_lora_path(name: Any, loras_dir: Path, group: str | None = None) -> P
 
 @dataclass(frozen=True)
 class LoraMultiplier:
-    """The multiplier of one LoRA: one phase (both experts) or two (high;low), each constant or per step."""
+    """The multiplier of one LoRA: one phase (all steps) or one per phase, each constant or per step.
+
+    Phases are Wan2GP's: on a Wan 2.2 two-expert model the high-noise then the low-noise expert's steps
+    (`high;low`); on a 3-phase definition (guidance_phases 3) the steps of each guidance phase
+    (`a;b;c`), whichever expert runs them. `step_phases` gives the phase (0, 1, 2) of each step of a
+    3-phase run (`for_phases`); without it the phase is the expert's.
+    """
 
     phases: tuple[tuple[float, ...], ...]
     text: str
+    step_phases: tuple[int, ...] | None = None
+
+    def for_phases(self, step_phases: Sequence[int]) -> LoraMultiplier:
+        """This multiplier on a run whose steps belong to these guidance phases (3-phase definitions)."""
+        return replace(self, step_phases=tuple(step_phases))
 
     def value_at(self, step: int, experts: Sequence[Expert]) -> float:
         """The multiplier at denoising `step`, given the expert that runs each step.
@@ -79,9 +105,11 @@ class LoraMultiplier:
         if len(self.phases) == 1:
             values, index, count = self.phases[0], step, len(experts)
         else:
-            expert = experts[step]
-            values = self.phases[0 if expert == "high" else 1]
-            same = [i for i, e in enumerate(experts) if e == expert]
+            labels: Sequence[Any] = self.step_phases if self.step_phases is not None else experts
+            label = labels[step]
+            phase = label if self.step_phases is not None else (0 if label == "high" else 1)
+            values = self.phases[min(phase, len(self.phases) - 1)]
+            same = [i for i, other in enumerate(labels) if other == label]
             index, count = same.index(step), len(same)
         return values[min(len(values) - 1, index * len(values) // max(count, 1))]
 
@@ -99,11 +127,39 @@ def _number(text: str, token: str) -> float:
     return value
 
 
-def parse_lora_multipliers(spec: Any, count: int, *, dual: bool) -> tuple[LoraMultiplier, ...]:
+def _phase_parts(token: str, *, dual: bool, guidance_phases: int | None, model_switch_phase: int) -> list[str]:
+    """The `;`-separated parts of one entry, as many as the model's phases (or one for all of them)."""
+    parts = token.split(";")
+    phases = 3 if guidance_phases == 3 else (2 if dual else 1)
+    if len(parts) == 1:
+        return parts
+    if phases == 1:
+        raise InvalidRequestError(
+            f"Invalid lora_multipliers entry {token!r}: ';' separates the phases of a Wan 2.2 two-expert "
+            "model (or of a 3-phase definition), but this model has one transformer and one phase."
+        )
+    if len(parts) > 3:
+        raise InvalidRequestError(f"Invalid lora_multipliers entry {token!r}: at most three phases ('a;b;c').")
+    if len(parts) == 3 and phases == 2:
+        raise InvalidRequestError(
+            f"Invalid lora_multipliers entry {token!r}: three phases need a 3-phase definition (guidance_phases 3); "
+            "this model runs two phases ('high;low'), so give at most two phases separated by ';'."
+        )
+    if len(parts) == 2 and phases == 3:
+        # Wan2GP's rule: two values on three phases follow the expert switch (model_switch_phase).
+        return [parts[0], *parts] if model_switch_phase == 2 else [*parts, parts[1]]
+    return parts
+
+
+def parse_lora_multipliers(
+    spec: Any, count: int, *, dual: bool, guidance_phases: int | None = None, model_switch_phase: int = 1
+) -> tuple[LoraMultiplier, ...]:
     """Parse `lora_multipliers` for `count` LoRAs; a LoRA without an entry gets 1.0.
 
     `"1.0 0.5"`: two LoRAs. `"1.0;0.5"`: high-noise expert 1.0, low-noise 0.5 (Wan 2.2 only).
     `"1.0,0.8,0.6"`: a per-step schedule. `"1.0,0.5;0.3"`: a schedule over the high-noise steps.
+    On a 3-phase definition (`guidance_phases` 3) `"0;1;0"` gives one value per guidance phase, and
+    `"a;b"` is read as Wan2GP does: `a;a;b` when `model_switch_phase` is 2, else `a;b;b`.
     """
     if spec is None:
         tokens: list[str] = []
@@ -120,16 +176,7 @@ def parse_lora_multipliers(spec: Any, count: int, *, dual: bool) -> tuple[LoraMu
         )
     result = []
     for token in tokens:
-        parts = token.split(";")
-        if len(parts) > 2:
-            raise InvalidRequestError(
-                f"Invalid lora_multipliers entry {token!r}: at most two phases ('high;low') separated by ';'."
-            )
-        if len(parts) == 2 and not dual:
-            raise InvalidRequestError(
-                f"Invalid lora_multipliers entry {token!r}: ';' separates the phases of a Wan 2.2 two-expert "
-                "model, but this model has one transformer."
-            )
+        parts = _phase_parts(token, dual=dual, guidance_phases=guidance_phases, model_switch_phase=model_switch_phase)
         phases = tuple(tuple(_number(v, token) for v in part.split(",")) for part in parts)
         result.append(LoraMultiplier(phases=phases, text=token))
     result += [LoraMultiplier(phases=((1.0,),), text="1.0")] * (count - len(tokens))
@@ -150,13 +197,15 @@ class LoraRequest:
 
 @dataclass
 class LoadedLora:
-    """A LoRA file loaded as a peft adapter into one or both experts."""
+    """A LoRA file loaded into one or both experts: peft adapter layers and/or full weight deltas."""
 
     name: str
     path: Path
     adapter: str
     experts: tuple[Expert, ...]
-    layers: dict[Expert, int]
+    layers: dict[Expert, int]  # layers changed per expert: peft layers + weights carrying a delta
+    peft_layers: dict[Expert, int] = field(default_factory=dict)
+    layout: str = ""  # the key layout it came in (wan_engine.lora_formats.normalize_lora)
 
 
 @dataclass
@@ -166,6 +215,7 @@ class LoraState:
     key: tuple[Any, ...] = ()
     loaded: list[LoadedLora] = field(default_factory=list)
     current: dict[Expert, tuple[float, ...]] = field(default_factory=dict)
+    deltas: dict[Expert, DeltaTable] = field(default_factory=dict)  # norm / modulation deltas (.diff, diff_m)
 
 
 def _file_key(path: Path) -> tuple[str, int, int]:
@@ -188,42 +238,67 @@ def _count_layers(module: Any, adapter: str) -> int:
     return count
 
 
+def _has_peft_layers(pipe: Any) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    modules = [getattr(pipe, name, None) for name in _COMPONENTS.values()]
+    return any(isinstance(m, BaseTunerLayer) for module in modules if module is not None for m in module.modules())
+
+
 def unload_all(pipe: Any, state: LoraState) -> None:
-    """Remove every LoRA layer: the transformers are back to their exact base modules."""
-    if state.loaded:
+    """Remove every LoRA layer and weight delta: the transformers are back to their exact base weights."""
+    for table in state.deltas.values():
+        table.restore()
+    if _has_peft_layers(pipe):
         pipe.unload_lora_weights()
+    if state.loaded:
         logger.info("LoRAs unloaded", extra={"loras": [lora.name for lora in state.loaded]})
-    state.key, state.loaded, state.current = (), [], {}
+    state.key, state.loaded, state.current, state.deltas = (), [], {}, {}
 
 
-def _load_one(pipe: Any, index: int, request: LoraRequest, experts: tuple[Expert, ...]) -> LoadedLora:
+def _load_one(pipe: Any, index: int, request: LoraRequest, experts: tuple[Expert, ...], state: LoraState) -> LoadedLora:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        state_dict = load_file(str(request.path))
+        raw = load_file(str(request.path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise InvalidRequestError(
             f"LoRA {request.name!r} ({request.path}) is not a readable safetensors file: {exc}"
         ) from exc
+    # DiffSynth / unprefixed layouts renamed for diffusers' loader; .diff / diff_m deltas applied by us.
+    normalized, layout = normalize_lora(raw, request.name)
+    state_dict, deltas = split_weight_deltas(normalized)
     adapter = _adapter_name(index, request.path)
     layers: dict[Expert, int] = {}
+    peft_layers: dict[Expert, int] = {}
     for expert in experts:
-        try:
-            with warnings.catch_warnings():
-                # peft warns on every adapter after the first; several LoRAs at once are what we want.
-                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-                pipe.load_lora_weights(state_dict, adapter_name=adapter, load_into_transformer_2=expert == "low")
-        except (ValueError, KeyError, IndexError, RuntimeError) as exc:  # malformed or mismatched tensors
-            raise InvalidRequestError(f"LoRA {request.name!r} cannot be applied to this model: {exc!r}") from exc
-        layers[expert] = _count_layers(getattr(pipe, _COMPONENTS[expert]), adapter)
-        if layers[expert] == 0:
+        module = getattr(pipe, _COMPONENTS[expert])
+        peft_layers[expert] = 0
+        if has_lora_pairs(state_dict):
+            try:
+                with warnings.catch_warnings():
+                    # peft warns on every adapter after the first; several LoRAs at once are what we want.
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                    pipe.load_lora_weights(
+                        dict(state_dict), adapter_name=adapter, load_into_transformer_2=expert == "low"
+                    )
+            except (ValueError, KeyError, IndexError, RuntimeError) as exc:  # malformed or mismatched tensors
+                raise InvalidRequestError(
+                    f"LoRA {request.name!r} ({layout} layout) cannot be applied to this model: {exc!r}"
+                ) from exc
+            peft_layers[expert] = _count_layers(module, adapter)
+        if peft_layers[expert] == 0 and not deltas:
             # diffusers only warns when no key matches: a silent no-op LoRA would be a fake result.
             raise InvalidRequestError(
-                f"LoRA {request.name!r} ({request.path}) matches no layer of the model's {_COMPONENTS[expert]}: "
-                "it was made for another model family."
+                f"LoRA {request.name!r} ({request.path}) matches no layer of the model's {_COMPONENTS[expert]} "
+                f"({layout} key layout, {describe_keys(raw)}): it was made for another model family, or its "
+                "layout is not one of diffusers/peft, original Wan (ComfyUI, Kijai, lightx2v), musubi-tuner or "
+                "DiffSynth."
             )
-    return LoadedLora(request.name, request.path, adapter, experts, layers)
+        table = state.deltas.setdefault(expert, DeltaTable(module))
+        layers[expert] = peft_layers[expert] + (table.add(adapter, deltas, request.name) if deltas else 0)
+    return LoadedLora(request.name, request.path, adapter, experts, layers, peft_layers, layout)
 
 
 def apply_loras(
@@ -262,7 +337,7 @@ def apply_loras(
     try:
         for index, (request, used) in enumerate(plan):
             if used:
-                loaded.append(_load_one(pipe, index, request, used))
+                loaded.append(_load_one(pipe, index, request, used, state))
             else:
                 loaded.append(LoadedLora(request.name, request.path, "", (), {}))
             state.loaded = loaded  # so a failure below unloads what is already in
@@ -288,7 +363,11 @@ def set_step_weights(
     weights = tuple(r.multiplier.value_at(step, experts_per_step) for _lora, r in active)
     if state.current.get(expert) == weights:
         return
-    getattr(pipe, _COMPONENTS[expert]).set_adapters([lora.adapter for lora, _r in active], list(weights))
+    peft = [(lora.adapter, w) for (lora, _r), w in zip(active, weights, strict=True) if lora.peft_layers.get(expert)]
+    if peft:
+        getattr(pipe, _COMPONENTS[expert]).set_adapters([a for a, _w in peft], [w for _a, w in peft])
+    if expert in state.deltas:
+        state.deltas[expert].set_weights({lora.adapter: w for (lora, _r), w in zip(active, weights, strict=True)})
     state.current[expert] = weights
 
 

@@ -114,6 +114,19 @@ def reset_placement(pipe: Any) -> None:
         module.to("cpu")
 
 
+def profile_for_device(profile: str, device: torch.device) -> str:
+    """The profile that runs on `device`. `sequential` is accelerate's per-layer offload to a GPU: without
+    one its hooks fail (a TypeError deep in accelerate), and the weights already live in host RAM, so it
+    runs as `cpu`, with a warning; `result_data` keeps the requested profile beside the one used."""
+    if device.type != "cuda" and profile == "sequential":
+        logger.warning(
+            "memory_profile 'sequential' needs a CUDA GPU; running as 'cpu' on %s", device.type,
+            extra={"profile": profile, "device": device.type},
+        )  # fmt: skip
+        return "cpu"
+    return profile
+
+
 def apply_profile(pipe: Any, profile: str, device: torch.device, *, current: str | None) -> None:
     """Place `pipe` for `profile` on `device` (the execution device), undoing the current profile."""
     if profile == current:

@@ -25,6 +25,13 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from wan_engine.checkpoint_formats import (
+    format_refusal,
+    gguf_refusal,
+    inspect_wan_folder,
+    is_wan_original_folder,
+    wan_expert_folders_hint,
+)
 from wan_engine.errors import ModelUnavailableError
 from wan_engine.model_checks import (
     PICKLE_SUFFIXES,
@@ -88,6 +95,10 @@ class ModelCheck:
     corrupted: tuple[str, ...] = ()  # sentences naming the file and what is wrong with it
     problems: tuple[str, ...] = ()  # sentences: pickles only, unsupported source, no base, ...
     downloads: tuple[Download, ...] = ()  # what --allow-download would fetch
+    # Wan2GP `modules` files (VACE blocks) merged onto the base transformer, one per module, in order:
+    # the loader (pipeline_runtime) receives them here.
+    modules: tuple[Path, ...] = ()
+    modules_2: tuple[Path, ...] = ()  # the same for the low-noise expert of a two-expert model
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form for a start-up report or a CLI."""
@@ -103,6 +114,8 @@ class ModelCheck:
             "corrupted": list(self.corrupted),
             "problems": list(self.problems),
             "downloadable": [d.describe() for d in self.downloads],
+            "modules": [str(m) for m in self.modules],
+            "modules_2": [str(m) for m in self.modules_2],
         }
 
 
@@ -142,6 +155,8 @@ def parse_source(text: str) -> _Source:
         return _Source(text, "refused", reason=f"{text!r}: only Hugging Face URLs and local paths are supported")
     if text.endswith(PICKLE_SUFFIXES):
         return _Source(text, "refused", reason=pickle_refusal(text))
+    if text.endswith(".gguf"):
+        return _Source(text, "refused", reason=gguf_refusal(text))
     parts = text.split("/")
     if text.endswith(".safetensors") and len(parts) >= 3 and _REPO_ID.match("/".join(parts[:2])):
         return _Source(text, "hf_file", "/".join(parts[:2]), "/".join(parts[2:]))
@@ -225,14 +240,26 @@ def _locate(sources: tuple[str, ...], models_dir: Path, inspect_folder: Any, ski
             if is_file and not parsed.is_file:
                 found.report.problems.append(f"{candidate.path} is a file; {source!r} should name a diffusers folder")
                 continue
-            report = inspect_single_file(candidate.path) if is_file else inspect_folder(candidate.path)
+            # An original Wan repository folder (Wan's config.json + shards) is a transformer, like a single file.
+            original = not is_file and is_wan_original_folder(candidate.path)
+            if is_file:
+                report = inspect_single_file(candidate.path)
+                refusal = format_refusal(candidate.path) if report.ok else None  # e.g. quanto int4, NVFP4
+                report.problems += [refusal] if refusal else []
+            elif not original and (hint := wan_expert_folders_hint(candidate.path)) is not None:
+                found.report.problems.append(hint)
+                continue
+            else:
+                report = inspect_wan_folder(candidate.path) if original else inspect_folder(candidate.path)
             if report.ok:
-                return _Found(candidate.path, is_file, found.candidates)
+                return _Found(candidate.path, is_file or original, found.candidates)
             prefix = "" if is_file else f"{candidate.path}/"
             found.report.missing += [f"{prefix}{m}" for m in report.missing]
             found.report.corrupted += report.corrupted
             found.report.problems += [f"{prefix}{p}" for p in report.problems]
-        if parsed.repo_id is not None:
+        if parsed.repo_id is not None and not found.downloads:
+            # A list is variants of one file (Wan2GP: bf16, then int8, ...): any one present serves, and
+            # --allow-download fetches only the first one that can be downloaded.
             found.downloads.append(Download(parsed.repo_id, parsed.filename, parsed.revision, skip))
         if not any(c.exists for c in candidates):
             what = "file" if parsed.is_file else "diffusers folder (model_index.json)"
@@ -258,19 +285,38 @@ def check_model(preset: Preset, models_dir: Path) -> ModelCheck:
     if primary_file:
         skip = ("transformer", "transformer_2") if second_file else ("transformer",)
         base = _Found()
-        if preset.model.base:
+        base_source = preset.model.default_base  # model.base, else the architecture's diffusers repo
+        if base_source:
             base = _locate(
-                (preset.model.base,),
+                (base_source,),
                 models_dir,
                 lambda p: inspect_pipeline_folder(p, need_transformer_2=need_t2, config_only=frozenset(skip)),
                 skip=skip,
             )
+            if base.path is None and not preset.model.base:
+                base.report.problems.append(
+                    f"URLs names a single-file checkpoint ({preset.model.urls[0]}): its transformer config, VAE, "
+                    f"text encoder and tokenizer come from the default base of architecture "
+                    f"{preset.model.wan2gp_architecture or preset.model.architecture!r}, the diffusers folder "
+                    f"{base_source!r}, which is not there: put it under --models-dir, or set the preset's model.base "
+                    "to the diffusers folder or repo id the checkpoint belongs to"
+                )
         else:
             base.report.problems.append(
-                f"URLs names a single-file checkpoint ({preset.model.urls[0]}): set the preset's model.base to "
-                "the diffusers folder or repo id it belongs to (transformer config, VAE, text encoder, tokenizer)"
+                f"URLs names a single-file checkpoint ({preset.model.urls[0]}) and architecture "
+                f"{preset.model.architecture!r} (group {preset.model.group!r}) has no default base: set the preset's "
+                "model.base to the diffusers folder or repo id it belongs to (transformer config, VAE, text "
+                "encoder, tokenizer)"
             )
         found.append(base)
+
+    # Wan2GP modules: each a list of variants of one .safetensors file, found like a single-file URLs entry;
+    # on a two-expert model the low-noise expert gets its own list (the same files, unless per expert).
+    modules = [_locate(variants, models_dir, inspect_transformer_folder) for variants in preset.model.modules]
+    modules_2 = []
+    if preset.is_dual_expert:
+        modules_2 = [_locate(variants, models_dir, inspect_transformer_folder) for variants in preset.model.modules2]
+    found += modules + modules_2
 
     ok = all(f.path is not None for f in found)
     corrupted = [c for f in found for c in f.report.corrupted]
@@ -286,14 +332,22 @@ def check_model(preset: Preset, models_dir: Path) -> ModelCheck:
         missing=() if ok else tuple(m for f in found for m in f.report.missing),
         corrupted=() if ok else tuple(corrupted),
         problems=() if ok else tuple(p for f in found for p in f.report.problems),
-        downloads=() if ok else tuple(d for f in found for d in f.downloads),
+        downloads=() if ok else tuple(dict.fromkeys(d for f in found for d in f.downloads)),
+        modules=tuple(m.path for m in modules if m.path is not None) if ok else (),
+        modules_2=tuple(m.path for m in modules_2 if m.path is not None) if ok else (),
     )
 
 
 def summary(check: ModelCheck) -> str:
     """One line for a log or a table: where it is, or what is wrong."""
     if check.status == "present":
-        files = (check.single_file, check.single_file_2, check.path2, check.path)
+        files = (
+            check.single_file,
+            check.single_file_2,
+            check.path2,
+            check.path,
+            *dict.fromkeys(check.modules + check.modules_2),
+        )
         return " + ".join(str(p) for p in files if p is not None)
     if check.status == "corrupted":
         return "corrupted: " + "; ".join(check.corrupted)
@@ -304,8 +358,11 @@ def summary(check: ModelCheck) -> str:
 def unavailable_message(preset: Preset, check: ModelCheck, models_dir: Path, *, allow_download: bool = False) -> str:
     """A message a person can act on: what was looked for, where, what is wrong, how to fix it."""
     sources = " / ".join(repr(s) for s in preset.model.urls + (preset.model.urls2 or ()))
-    if preset.model.base:
-        sources += f" (base {preset.model.base!r})"
+    base = preset.model.base or (preset.model.default_base if parse_source(preset.model.urls[0]).is_file else None)
+    if base:
+        sources += f" (base {base!r})"
+    if preset.model.modules:
+        sources += " + modules " + " / ".join(repr(v) for module in preset.model.modules for v in module)
     looked = "; ".join(f"{c.path} ({c.how}: {'incomplete' if c.exists else 'not found'})" for c in check.candidates)
     state = "is corrupted" if check.status == "corrupted" else "is not available"
     parts = [f"Model {preset.key!r} {state}: looked for {sources}"]

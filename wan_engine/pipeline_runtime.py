@@ -33,6 +33,10 @@ from wan_engine.weight_files import WeightFiles, detach_file_mappings, pipeline_
 
 log = logging.getLogger(__name__)
 
+# ModelCheck.modules (Wan2GP module files, e.g. VACE) are merged onto the transformer at load
+# (wan_engine.single_file.load_single_file_transformers -> load_transformer).
+LOADS_MODULES = True
+
 # Which diffusers pipeline classes serve each preset architecture.
 PIPELINE_CLASSES: dict[str, tuple[str, ...]] = {
     "t2v": ("WanPipeline",),
@@ -41,6 +45,32 @@ PIPELINE_CLASSES: dict[str, tuple[str, ...]] = {
     "i2v": ("WanImageToVideoPipeline",),
     "flf2v": ("WanImageToVideoPipeline",),
 }
+
+
+# The diffusers classes the engine resolves by name (diffusers exports them lazily), schedulers included.
+ENGINE_DIFFUSERS_CLASSES = (
+    "AutoencoderKLWan",
+    "WanTransformer3DModel",
+    "WanVACETransformer3DModel",
+    "ModelMixin",
+    *sorted({name for names in PIPELINE_CLASSES.values() for name in names}),
+    "UniPCMultistepScheduler",
+    "FlowMatchEulerDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+)
+
+
+def import_diffusers_classes() -> None:
+    """Resolve the engine's lazily exported diffusers classes now, in the calling thread.
+
+    diffusers imports a class's module on first attribute access. Two threads doing that at once (the
+    queue's worker thread loading a model while the caller's `submit_task` looks up a scheduler class) can
+    each see the other's module half-initialised and fail with `module 'diffusers' has no attribute ...`;
+    `HeadlessTaskQueue` calls this before it starts its thread."""
+    import diffusers
+
+    for name in ENGINE_DIFFUSERS_CLASSES:
+        getattr(diffusers, name)
 
 
 @dataclass

@@ -1,11 +1,12 @@
-"""Single-file Wan transformer checkpoints (original Wan or ComfyUI layout), in safetensors only.
+"""Single-file and multi-file Wan transformer checkpoints (original Wan, ComfyUI or diffusers layout).
 
-Loading goes through diffusers' `from_single_file(path, config=<diffusers folder>, subfolder=...)`:
-the key names are converted by diffusers' `convert_wan_transformer_to_diffusers`, and the
-architecture comes from the explicit config (diffusers' own guess from tensor shapes cannot tell
-Wan 2.2 from Wan 2.1 apart, and knows no small models). Before that, the header's tensor names and
-shapes are compared with the model the config describes, so a checkpoint that belongs to another
-model fails with a message naming both files instead of loading half-initialised.
+The files are read by `wan_engine.checkpoint_formats` (quantized formats dequantized, each file's
+layout detected on its own, names converted by diffusers' `convert_wan_transformer_to_diffusers`); the
+architecture comes from an explicit config: the base diffusers folder's (diffusers' own guess from tensor
+shapes cannot tell Wan 2.2 from Wan 2.1 apart, and knows no small models), or an original Wan folder's own
+config.json. Before any tensor is read, the headers' names and shapes are compared with the model the
+config describes, so a checkpoint that belongs to another model fails with a message naming both files
+instead of loading half-initialised.
 
 `export_single_file` writes the inverse (diffusers -> original Wan / ComfyUI key names); tests use it
 to build single-file checkpoints from the tiny diffusers models.
@@ -19,8 +20,18 @@ from typing import Any, Literal
 
 import torch
 
+from wan_engine.checkpoint_formats import (
+    FilePlan,
+    checkpoint_report,
+    describe_mismatch,
+    is_wan_original_folder,
+    plan_sources,
+    read_state_dict,
+    read_wan_config,
+    wan_config_to_diffusers,
+)
 from wan_engine.errors import ModelUnavailableError
-from wan_engine.model_checks import PICKLE_SUFFIXES, SafetensorsError, pickle_refusal, read_safetensors_header
+from wan_engine.model_checks import PICKLE_SUFFIXES, pickle_refusal
 
 Layout = Literal["wan", "comfyui", "diffusers"]
 COMFYUI_PREFIX = "model.diffusion_model."
@@ -64,6 +75,8 @@ def diffusers_key_to_wan(key: str) -> str:
     """The original Wan name of a diffusers Wan transformer parameter (inverse of diffusers' converter)."""
     if key == "scale_shift_table":
         return "head.modulation"
+    if key == "condition_embedder.image_embedder.pos_embed":
+        return "img_emb.emb_pos"  # FLF2V's learnt position embedding (diffusers' conversion script)
     for ours, theirs in _TOP_LEVEL:
         if key.startswith(ours):
             return theirs + key[len(ours) :]
@@ -123,60 +136,116 @@ def _config_path(config_dir: Path, subfolder: str | None) -> Path:
     return config_dir / subfolder if subfolder else config_dir
 
 
-def check_against_config(path: Path, transformer_cls: Any, config_dir: Path, subfolder: str | None) -> None:
+def _transformer_config(
+    plans: list[FilePlan], sources: list[Path], transformer_cls: Any, config_dir: Path, subfolder: str | None
+) -> tuple[dict[str, Any], str]:
+    """The transformer config (and where it came from): an original Wan folder's own, else the base's."""
+    if len(sources) == 1 and is_wan_original_folder(sources[0]):
+        shapes = {name: shape for plan in plans for name, shape in plan.shapes.items()}
+        config = wan_config_to_diffusers(read_wan_config(sources[0]), shapes)
+        return config, f"{sources[0] / 'config.json'} (original Wan config)"
+    config = transformer_cls.load_config(config_dir, subfolder=subfolder)
+    return config, str(_config_path(config_dir, subfolder) / "config.json")
+
+
+def _expected_shapes(transformer_cls: Any, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = transformer_cls.from_config(config)
+    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
+
+
+def check_against_config(
+    path: Path | list[Path],
+    transformer_cls: Any,
+    config_dir: Path,
+    subfolder: str | None,
+    modules: tuple[Path, ...] | list[Path] = (),
+) -> tuple[list[FilePlan], dict[str, Any]]:
     """Compare the checkpoint's tensor names and shapes with the model the config describes.
 
-    Raises `ModelUnavailableError` naming both files when they do not belong together.
+    Returns the file plans and the config. Raises `ModelUnavailableError` naming the files and the config
+    when they do not belong together.
+    """
+    sources = [Path(p) for p in (path if isinstance(path, list) else [path])]
+    plans = plan_sources(sources, modules)
+    config, config_file = _transformer_config(plans, sources, transformer_cls, Path(config_dir), subfolder)
+    detail = describe_mismatch(plans, _expected_shapes(transformer_cls, config))
+    if detail:
+        layouts = "/".join(sorted({p.layout for p in plans}))
+        names = " + ".join(str(p) for p in [*sources, *modules])
+        raise ModelUnavailableError(
+            f"{names} ({layouts} layout) does not match the transformer config {config_file}: {detail}. "
+            "Point the preset's model.base at the diffusers model this checkpoint was made from."
+        )
+    return plans, config
+
+
+def load_transformer(
+    sources: list[Path],
+    transformer_cls: Any,
+    config_dir: Path,
+    subfolder: str | None,
+    dtype: torch.dtype,
+    modules: tuple[Path, ...] | list[Path] = (),
+) -> Any:
+    """Load a Wan transformer from checkpoint files (any format of `wan_engine.checkpoint_formats`).
+
+    `sources`: single files or original Wan folders making one whole transformer; `modules`: files adding
+    modules to it (Wan2GP VACE module files). The architecture comes from the base's diffusers config
+    (`config_dir`/`subfolder`), or from an original Wan folder's own config.json. Quantized weights are
+    dequantized to `dtype`; `_keep_in_fp32_modules` stay float32 as `from_pretrained` keeps them.
+    The model's `wan_checkpoint` attribute records what was read (see `checkpoint_reports`).
     """
     from accelerate import init_empty_weights
 
-    header = read_safetensors_header(path)
-    layout = detect_layout(list(header.tensors))
-    if layout is None:
-        raise ModelUnavailableError(
-            f"{path} is not a Wan transformer checkpoint (no 'head.modulation' / 'patch_embedding.weight' "
-            "in original Wan, ComfyUI or diffusers layout)"
-        )
-    names = list(header.tensors)
-    mapping = {n: n for n in names} if layout == "diffusers" else _to_diffusers_names(names)
+    for source in sources:
+        if Path(source).suffix in PICKLE_SUFFIXES:
+            raise ModelUnavailableError(pickle_refusal(source))
+    plans, config = check_against_config(list(sources), transformer_cls, config_dir, subfolder, modules)
     with init_empty_weights():
-        model = transformer_cls.from_config(transformer_cls.load_config(config_dir, subfolder=subfolder))
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    config_file = _config_path(config_dir, subfolder) / "config.json"
-    missing = sorted(set(expected) - set(mapping))
-    extra = sorted(mapping[n] for n in set(mapping) - set(expected))
-    wrong = [
-        f"{name} {list(header.tensors[mapping[name]].shape)} vs {list(shape)}"
-        for name, shape in expected.items()
-        if name in mapping and tuple(header.tensors[mapping[name]].shape) != shape
-    ]
-    if missing or extra or wrong:
-        details = [f"{len(missing)} weights missing (first: {missing[0]})"] if missing else []
-        details += [f"{len(extra)} weights the config has no place for (first: {extra[0]})"] if extra else []
-        details += [f"{len(wrong)} shapes differ (first: {wrong[0]}, file vs config)"] if wrong else []
-        detail = "; ".join(details)
-        raise ModelUnavailableError(
-            f"{path} ({layout} layout) does not match the transformer config {config_file}: {detail}. "
-            "Point the preset's model.base at the diffusers model this checkpoint was made from."
-        )
+        model = transformer_cls.from_config(config)
+    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+    def dtype_of(name: str, stored: torch.dtype) -> torch.dtype:
+        if not stored.is_floating_point:
+            return stored
+        return torch.float32 if any(k in name.split(".") for k in keep) else dtype
+
+    state = read_state_dict(plans, dtype_of, dequantized_dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval()
+    model = apply_pretrained_dtypes(model, dtype)
+    model.wan_checkpoint = checkpoint_report(plans, dtype)
+    return model
 
 
 def load_single_file_transformer(
     path: Path, transformer_cls: Any, config_dir: Path, subfolder: str | None, dtype: torch.dtype
 ) -> Any:
-    """Load a Wan transformer from one safetensors file, its architecture from a diffusers config folder."""
-    path = Path(path)
-    if path.suffix in PICKLE_SUFFIXES:
-        raise ModelUnavailableError(pickle_refusal(path))
-    try:
-        check_against_config(path, transformer_cls, config_dir, subfolder)
-    except SafetensorsError as exc:
-        raise ModelUnavailableError(f"corrupted checkpoint: {exc}") from None
-    # local_files_only: config_dir is a local folder; nothing may be fetched from the Hub here.
-    model = transformer_cls.from_single_file(
-        str(path), config=str(config_dir), subfolder=subfolder, local_files_only=True
-    )
-    return apply_pretrained_dtypes(model, dtype)
+    """Load a Wan transformer from one safetensors file (or original Wan folder), its architecture from a
+    diffusers config folder."""
+    return load_transformer([Path(path)], transformer_cls, Path(config_dir), subfolder, dtype)
+
+
+def load_transformer_with_modules(
+    base: Path,
+    module_files: list[Path] | tuple[Path, ...],
+    transformer_cls: Any,
+    config_dir: Path,
+    subfolder: str | None,
+    dtype: torch.dtype,
+) -> Any:
+    """A transformer made of a base checkpoint plus module files (Wan2GP `modules`, e.g. VACE).
+
+    `base`: a single file or an original Wan folder holding the whole base transformer (e.g. Wan2GP's
+    T2V 14B); `module_files`: files holding only the modules it lacks (`vace_blocks.*`,
+    `vace_patch_embedding.*`, original Wan or diffusers names). `config_dir`/`subfolder`: the diffusers
+    config of the combined model (a VACE pipeline folder's transformer). A weight found in two files,
+    or one the config has no place for, fails naming the files.
+    """
+    return load_transformer([Path(base)], transformer_cls, Path(config_dir), subfolder, dtype, tuple(module_files))
 
 
 def apply_pretrained_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -201,21 +270,36 @@ def expert_config_subfolder(base: Path, second: bool) -> str:
 
 
 def load_single_file_transformers(check: Any, class_name: str, dtype: torch.dtype) -> dict[str, Any]:
-    """`from_pretrained` keyword arguments for the transformers a ModelCheck names as single files.
+    """`from_pretrained` keyword arguments for the transformers a ModelCheck names as checkpoint files.
 
-    Empty when the preset's sources are diffusers folders. `check.path` is the base pipeline folder;
-    its transformer configs describe the architecture.
+    Empty when the preset's sources are diffusers folders and no module files are named. `check.path` is
+    the base pipeline folder; its transformer configs describe the architecture. Module files (a
+    ModelCheck's optional `modules` / `modules_2`, Wan2GP `modules` such as VACE) are merged onto the
+    transformer: onto the single file when there is one, else onto the base folder's own transformer.
     """
     import diffusers
 
     is_vace = class_name == "WanVACEPipeline"
     transformer_cls = diffusers.WanVACETransformer3DModel if is_vace else diffusers.WanTransformer3DModel
     components: dict[str, Any] = {}
-    for attr, file, second in (
-        ("transformer", check.single_file, False),
-        ("transformer_2", check.single_file_2, True),
+    for attr, file, modules, second in (
+        ("transformer", check.single_file, tuple(getattr(check, "modules", ()) or ()), False),
+        ("transformer_2", check.single_file_2, tuple(getattr(check, "modules_2", ()) or ()), True),
     ):
+        subfolder = expert_config_subfolder(check.path, second)
+        if file is None and modules:
+            file = Path(check.path) / subfolder  # the base folder's transformer weights (diffusers layout)
         if file is not None:
-            subfolder = expert_config_subfolder(check.path, second)
-            components[attr] = load_single_file_transformer(file, transformer_cls, check.path, subfolder, dtype)
+            components[attr] = load_transformer([Path(file)], transformer_cls, check.path, subfolder, dtype, modules)
     return components
+
+
+def checkpoint_reports(pipe: Any) -> dict[str, Any] | None:
+    """For result_data: per transformer read from checkpoint files, what was read and how (None: folders)."""
+    reports = {
+        name: getattr(module, "wan_checkpoint", None)
+        for name in ("transformer", "transformer_2")
+        if (module := getattr(pipe, name, None)) is not None
+    }
+    reports = {name: report for name, report in reports.items() if report}
+    return reports or None

@@ -11,15 +11,25 @@ Applied once per loaded model (`pipeline_runtime.load_pipeline`), on CUDA only:
    noise is set on every transformer (diffusers' default unless another is >3% faster).
 2. **Regional torch.compile.** `compile_repeated_blocks` compiles the transformer block once; all
    blocks (and both Wan 2.2 experts, and every later model with the same block shapes) reuse the
-   compiled code. Shapes are static (`dynamic=False`), so a recurring resolution never recompiles;
-   a new one compiles once. The recompile limit is raised so a long-lived worker that sees several
-   models and resolutions keeps every variant compiled instead of silently falling back to eager.
+   compiled code. The token dimension is compiled dynamic (`WAN_COMPILE_DYNAMIC`, default `mark`:
+   marked dynamic from the first compile), so new frame counts, resolutions, travel segment lengths
+   and 1-frame tasks reuse the same code instead of compiling per shape. The recompile limit is raised
+   so a long-lived worker that sees several models keeps every variant compiled.
+3. **On-disk compile caches.** Inductor's FX graph cache, the AOTAutograd cache, the autotune cache and
+   dynamo's profile of dynamic dimensions are kept in one folder (`WAN_COMPILE_CACHE_DIR`, default
+   `.compile_cache/` in the models folder), so a restarted worker skips the compilation done before.
+4. **Compile where it pays** (`wan_engine.compile_policy`, via `task_compile`): a task runs compiled
+   when compiled code covers its shape or its forwards earn the compile back, else eagerly; LoRA tasks
+   with constant multipliers run compiled with the LoRAs fused (`wan_engine.lora_fusion`). The
+   decision is recorded in result_data (`speed.compile`).
 
 Both keep the output within bf16 rounding of the plain pipeline (bench/gpu_bench.py measures it).
 Switches (environment): `WAN_SPEED=off` disables the whole path; `WAN_ATTENTION_BACKEND` forces a
 diffusers backend name instead of the probe; `WAN_COMPILE=off` keeps the attention choice but skips
-torch.compile. The analytic FLOP count of a Wan transformer forward (`wan_transformer_flops`) is here
-too: it gives the floor a step can reach and the MFU the benchmark reports.
+torch.compile; `WAN_COMPILE_DYNAMIC` = mark | auto | off; `WAN_COMPILE_POLICY` = pays | always;
+`WAN_COMPILE_CACHE_DIR` moves the caches (`off` keeps torch's own default folder). The analytic FLOP
+count of a Wan transformer forward (`wan_transformer_flops`) is here too: it gives the floor a step can
+reach and the MFU the benchmark reports.
 """
 
 from __future__ import annotations
@@ -29,17 +39,24 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from wan_engine.compile_policy import DYNAMIC_MODES, POLICIES, CompileDecision, CompileTracker
 
 log = logging.getLogger(__name__)
 
 SPEED_ENV = "WAN_SPEED"
 ATTENTION_ENV = "WAN_ATTENTION_BACKEND"
 COMPILE_ENV = "WAN_COMPILE"
+DYNAMIC_ENV = "WAN_COMPILE_DYNAMIC"
+POLICY_ENV = "WAN_COMPILE_POLICY"
+CACHE_ENV = "WAN_COMPILE_CACHE_DIR"
+CACHE_FOLDER = ".compile_cache"  # in the models folder unless WAN_COMPILE_CACHE_DIR says otherwise
 _OFF = {"0", "off", "false", "no", "none"}
 
 # Exact attention kernels only (SageAttention and other quantised kernels are not lossless). Kernels
@@ -61,6 +78,9 @@ class SpeedSettings:
     attention: str = "auto"  # "auto" probes; otherwise a diffusers attention backend name
     compile: bool = True
     require_cuda: bool = True  # only tests and the CPU dry run of the benchmark turn this off
+    dynamic: str = "mark"  # token dimension: "mark" dynamic from the start, "auto" (torch's), "off" static
+    cache_dir: str | None = None  # None: .compile_cache/ in the models folder; "off": torch's default
+    policy: str = "pays"  # compile a task only where it pays ("always": every task)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> SpeedSettings:
@@ -69,7 +89,23 @@ class SpeedSettings:
         enabled = env.get(SPEED_ENV, "on").strip().lower() not in _OFF
         attention = env.get(ATTENTION_ENV, "auto").strip() or "auto"
         compile_blocks = env.get(COMPILE_ENV, "on").strip().lower() not in _OFF
-        return cls(enabled=enabled, attention=attention, compile=compile_blocks)
+        dynamic = env.get(DYNAMIC_ENV, "mark").strip().lower() or "mark"
+        if dynamic in _OFF:
+            dynamic = "off"
+        if dynamic not in DYNAMIC_MODES:
+            raise ValueError(f"{DYNAMIC_ENV}={dynamic!r} is not one of {', '.join(DYNAMIC_MODES)}")
+        cache_dir = env.get(CACHE_ENV, "").strip() or None
+        policy = env.get(POLICY_ENV, "pays").strip().lower() or "pays"
+        if policy not in POLICIES:
+            raise ValueError(f"{POLICY_ENV}={policy!r} is not one of {', '.join(POLICIES)}")
+        return cls(
+            enabled=enabled,
+            attention=attention,
+            compile=compile_blocks,
+            dynamic=dynamic,
+            cache_dir=cache_dir,
+            policy=policy,
+        )
 
 
 @dataclass(frozen=True)
@@ -97,13 +133,28 @@ class SpeedReport:
     compiled: tuple[str, ...] = ()  # components whose repeated blocks are compiled
     probes: tuple[BackendProbe, ...] = field(default_factory=tuple)
     seconds: float = 0.0  # probe + setup time at load (compilation itself happens at the first step)
+    dynamic: str = "off"
+    cache_dir: str | None = None
+    tracker: CompileTracker | None = field(default=None, compare=False)  # per-task compile decisions
 
-    def brief(self, *, compiled_ran: bool = True) -> dict[str, Any]:
-        """The part recorded in each task's result_data (`compiled_ran`: False when a LoRA task ran eagerly)."""
+    def brief(self, *, compiled_ran: bool | None = None) -> dict[str, Any]:
+        """The part recorded in each task's result_data: the kernel, what ran compiled and why.
+
+        `compiled_ran` overrides the last task's decision (callers from before `task_compile`).
+        """
+        last = self.tracker.last if self.tracker is not None else None
+        ran = compiled_ran if compiled_ran is not None else (last.compiled if last is not None else True)
         return {
             "enabled": self.enabled,
             "attention_backend": self.attention_backend,
-            "compiled": list(self.compiled) if compiled_ran else [],
+            "compiled": list(self.compiled) if ran else [],
+            "compile": {
+                "dynamic": self.dynamic,
+                "cache_dir": self.cache_dir,
+                **(last.to_dict() if last is not None else {}),
+            }
+            if self.compiled
+            else None,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,6 +162,7 @@ class SpeedReport:
         data = asdict(self)
         data["compiled"] = list(self.compiled)
         data["probes"] = [asdict(p) for p in self.probes]
+        data.pop("tracker", None)
         return data
 
 
@@ -231,8 +283,8 @@ def _configure_dynamo() -> None:
     import torch._dynamo.config as dynamo_config
 
     # Every compiled block shares Module._call_impl's code object, so the limit counts all variants
-    # (1.3B and 14B blocks, each resolution, CFG batch sizes) together; the default 8 is too few for a
-    # long-lived worker, and past it torch silently runs eagerly.
+    # (1.3B and 14B blocks, VACE blocks, LoRA-free and 1-frame shapes) together; the default 8 is too
+    # few for a long-lived worker, and past it torch silently runs eagerly.
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo_config, name):
             setattr(dynamo_config, name, max(int(getattr(dynamo_config, name)), RECOMPILE_LIMIT))
@@ -244,6 +296,121 @@ def _configure_dynamo() -> None:
     # within bf16 noise of the plain pipeline instead of drifting through 30-40 layers.
     if hasattr(inductor_config, "emulate_precision_casts"):
         inductor_config.emulate_precision_casts = True
+
+
+def compile_cache_dir(pipe: Any, settings: SpeedSettings) -> Path | None:
+    """Where the on-disk compile caches live: WAN_COMPILE_CACHE_DIR, else `.compile_cache/` in the models
+    folder (the parent of the model's folder); None for `off` or when the pipeline names no folder."""
+    if settings.cache_dir is not None:
+        return None if settings.cache_dir.lower() in _OFF else Path(settings.cache_dir).expanduser()
+    source = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    if not source or not Path(str(source)).is_dir():
+        return None
+    return Path(str(source)).resolve().parent / CACHE_FOLDER
+
+
+def _torch_default_cache_dir() -> str | None:
+    # What inductor puts in TORCHINDUCTOR_CACHE_DIR itself when it first needs a folder (importing
+    # diffusers already does): a value equal to this was not chosen by the user.
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        return os.path.abspath(default_cache_dir())
+    except (ImportError, AttributeError):
+        return None
+
+
+def configure_compile_cache(
+    folder: Path | None, environ: dict[str, str] | None = None, *, explicit: bool = False
+) -> str | None:
+    """Turn on torch's on-disk compile caches, in `folder` when given; returns the folder in use.
+
+    Inductor reads TORCHINDUCTOR_CACHE_DIR each time it looks for a cached graph, so this must run
+    before the first compile. An `explicit` folder (WAN_COMPILE_CACHE_DIR) always wins; the default one
+    (in the models folder) only replaces torch's own default, never a folder the user set: the caches
+    are keyed by graph, so one folder serves every model.
+    """
+    env = os.environ if environ is None else environ
+    current = env.get("TORCHINDUCTOR_CACHE_DIR")
+    if folder is not None and (explicit or current is None or current == _torch_default_cache_dir()):
+        folder.mkdir(parents=True, exist_ok=True)
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+        if explicit or "TRITON_CACHE_DIR" not in env:
+            env["TRITON_CACHE_DIR"] = str(folder / "triton")
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True  # compiled graphs (Python + kernels) by graph hash
+    if hasattr(inductor_config, "autotune_local_cache"):
+        inductor_config.autotune_local_cache = True
+    try:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.enable_autograd_cache = True  # AOTAutograd's cache in front of inductor's
+    except (ImportError, AttributeError):
+        pass
+    import torch._dynamo.config as dynamo_config
+
+    if hasattr(dynamo_config, "automatic_dynamic_local_pgo"):
+        dynamo_config.automatic_dynamic_local_pgo = True  # remembers which dims were dynamic, per code
+    return env.get("TORCHINDUCTOR_CACHE_DIR")
+
+
+def cache_is_warm(cache_dir: str | None) -> bool:
+    """True when the inductor cache folder holds compiled graphs (an earlier process compiled there)."""
+    if cache_dir is None:
+        return False
+    graphs = Path(cache_dir) / "fxgraph"
+    return graphs.is_dir() and any(graphs.iterdir())
+
+
+def _mark_token_dims(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Mark the token dimension (dim 1 of hidden_states and of every input with as many rows) dynamic."""
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2 or hidden.shape[1] <= 1:
+        return
+    tokens = hidden.shape[1]
+
+    def mark(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.dim() >= 2 and value.shape[1] == tokens:
+                torch._dynamo.maybe_mark_dynamic(value, 1)
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                mark(item)
+
+    for value in (*args, *kwargs.values()):
+        mark(value)
+
+
+def _compile_blocks(module: Any, dynamic: str, backend: Any = "inductor") -> int:
+    """Regional compile: every repeated block gets torch.compile of its call (code shared by all).
+
+    Same as diffusers' `compile_repeated_blocks`, plus (dynamic "mark") a thin wrapper that marks the
+    token dimension dynamic before each compiled call, so the first compile already covers every shape.
+    """
+    names = set(getattr(module, "_repeated_blocks", None) or ())
+    if not names:
+        raise ValueError(f"{type(module).__name__} has no _repeated_blocks")
+    # Inference only, and dynamo guards on requires_grad: peft freezes the base weights when a LoRA is
+    # loaded, which (left True before) recompiled the first LoRA task and the first plain task after it.
+    module.requires_grad_(False)
+    count = 0
+    for block in module.modules():
+        if type(block).__name__ not in names:
+            continue
+        block.compile(dynamic=False if dynamic == "off" else None, backend=backend)
+        if dynamic == "mark":
+            inner = block._compiled_call_impl
+
+            def call(*args: Any, _inner: Any = inner, **kwargs: Any) -> Any:
+                _mark_token_dims(args, kwargs)
+                return _inner(*args, **kwargs)
+
+            block._compiled_call_impl = call
+        count += 1
+    if count == 0:
+        raise ValueError(f"no block of {sorted(names)} found in {type(module).__name__}")
+    return count
 
 
 def _set_backend_locally(transformers: list[tuple[str, Any]], backend: str) -> None:
@@ -298,13 +465,16 @@ def apply_speed_path(pipe: Any, device: torch.device | str, settings: SpeedSetti
     if backend is not None:
         _set_backend_locally(transformers, backend)
     compiled: list[str] = []
+    cache_dir: str | None = None
     if settings.compile:
         _configure_dynamo()
+        explicit = settings.cache_dir is not None
+        cache_dir = configure_compile_cache(compile_cache_dir(pipe, settings), explicit=explicit)
         for name, module in transformers:
             try:
                 # Not fullgraph: an unexpected graph break (a new diffusers attention path, say) then
                 # costs some speed instead of failing the task. The benchmark counts graphs to check.
-                module.compile_repeated_blocks(dynamic=False)
+                _compile_blocks(module, settings.dynamic)
                 compiled.append(name)
             except (ValueError, AttributeError) as exc:  # no `_repeated_blocks` on this class
                 log.warning("regional compile skipped for %s: %s", name, exc)
@@ -315,6 +485,9 @@ def apply_speed_path(pipe: Any, device: torch.device | str, settings: SpeedSetti
         compiled=tuple(compiled),
         probes=probes,
         seconds=time.perf_counter() - started,
+        dynamic=settings.dynamic if compiled else "off",
+        cache_dir=cache_dir,
+        tracker=_tracker(settings.dynamic, cache_is_warm(cache_dir), settings.policy) if compiled else None,
     )
     log.info("speed path: attention=%s compiled=%s (%.2fs)", backend, ",".join(compiled) or "none", report.seconds)
     return report
@@ -324,16 +497,94 @@ def apply_speed_path(pipe: Any, device: torch.device | str, settings: SpeedSetti
 def eager_blocks(active: bool) -> Iterator[None]:
     """Inside this block, compiled regions run eagerly when `active`.
 
-    Used for LoRA tasks: peft keeps each adapter's scale as a Python float on the module and LoRA
-    schedules change it every step, which torch.compile would treat as a new constant and recompile
-    per step. The attention kernel choice still applies.
+    Used for tasks the compile would not pay for, and for LoRA tasks whose multipliers change per step:
+    peft keeps each adapter's scale as a Python float on the module, which torch.compile would treat
+    as a new constant and recompile per step. The attention kernel choice still applies.
     """
     stance = getattr(torch.compiler, "set_stance", None)
-    if not active or stance is None:  # torch < 2.6 has no stance: LoRA tasks then recompile as needed
+    if not active or stance is None:  # torch < 2.6 has no stance: such tasks then recompile as needed
         yield
         return
     with stance("force_eager"):
         yield
+
+
+_TRACKERS: dict[tuple[str, bool, str], CompileTracker] = {}
+
+
+def _tracker(dynamic: str, disk_cache: bool, policy: str) -> CompileTracker:
+    # One per process and mode: compiled block code is shared by every model with the same block layout.
+    key = (dynamic, disk_cache, policy)
+    if key not in _TRACKERS:
+        _TRACKERS[key] = CompileTracker(dynamic=dynamic, disk_cache=disk_cache, policy=policy)
+    return _TRACKERS[key]
+
+
+def block_layout(transformer: Any) -> str:
+    """What identifies a transformer's compiled block code: its class and block shapes."""
+    config = transformer.config
+    heads, dim = int(config.num_attention_heads), int(config.attention_head_dim)
+    return f"{type(transformer).__name__}/{heads}x{dim}/ffn{int(config.ffn_dim)}"
+
+
+def task_tokens(pipe: Any, width: int, height: int, frames: int) -> int:
+    """Transformer tokens of a task (latent frames x patches), from the pipeline's VAE scale factors."""
+    spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8) or 8)
+    temporal = int(getattr(pipe, "vae_scale_factor_temporal", 4) or 4)
+    return wan_tokens(width, height, frames, spatial=spatial, temporal=temporal)
+
+
+@contextmanager
+def task_compile(
+    report: SpeedReport | None,
+    pipe: Any,
+    *,
+    width: int,
+    height: int,
+    frames: int,
+    steps: int,
+    cfg: bool,
+    lora_state: Any = None,
+    lora_requests: Sequence[Any] = (),
+    experts_per_step: Sequence[str] = (),
+) -> Iterator[CompileDecision | None]:
+    """Run one task's denoising compiled or eagerly, as `wan_engine.compile_policy` decides.
+
+    LoRA tasks with constant multipliers run compiled with the LoRAs fused into the weights (restored
+    exactly afterwards); a per-step schedule runs eagerly. The decision is kept on the report's tracker
+    (`SpeedReport.brief` records it in result_data). Yields it; None when nothing is compiled.
+    """
+    tracker = report.tracker if report is not None else None
+    transformers = transformers_of(pipe)
+    if tracker is None or not report.compiled or not transformers:  # type: ignore[union-attr]
+        with eager_blocks(False):
+            yield None
+        return
+    main = transformers[0][1]
+    layout = block_layout(main)
+    tokens = task_tokens(pipe, width, height, frames)
+    forwards = steps * (2 if cfg else 1)
+    with ExitStack() as stack:
+        fusion = None
+        if lora_requests:
+            from wan_engine import lora_fusion
+
+            plan = lora_fusion.constant_weights(lora_state, lora_requests, experts_per_step)
+            if not plan.fusible:
+                decision = tracker.eager(f"eager: {plan.reason}", layout, tokens, forwards)
+                stack.enter_context(eager_blocks(True))
+                yield decision
+                return
+        decision = tracker.decide(layout, tokens, forwards, wan_transformer_flops(dict(main.config), tokens))
+        if decision.compiled and lora_requests:
+            fusion = stack.enter_context(lora_fusion.fused_loras(pipe, plan))
+            if not fusion.fused:
+                decision = tracker.eager(f"eager: {fusion.reason}", layout, tokens, forwards)
+            else:
+                decision = tracker.last = replace(decision, lora_fused=True, lora_fuse_s=round(fusion.seconds, 3))
+        stack.enter_context(eager_blocks(not decision.compiled))
+        yield decision
+    tracker.ran(decision)
 
 
 # ---- analytic FLOPs ------------------------------------------------------------------------------

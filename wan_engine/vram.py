@@ -53,6 +53,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from wan_engine.checkpoint_formats import transformer_files
 from wan_engine.model_checks import SafetensorsError, read_safetensors_header, weightless_files
 from wan_engine.model_sources import ModelCheck, check_model, summary
 from wan_engine.presets import Preset
@@ -300,9 +301,9 @@ def _activation_bytes(name: str, config: dict[str, Any], geo: _Geometry) -> int:
 
 def _component_files(check: ModelCheck, folder: Path, name: str) -> list[Path]:
     if name == "transformer" and check.single_file is not None:
-        return [check.single_file]
+        return transformer_files(check.single_file)  # a file, or an original Wan folder's shards
     if name == "transformer_2" and check.single_file_2 is not None:
-        return [check.single_file_2]
+        return transformer_files(check.single_file_2)
     if name == "transformer_2" and check.path2 is not None:
         return sorted(_config_dir(check, folder, name).glob("*.safetensors"))
     return sorted((folder / name).glob("*.safetensors"))

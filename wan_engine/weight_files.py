@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from wan_engine.checkpoint_formats import transformer_files
+
 log = logging.getLogger(__name__)
 
 MAPS_FILE = "/proc/self/maps"
@@ -106,7 +108,10 @@ def weight_paths(check: Any) -> list[Path]:
         # A pipeline folder lends its transformer (pipeline_runtime._load_expert); else a transformer folder.
         expert = path2 / "transformer" if (path2 / "model_index.json").is_file() else path2
         files += sorted(expert.glob("*.safetensors"))
-    files += [Path(f) for f in (check.single_file, check.single_file_2) if f is not None]
+    for single in (check.single_file, check.single_file_2):
+        if single is not None:
+            files += transformer_files(Path(single))  # a file, or an original Wan folder's shards
+    files += [Path(m) for m in (*(getattr(check, "modules", ()) or ()), *(getattr(check, "modules_2", ()) or ()))]
     return files
 
 

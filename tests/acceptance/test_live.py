@@ -211,8 +211,11 @@ def test_websocket_records_queued_started_each_step_and_completed_in_order(scena
     names = [e["event"] for e in events]
     assert names[:2] == ["task_queued", "generation_started"], names
     assert names[-1] == "generation_completed", names
-    assert set(names[2:-1]) == {"progress"}, names
-    progress = events[2:-1]
+    # Between them: every step's progress, and a live preview every 4th step (wan_engine.latent_preview).
+    assert "progress" in names and set(names[2:-1]) <= {"progress", "preview"}, names
+    previews = [e for e in events if e["event"] == "preview"]
+    assert all(e["step"] % 4 == 0 and e["image"].startswith("data:image/png;base64,") for e in previews), previews
+    progress = [e for e in events[2:-1] if e["event"] == "progress"]
     stages = [e["stage"] for e in progress]
     assert stages[0] == "loading_model" and stages[-2:] == ["decoding", "writing_video"], stages
     steps = [e["step"] for e in progress if e["stage"] == "denoising"]
@@ -253,10 +256,12 @@ def test_metrics_parse_and_match_the_table(scenario: Scenario) -> None:
     families = {f.name: f for f in text_string_to_metric_families(scenario.metrics)}
     with scenario.stack.engine.begin() as conn:
         counts = dict(conn.exec_driver_sql("SELECT status, count(*) FROM tasks GROUP BY status").all())
-    tasks = {s.labels["status"]: s.value for s in families["wan_tasks"].samples}
+    tasks = {s.labels["status"]: s.value for s in families["wan_table_tasks"].samples}
     assert tasks == {status: counts.get(status, 0) for status in tasks}
     assert tasks["Complete"] == 1 and tasks["Cancelled"] == 2
-    assert families["wan_queue_depth"].samples[0].value == counts.get("Queued", 0)
+    assert families["wan_table_queue_depth"].samples[0].value == counts.get("Queued", 0)
+    worker_ids = {s.labels.get("worker_id") for s in families["wan_worker_tasks"].samples}
+    assert len(worker_ids) == 1 and None not in worker_ids  # per-worker series carry the worker's id
     outcomes = {s.labels["outcome"]: s.value for s in families["wan_worker_tasks"].samples if s.name.endswith("_total")}
     assert outcomes == {"completed": 1, "failed": 0, "cancelled": 1}
     steps = {s.name: s.value for s in families["wan_step_seconds"].samples if "le" not in s.labels}
@@ -309,7 +314,7 @@ def test_status_page_in_chromium_shows_progress_then_the_result(scenario: Scenar
     assert queued is not None and len(re.findall(r"<td>\d+ (?:s|min)", queued.group(1))) == 2, running[:3000]
 
     done = scenario.done.dom
-    card = rf'data-task-id="{scenario.task_a}" data-status="Complete"><img[^>]*class="loaded"'
+    card = rf'data-task-id="{scenario.task_a}" data-status="Complete"[^>]*><img[^>]*class="loaded"'
     assert re.search(card, done), done[:3000]  # the result, with its first-frame thumbnail loaded
     assert re.search(rf'data-task-id="{scenario.task_b}" data-status="Cancelled"', done)
     assert 'id="current" class="card">' in done or "idle" in done

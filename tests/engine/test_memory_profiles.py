@@ -176,3 +176,11 @@ def test_fp8_weights_can_make_a_model_fit_resident(tiny_models_dir: Path, monkey
         orchestrator.device = torch.device("cuda")
         decisions.append(orchestrator._load_resident(preset, check))
     assert decisions == [False, True]
+
+
+def test_sequential_on_a_cpu_runs_as_cpu_and_says_so(orchestrator: WanOrchestrator, tmp_path: Path) -> None:
+    """accelerate's sequential offload needs a GPU; on a CPU-only worker the task runs (as cpu), recorded."""
+    result, frames = _generate(orchestrator, tmp_path / "sequential.mp4", memory_profile="sequential")
+    assert result.memory_profile == "cpu"  # type: ignore[attr-defined]
+    assert result.extra["memory_profile_requested"] == "sequential"  # type: ignore[attr-defined]
+    assert frames.shape[0] >= 1

@@ -7,7 +7,6 @@ connection cap and the token precedence rules without a process start.
 
 from __future__ import annotations
 
-import errno
 import http.client
 import logging
 import resource
@@ -206,7 +205,7 @@ def test_an_unreadable_token_file_is_a_one_line_error(tmp_path: Path) -> None:
 
 @pytest.fixture
 def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveServer]:
-    monkeypatch.setattr(http_server, "OPEN_TIMEOUT_S", 1.0)  # read when the server starts
+    monkeypatch.setattr(http_server, "OPEN_TIMEOUT_S", 2.0)  # read when the server starts
     monkeypatch.setattr(http_server, "MAX_CONNECTIONS", 4)
     repository = SqlTaskRepository(migrated_engine(f"sqlite:///{tmp_path / 'tasks.db'}"))
     server = LiveServer(repository, LiveSink(outbox_size=10), "127.0.0.1", 0)
@@ -215,43 +214,14 @@ def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveServer
     server.stop()
 
 
-class _OutOfDescriptors:
-    """The listening socket, whose next `failures` accept() calls fail with EMFILE."""
-
-    def __init__(self, sock: socket.socket, failures: int) -> None:
-        self.sock, self.failures = sock, failures
-
-    def accept(self) -> tuple[socket.socket, Any]:
-        if self.failures:
-            self.failures -= 1
-            raise OSError(errno.EMFILE, "Too many open files")
-        return self.sock.accept()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.sock, name)
-
-
-def test_accept_failing_for_lack_of_descriptors_pauses_instead_of_ending_the_server(
-    live: LiveServer, caplog: pytest.LogCaptureFixture
-) -> None:
-    assert live._server is not None
-    live._server.socket = _OutOfDescriptors(live._server.socket, 4)  # type: ignore[assignment]
-    with caplog.at_level(logging.INFO, logger="worker.live.http_server"):
-        assert get(live.port, "/api/status")[0] == 200
-        assert get(live.port, "/api/status")[0] == 200
-    warnings = [r for r in caplog.records if "accept() failed" in r.getMessage()]
-    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]  # logged once, not per retry
-    assert any("accepting connections again" in r.getMessage() for r in caplog.records)
-
-
 def test_connections_beyond_the_cap_are_closed_and_idle_ones_dropped(live: LiveServer) -> None:
     idle = [socket.create_connection(("127.0.0.1", live.port), timeout=5) for _ in range(10)]
     try:
         time.sleep(0.3)
         refused = sum(closed_by_server(sock) for sock in idle)
-        assert refused == 6 and live.refused == 6  # 4 held (the cap), the others closed on accept
+        assert live.refused == 6 and refused == 6  # 4 held (the cap), the others closed on accept
         assert get_status_code(live.port, None) is None  # full: this one is closed too
-        time.sleep(1.5)  # past the (patched) open timeout
+        time.sleep(2.5)  # past the (patched) open timeout
         assert all(closed_by_server(sock) for sock in idle)
         assert get_status_code(live.port, None) == 200
     finally:

@@ -384,7 +384,8 @@ def test_token_is_required_and_every_route_answers(server: LiveServer, repo: Sql
     status, body, kind = get(port, "/metrics", {"Cookie": "wan_token=s3cret"})
     assert status == 200 and kind.startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
-    tasks = {s.labels["status"]: s.value for s in families["wan_tasks"].samples}
+    tasks = {s.labels["status"]: s.value for s in families["wan_table_tasks"].samples}
+    assert "worker_id" not in families["wan_table_tasks"].samples[0].labels  # table-wide: one series per table
     assert tasks == {"Queued": 1, "In Progress": 0, "Complete": 0, "Failed": 0, "Cancelled": 0}
     assert families["wan_gpu_memory_used_bytes"].samples[0].value == 10 * GIB
 

@@ -7,6 +7,7 @@ with `*_expanded` lists; generation rows use Wan2GP's names and letter codes.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -256,3 +257,18 @@ def test_task_info_reads_like_hws_result_dict() -> None:
     assert failed.get("success") is False and failed.get("error") == "boom" and failed["attempts"] == 3
     with pytest.raises(KeyError):
         failed["nope"]
+
+
+def test_hws_queue_arguments_are_accepted(tmp_path: Path) -> None:
+    """HW's README: `HeadlessTaskQueue(wan_dir=str(wan_root), max_workers=1)`: a Wan2GP checkout's folders."""
+    from headless_model_management import HeadlessTaskQueue
+
+    wan = tmp_path / "Wan2GP"
+    for sub in ("ckpts", "defaults", "finetunes", "loras"):
+        (wan / sub).mkdir(parents=True)
+    with HeadlessTaskQueue(f"sqlite:///{tmp_path / 'q.db'}", wan_dir=str(wan), max_workers=1) as queue:
+        assert queue.settings.models_dir == wan / "ckpts"
+        assert queue.settings.loras_dirs == (wan / "loras",)
+        assert tuple(queue.settings.presets_dir or ()) == (wan / "defaults", wan / "finetunes")
+    with pytest.raises(ValueError, match="max_workers=2"):
+        HeadlessTaskQueue(f"sqlite:///{tmp_path / 'q.db'}", max_workers=2)

@@ -38,6 +38,7 @@ from worker.cli.run import (
     _wait_for_database,
     cmd_run,
 )
+from worker.config import ConfigError
 from worker.logs import configure_logging
 from worker.store.schema import DatabaseUnreachable, check_db_url
 
@@ -89,7 +90,11 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, configure logging and run one command; a bad flag, log level, database URL, preset or address
     exits 2 with one `error: ...` line."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except ConfigError as exc:  # a bad WAN_* value: one line, before anything runs
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `run --gpus` restarts this command per GPU
     handler = _COMMANDS[args.command]
     try:

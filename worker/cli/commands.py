@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from wan_engine.progress_bars import quiet_progress_bars
-from worker.cli.parser import _optional_path
-from worker.config import env_default
+from worker.config import environment_settings
 from worker.store.schema import create_db_engine, redact_url, sqlite_file
 from worker.task import TaskStatus
 
@@ -194,9 +193,10 @@ def _follow(args: argparse.Namespace) -> int:
     from worker.live.follow import follow_task
 
     repository = _repository(args.db)
-    presets = load_presets(BUILTIN_PRESETS_DIR, _optional_path(env_default("presets_dir")))
+    env = environment_settings()
+    presets = load_presets(BUILTIN_PRESETS_DIR, env.presets_dir)
     device = detect_device()
-    models_dir = Path(env_default("models_dir", "models") or "models")
+    models_dir = env.models_dir
     shapes = PresetShapes(presets, "cpu" if device == "cpu" else "gpu")
     estimator = EtaEstimator(repository, shapes, device, StaticCostModel(presets, models_dir, device))
     return follow_task(repository, args.task_id, estimator)
@@ -415,6 +415,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.resolution:
         width, height = (int(x) for x in args.resolution.lower().split("x"))
     gpu = detect_gpu()
+    if not args.models_dir.is_dir():
+        print(
+            f"note: models dir {args.models_dir.resolve()} does not exist, so every preset below is missing "
+            "(point --models-dir or WAN_MODELS_DIR at the folder holding the model folders)",
+            file=sys.stderr,
+        )
     size = {"width": width, "height": height, "frames": args.frames}
     reports = [model_report(presets.get(key), args.models_dir, gpu, **size) for key in keys]
     failed = bool(args.keys) and any(r.check.status != "present" for r in reports)
@@ -435,10 +441,7 @@ def cmd_make_tiny_models(args: argparse.Namespace) -> int:
     print(f"{'lora':16} {extras['lora']}  (original Wan lora_down/lora_up/alpha keys, for tiny_t2v)")
     print(f"{'single file':16} {extras['single_file']}  (tiny_t2v's transformer, original Wan keys)")
     print(f"{'preset':16} {extras['preset']}  (key tiny_t2v_single: --presets-dir {extras['preset'].parent})")
-    # The worker reads LoRAs from its own folder only (lora_names are bare file names), so say where it must go.
-    from headless_wgp import BUILTIN_LORAS_DIR
-
-    print(f"to use the LoRA, copy it into the worker's LoRA folder: cp {extras['lora']} {BUILTIN_LORAS_DIR}/")
+    print(f"to use the LoRA: wan-worker run ... --loras-dir {extras['lora'].parent}")
     return 0
 
 

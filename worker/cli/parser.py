@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.config import DB_STARTUP_WAIT_S, ENV_VARS, LEASE_S, env_default
+from worker.config import ENV_PREFIX, EnvironmentSettings, environment_settings, parse_dirs
 from worker.store.schema import DEFAULT_DB_URL
 from worker.task import TaskStatus
 
@@ -28,156 +28,224 @@ def _optional_path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
 
+class _DirsAction(argparse.Action):
+    """A repeatable folder option: the first use replaces the environment's list, later uses add to it;
+    one value may hold several folders separated by os.pathsep, as the environment variable does."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[object] | None,
+        option_string: str | None = None,
+    ) -> None:
+        given = f"_{self.dest}_given"
+        items = list(getattr(namespace, self.dest) or ()) if getattr(namespace, given, False) else []
+        items += parse_dirs(str(values))
+        setattr(namespace, self.dest, tuple(items))
+        setattr(namespace, given, True)
+
+
+def _env_name(setting: str) -> str:
+    return ENV_PREFIX + setting.upper()
+
+
+def _add_dirs(parser: argparse.ArgumentParser, env: EnvironmentSettings, flag: str, setting: str, what: str) -> None:
+    parser.add_argument(
+        flag,
+        action=_DirsAction,
+        default=parse_dirs(getattr(env, setting)) or None,
+        metavar="DIR",
+        help=f"{what}; repeatable, looked in in order (env {_env_name(setting)}, '{os.pathsep}'-separated)",
+    )
+
+
 # ---- option groups shared by several subcommands ----------------------------------------------------
 
 
-def _add_db(parser: argparse.ArgumentParser) -> None:
+def _add_db(parser: argparse.ArgumentParser, env: EnvironmentSettings | None = None) -> None:
     # SUPPRESS: absent here, `--db` given before the subcommand (or the default) stays; see WanWorkerParser.
+    env = env or environment_settings()
     parser.add_argument(
         "--db",
         default=argparse.SUPPRESS,
-        help=f"SQLAlchemy URL, e.g. sqlite:///tasks.db (env {ENV_VARS['db_url']}; default {DEFAULT_DB_URL})",
+        help="any SQLAlchemy URL, e.g. sqlite:///tasks.db; postgresql://... uses psycopg 3 "
+        f"(env {_env_name('db_url')}; default {DEFAULT_DB_URL})",
     )
-    parser.set_defaults(_db_default=env_default("db_url", DEFAULT_DB_URL))
+    parser.set_defaults(_db_default=env.db_url)
 
 
-def _add_global_options(parser: argparse.ArgumentParser, *, top_level: bool) -> None:
+def _add_global_options(parser: argparse.ArgumentParser, env: EnvironmentSettings, *, top_level: bool) -> None:
     """`--log-level` and `--log-json`, accepted before the subcommand (top level, with the defaults) and
     after it (SUPPRESS: a subcommand that was not given them keeps the top-level value)."""
     parser.add_argument(
         "--log-level",
-        default="INFO" if top_level else argparse.SUPPRESS,
+        default=env.log_level if top_level else argparse.SUPPRESS,
         metavar="LEVEL",
-        help="debug, info, warning, error or critical, in any case (default info)",
+        help=f"debug, info, warning, error or critical, in any case (env {_env_name('log_level')}; default info)",
     )
     parser.add_argument(
         "--log-json",
         action="store_true",
-        default=False if top_level else argparse.SUPPRESS,
-        help="one JSON object per log line",
+        default=env.log_json if top_level else argparse.SUPPRESS,
+        help=f"one JSON object per log line (env {_env_name('log_json')})",
     )
 
 
-def _add_model_dirs(parser: argparse.ArgumentParser) -> None:
+def _add_model_dirs(parser: argparse.ArgumentParser, env: EnvironmentSettings | None = None) -> None:
+    env = env or environment_settings()
     parser.add_argument(
         "--models-dir",
         type=Path,
-        default=Path(env_default("models_dir", "models") or "models"),
-        help=f"where model folders live (env {ENV_VARS['models_dir']})",
+        default=env.models_dir,
+        help=f"where model folders are looked up (env {_env_name('models_dir')}; default models)",
     )
-    parser.add_argument(
+    _add_dirs(
+        parser,
+        env,
         "--presets-dir",
-        type=Path,
-        default=_optional_path(env_default("presets_dir")),
-        help=f"extra/overriding preset JSON files (env {ENV_VARS['presets_dir']})",
+        "presets_dir",
+        "extra/overriding preset JSON files, e.g. Wan2GP's defaults/ or finetunes/ (a later folder overrides)",
     )
 
 
-def _add_allow_download(parser: argparse.ArgumentParser) -> None:
+def _add_allow_download(parser: argparse.ArgumentParser, env: EnvironmentSettings | None = None) -> None:
+    env = env or environment_settings()
     parser.add_argument(
         "--allow-download",
         action="store_true",
-        default=(env_default("allow_download") or "").lower() in ("1", "true", "yes"),
-        help=f"download missing weights from the Hugging Face Hub (env {ENV_VARS['allow_download']}; default: never)",
+        default=env.allow_download,
+        help=f"download missing weights from the Hugging Face Hub (env {_env_name('allow_download')}; default: never)",
     )
 
 
 # ---- `run` option groups ------------------------------------------------------------------------------
 
 
-def _add_run_paths(run: argparse.ArgumentParser) -> None:
+def _add_run_paths(run: argparse.ArgumentParser, env: EnvironmentSettings) -> None:
     """Where videos go and where inputs may come from."""
     run.add_argument(
         "--outputs-dir",
         type=Path,
-        default=Path(env_default("outputs_dir", "outputs") or "outputs"),
-        help=f"where videos are written (env {ENV_VARS['outputs_dir']})",
+        default=env.outputs_dir,
+        help=f"videos are written here, named <task id>.mp4 (.png for 1 frame) (env {_env_name('outputs_dir')}; "
+        "default outputs)",
     )
     run.add_argument(
         "--input-roots",
-        default=env_default("input_roots"),
-        help=f"directories inputs may be read from, ':' or ',' separated (env {ENV_VARS['input_roots']};"
-        " default: the working directory)",
+        default=env.input_roots,
+        help="the only directories input files may be read from (':' or ',' separated), besides the outputs dir "
+        f"(env {_env_name('input_roots')}; default: the working directory)",
+    )
+    _add_dirs(
+        run,
+        env,
+        "--loras-dir",
+        "loras_dir",
+        "LoRA folders (their wan/, wan2_2/ and Wan2GP subfolders first): a Wan2GP loras/ or a ComfyUI "
+        "models/loras serves as it is (default: the worker's own loras/)",
     )
 
 
-def _add_run_worker(run: argparse.ArgumentParser) -> None:
+def _add_run_worker(run: argparse.ArgumentParser, env: EnvironmentSettings) -> None:
     """The worker loop: start-up wait, lease, identity, preload."""
     run.add_argument(
         "--db-wait-seconds",
         type=float,
-        default=float(os.environ.get("WAN_DB_STARTUP_WAIT_SECONDS") or DB_STARTUP_WAIT_S),
-        help=f"at start-up, wait this long for an unreachable database, retrying with back-off (env "
-        f"WAN_DB_STARTUP_WAIT_SECONDS; default {DB_STARTUP_WAIT_S:.0f}; SQLite is not waited for)",
+        default=env.db_startup_wait_seconds,
+        help="at start-up, wait this long (retrying with back-off) for a database that is not up yet, then exit 2 "
+        f"naming it; a stop signal ends the wait (env {_env_name('db_startup_wait_seconds')}; default 120; SQLite "
+        "is not waited for)",
     )
-    run.add_argument("--lease-seconds", type=float, default=float(env_default("lease_s", str(LEASE_S)) or LEASE_S))
-    run.add_argument("--worker-id", default=env_default("worker_id"))
-    run.add_argument("--preload-model", default=env_default("preload_model"))
+    run.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=env.lease_seconds,
+        help=f"a task whose worker is silent this long is re-queued (env {_env_name('lease_seconds')}; default 60)",
+    )
+    run.add_argument(
+        "--worker-id",
+        default=env.worker_id,
+        help=f"shown in tasks.worker_id and the workers table (env {_env_name('worker_id')}; default host-pid-random)",
+    )
+    run.add_argument(
+        "--preload-model",
+        default=env.preload_model,
+        help=f"load this model before the first task (env {_env_name('preload_model')})",
+    )
 
 
-def _add_run_fallbacks(run: argparse.ArgumentParser) -> None:
+def _add_run_fallbacks(run: argparse.ArgumentParser, env: EnvironmentSettings) -> None:
     run.add_argument(
         "--allow-fallbacks",
         action="store_true",
-        default=(env_default("allow_fallbacks") or "").lower() in ("1", "true", "yes"),
+        default=env.allow_fallbacks,
         help=f"when a preset's weights are unavailable, run its `fallbacks` presets instead (recorded in "
-        f"result_data; env {ENV_VARS['allow_fallbacks']}; default: off)",
+        f"result_data; env {_env_name('allow_fallbacks')}; default: off)",
     )
 
 
-def _add_run_http(run: argparse.ArgumentParser) -> None:
-    """The live server (worker.live.http_server)."""
+def _add_run_http(run: argparse.ArgumentParser, env: EnvironmentSettings) -> None:
+    """The live server (worker.live)."""
     run.add_argument(
         "--http",
         metavar="HOST:PORT",
-        help="serve live events (/ws), a status page (/) and /metrics here, e.g. 127.0.0.1:8765 (default: off)",
+        default=env.http,
+        help="serve the HTTP API (submit, follow, cancel, retry, download), WebSocket events, the status page, "
+        "/metrics and /healthz here, e.g. 127.0.0.1:8765; at most 64 connections at once, 5 s to send a "
+        "request's headers, 1 MiB per request body, 4 KiB per incoming WebSocket message "
+        f"(env {_env_name('http')}; default: off)",
     )
     # No environment defaults here: `wan-worker run` reads WAN_HTTP_TOKEN / WAN_HTTP_TOKEN_FILE itself
     # (worker.cli.run._http_token), so it can tell a token on the command line (visible in ps) from the others.
     run.add_argument(
         "--http-token",
         default=None,
-        help="token the --http clients must send (env WAN_HTTP_TOKEN; required on a non-loopback address); "
-        "on the command line it shows in ps: prefer --http-token-file or the environment",
+        metavar="TOKEN",
+        help="required from --http clients; the server refuses to start on a non-loopback address without one. "
+        "On the command line the token shows in ps (a warning is logged): set WAN_HTTP_TOKEN or use "
+        "--http-token-file instead (env WAN_HTTP_TOKEN)",
     )
     run.add_argument(
         "--http-token-file",
         default=None,
         metavar="PATH",
-        help="read the --http token from this file, once at start-up (env WAN_HTTP_TOKEN_FILE)",
+        help="read the token from this file once at start-up (whitespace stripped; a missing, unreadable or empty "
+        "file exits 2 naming it); keeps the token out of ps (env WAN_HTTP_TOKEN_FILE)",
     )
 
 
-def _add_run_gpus(run: argparse.ArgumentParser) -> None:
+def _add_run_gpus(run: argparse.ArgumentParser, env: EnvironmentSettings) -> None:
     """Process layout: one worker per GPU, and GPU groups per generation."""
     run.add_argument(
         "--gpus",
-        default=env_default("gpus"),
-        help=f"one worker process per GPU, e.g. 0,1 or all (env {ENV_VARS['gpus']}; default: one worker, this process)",
+        default=env.gpus,
+        help=f"one worker process per GPU, e.g. 0,1 or all (env {_env_name('gpus')}; default: one worker, this "
+        "process)",
     )
     run.add_argument(
         "--parallel",
         type=int,
-        default=int(env_default("parallel", "1") or 1),
+        default=env.parallel,
         metavar="N",
         help=f"run every generation on a group of N GPUs (context parallelism; with --gpus, one group per N of "
-        f"them); claims tasks asking for parallel <= N (env {ENV_VARS['parallel']}; default 1)",
+        f"them); claims tasks asking for parallel <= N (env {_env_name('parallel')}; default 1)",
     )
 
 
-def _add_run_engine(run: argparse.ArgumentParser) -> None:
+def _add_run_engine(run: argparse.ArgumentParser, env: EnvironmentSettings) -> None:
     """Engine switches (cmd_run passes them on as environment variables)."""
     run.add_argument(
         "--fp8",
         action="store_true",
-        default=(os.environ.get("WAN_FP8") or "").lower() in ("1", "on", "true", "yes"),
+        default=env.fp8,
         help="fp8 weights and matmuls in the transformer blocks: faster and half the VRAM, but lossy; LoRA "
         "tasks fail on such a worker (env WAN_FP8; default: off)",
     )
     run.add_argument(
         "--vram-limit-gb",
         type=float,
-        default=None,
+        default=env.vram_limit_gb,
         metavar="GIB",
         help="use at most this much of each GPU (models that do not fit are offloaded; env WAN_VRAM_LIMIT_GB)",
     )
@@ -186,25 +254,25 @@ def _add_run_engine(run: argparse.ArgumentParser) -> None:
 # ---- subcommands --------------------------------------------------------------------------------------
 
 
-def _add_run(commands: _Commands) -> None:
+def _add_run(commands: _Commands, env: EnvironmentSettings) -> None:
     run = commands.add_parser("run", help="serve tasks from the table until SIGTERM/SIGINT")
-    _add_db(run)
-    _add_model_dirs(run)
-    _add_run_paths(run)
-    _add_run_worker(run)
-    _add_allow_download(run)
-    _add_run_fallbacks(run)
-    _add_run_http(run)
-    _add_run_gpus(run)
-    _add_run_engine(run)
+    _add_db(run, env)
+    _add_model_dirs(run, env)
+    _add_run_paths(run, env)
+    _add_run_worker(run, env)
+    _add_allow_download(run, env)
+    _add_run_fallbacks(run, env)
+    _add_run_http(run, env)
+    _add_run_gpus(run, env)
+    _add_run_engine(run, env)
 
 
-def _add_init_db(commands: _Commands) -> None:
+def _add_init_db(commands: _Commands, env: EnvironmentSettings) -> None:
     init_db = commands.add_parser("init-db", help="create or upgrade the database schema")
-    _add_db(init_db)
+    _add_db(init_db, env)
 
 
-def _add_submit(commands: _Commands) -> None:
+def _add_submit(commands: _Commands, env: EnvironmentSettings) -> None:
     def int_or_list(text: str) -> int | list[int]:
         """`81` or `81,49,81` (one value per segment)."""
         try:
@@ -222,8 +290,8 @@ def _add_submit(commands: _Commands) -> None:
         "more), --prompt (one, or one per segment), --segment-frames, --frame-overlap, --resolution, --seed. "
         "vace: --video-guide, --video-mask, --image-ref; i2v/flf2v/ti2v: --image-start, --image-end.",
     )
-    _add_db(submit)
-    submit.add_argument("--presets-dir", type=Path, default=_optional_path(env_default("presets_dir")))
+    _add_db(submit, env)
+    _add_dirs(submit, env, "--presets-dir", "presets_dir", "extra/overriding preset JSON files")
     submit.add_argument(
         "--model", default=None, help="preset key (default: the task type's, as the worker does; travel: VACE)"
     )
@@ -253,37 +321,37 @@ def _add_submit(commands: _Commands) -> None:
     modes.add_argument("--image-end", default=None, help="i2v (Wan 2.2)/flf2v: the last frame (image_end)")
 
 
-def _add_status(commands: _Commands) -> None:
+def _add_status(commands: _Commands, env: EnvironmentSettings) -> None:
     status = commands.add_parser("status", help="print a task's row as JSON")
-    _add_db(status)
+    _add_db(status, env)
     status.add_argument("task_id")
     status.add_argument("--follow", action="store_true", help="draw a progress bar until the task ends (0: Complete)")
 
 
-def _add_list(commands: _Commands) -> None:
+def _add_list(commands: _Commands, env: EnvironmentSettings) -> None:
     listing = commands.add_parser("list", help="list recent tasks")
-    _add_db(listing)
+    _add_db(listing, env)
     listing.add_argument("--status", choices=[s.value for s in TaskStatus])
     listing.add_argument("--model", default=None, help="only rows for this model key (params' model, else the type's)")
     listing.add_argument("--limit", type=int, default=50)
     listing.add_argument("--json", action="store_true", help="print a JSON array of rows (as `status` prints them)")
 
 
-def _add_cancel(commands: _Commands) -> None:
+def _add_cancel(commands: _Commands, env: EnvironmentSettings) -> None:
     cancel = commands.add_parser("cancel", help="cancel a queued or running task")
-    _add_db(cancel)
+    _add_db(cancel, env)
     cancel.add_argument("task_id")
 
 
-def _add_retry(commands: _Commands) -> None:
+def _add_retry(commands: _Commands, env: EnvironmentSettings) -> None:
     retry = commands.add_parser("retry", help="put a Failed or Cancelled task back to Queued (attempts reset)")
-    _add_db(retry)
+    _add_db(retry, env)
     retry.add_argument("task_id")
 
 
-def _add_purge(commands: _Commands) -> None:
+def _add_purge(commands: _Commands, env: EnvironmentSettings) -> None:
     purge = commands.add_parser("purge", help="delete rows (and, with --outputs, their videos) that ended long ago")
-    _add_db(purge)
+    _add_db(purge, env)
     purge.add_argument(
         "--older-than",
         required=True,
@@ -307,28 +375,28 @@ def _add_purge(commands: _Commands) -> None:
     purge.add_argument(
         "--outputs-dir",
         type=Path,
-        default=Path(env_default("outputs_dir", "outputs") or "outputs"),
-        help=f"the only directory --outputs deletes files in (env {ENV_VARS['outputs_dir']}; default outputs)",
+        default=env.outputs_dir,
+        help=f"the only directory --outputs deletes files in (env {_env_name('outputs_dir')}; default outputs)",
     )
     purge.add_argument("--dry-run", action="store_true", help="report what would be removed; change nothing")
 
 
-def _add_models(commands: _Commands) -> None:
+def _add_models(commands: _Commands, env: EnvironmentSettings) -> None:
     models = commands.add_parser("models", help="list presets and whether their weights are present")
-    _add_model_dirs(models)
+    _add_model_dirs(models, env)
     models.add_argument("keys", nargs="*", help="preset keys to report (default: all)")
     models.add_argument("--json", action="store_true")
     models.add_argument("--resolution", default=None, help="WxH for the VRAM estimate (default: the preset's)")
     models.add_argument("--frames", type=int, default=None, help="frames for the VRAM estimate (default: the preset's)")
-    _add_allow_download(models)
+    _add_allow_download(models, env)
 
 
-def _add_make_tiny_models(commands: _Commands) -> None:
+def _add_make_tiny_models(commands: _Commands, env: EnvironmentSettings) -> None:
     tiny = commands.add_parser("make-tiny-models", help="write tiny random-weight Wan models (tests, demo)")
     tiny.add_argument("directory", type=Path)
 
 
-def _add_demo(commands: _Commands) -> None:
+def _add_demo(commands: _Commands, env: EnvironmentSettings) -> None:
     demo = commands.add_parser("demo", help="build tiny models, queue tasks, run a worker, print the results")
     demo.add_argument("--dir", type=Path, default=Path("demo_run"))
 
@@ -364,16 +432,17 @@ class WanWorkerParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The `wan-worker` parser: global options, then one subparser per command."""
+    env = environment_settings()  # ConfigError (one line) for a bad WAN_* value
     parser = WanWorkerParser(prog="wan-worker", description="Headless Wan video-generation worker.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    _add_global_options(parser, top_level=True)
+    _add_global_options(parser, env, top_level=True)
     parser.add_argument("--db", default=None, help="SQLAlchemy URL, for the commands that use the database")
     # Plain parsers below: only the top level resolves --db (WanWorkerParser.parse_known_args).
     commands = parser.add_subparsers(dest="command", required=True, parser_class=argparse.ArgumentParser)
     for add_subcommand in _SUBCOMMANDS:
-        add_subcommand(commands)
+        add_subcommand(commands, env)
     for subcommand in commands.choices.values():
-        _add_global_options(subcommand, top_level=False)
+        _add_global_options(subcommand, env, top_level=False)
     return parser
 
 

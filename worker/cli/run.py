@@ -64,6 +64,7 @@ def _settings(args: argparse.Namespace) -> WorkerSettings:
         models_dir=args.models_dir,
         outputs_dir=args.outputs_dir,
         presets_dir=args.presets_dir,
+        loras_dirs=tuple(args.loras_dir or ()),
         input_roots=parse_input_roots(args.input_roots),
         lease_s=args.lease_seconds,
         worker_id=args.worker_id or default_worker_id(),
@@ -119,7 +120,8 @@ def _group_orchestrator(settings: WorkerSettings, device: str, allow_download: b
     from wan_engine.presets import BUILTIN_PRESETS_DIR, load_presets
 
     presets = load_presets(BUILTIN_PRESETS_DIR, settings.presets_dir)
-    return WanOrchestrator(settings.models_dir, presets, device=device, allow_download=allow_download)
+    loras = settings.loras_dirs or None
+    return WanOrchestrator(settings.models_dir, presets, device=device, allow_download=allow_download, loras_dir=loras)
 
 
 # ---- serving ----------------------------------------------------------------------------------------------
@@ -133,6 +135,15 @@ def _log_model_reports(presets: Any, models_dir: Path, allow_download: bool) -> 
     gpu = detect_gpu()
     log.info("GPU: %s", f"{gpu.name} ({gpu.total_bytes / 2**30:.1f} GiB)" if gpu else "no GPU (CPU only)")
     unavailable: dict[str, str] = {}
+    if not models_dir.is_dir() and not allow_download:
+        # One line instead of one "missing" line per preset: the cause is the folder, not the presets.
+        log.warning(
+            "models dir %s does not exist: no preset's weights are here (point --models-dir or WAN_MODELS_DIR at "
+            "the folder holding the model folders, or pass --allow-download)",
+            models_dir.resolve(),
+            extra={"event": "models_dir_missing"},
+        )
+        return {key: "missing" for key in presets}
     for key in presets:
         report = model_report(presets.get(key), models_dir, gpu)
         fetch = " (will be downloaded on first use)" if allow_download and report.check.downloads else ""
@@ -147,7 +158,10 @@ def _start_live_server(
     queue: HeadlessTaskQueue, address: tuple[str, int], token: str | None, unavailable: dict[str, str]
 ) -> Any:
     """`--http`: the queue's live sink publishes events for the server (worker.live.http_server)."""
+    from functools import partial
+
     from worker.live.http_server import LiveServer
+    from worker.tasks.validation import validate_task
 
     events = queue.use_live_events(publish=True)
     server = LiveServer(
@@ -158,6 +172,10 @@ def _start_live_server(
         outputs_dir=queue.settings.outputs_dir,
         worker_id=queue.settings.worker_id,
         resident_model=queue.resident_model,
+        presets=queue.presets,
+        # POST /tasks validates as the runner does (the same function, presets and models dir).
+        validate_task=partial(validate_task, presets=queue.presets, models_dir=queue.settings.models_dir),
+        loop_alive=lambda: not queue.stop_requested,  # /healthz, wan_worker_up
     )
     server.start()
     events.models_unavailable(unavailable)

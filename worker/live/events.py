@@ -37,6 +37,7 @@ EVENT_TYPES = (
     "task_cancelled",
     "vram_warning",
     "models_unavailable",
+    "preview",
 )
 OUTBOX_SIZE = 4096
 

@@ -1,89 +1,67 @@
-"""`wan-worker run --http HOST:PORT`: a WebSocket event stream, a status page and Prometheus metrics.
+"""`wan-worker run --http HOST:PORT`: the worker's HTTP API, event stream, status page and metrics.
 
-One port, one small server (the `websockets` library's threaded sync server): `/ws` upgrades to a
-WebSocket that streams the hub's JSON events; plain GETs are answered from `process_request`:
-
-    /               the status page (worker/live/static: queue, current task, recent results, GPU memory)
-    /static/NAME    its script and style sheet
-    /api/status     the page's data as JSON
-    /thumb/ID.jpg   the first frame of a task's output (ffmpeg from imageio-ffmpeg), cached
-    /metrics        Prometheus text format
+One port, one ASGI application (worker.live.api, FastAPI) served by uvicorn in its own thread with its
+own asyncio event loop, so no client (slow, idle or flooding) ever runs on the worker loop's thread.
+Database reads and writes of a request run in the framework's thread pool; the WebSocket stream reads
+the hub's per-client queues, woken by the hub thread (never polled by a thread per client).
 
 Off by default. Bound to loopback unless told otherwise; any other address needs a token (`--http-token`,
 `--http-token-file`, WAN_HTTP_TOKEN or WAN_HTTP_TOKEN_FILE), given as `Authorization: Bearer TOKEN`, a
-`token` query parameter or a `wan_token` cookie. Without a token the Host header must name a loopback
-address (no DNS rebinding), and a browser may only open the WebSocket from this server's own pages (Origin
-must match Host).
+`token` query parameter or a `wan_token` cookie, compared in constant time and never logged. Without a
+token the Host header must name a loopback address (no DNS rebinding), and a browser may only open the
+WebSocket from this server's own pages (Origin must match Host).
 
 Bounds (the server shares the worker's file descriptors, so it must never take them all): a client has
-OPEN_TIMEOUT_S to send its request; at most MAX_CONNECTIONS are served at once (fewer under a low
-open-files limit, see connection_cap; more are closed on accept); an accept() that fails for lack of
-descriptors is retried with back-off instead of ending the server; and the one-way stream drops what
-clients send as it arrives (a message over MAX_MESSAGE_BYTES closes the connection with 1009).
+OPEN_TIMEOUT_S to send its request line and headers; at most `connection_cap()` connections are served at
+once (more are closed on accept: `refused` counts them); asyncio pauses accepting when accept() fails for
+lack of descriptors and resumes by itself; a request body over MAX_BODY_BYTES is refused with 413; and
+the one-way stream drops what clients send (a message over MAX_MESSAGE_BYTES closes it with 1009).
 """
 
 from __future__ import annotations
 
-import errno
+import asyncio
 import hmac
 import ipaddress
-import json
 import logging
-import queue
 import resource
-import selectors
 import socket
 import subprocess
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from http import HTTPStatus
-from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
-
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
-from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
-from websockets.frames import DATA_OPCODES, Frame
-from websockets.http11 import Request, Response
-from websockets.protocol import Event, State
-from websockets.sync.server import Server, ServerConnection, serve
 
 from worker.live.events import LiveSink
 from worker.live.hub import LiveHub
-from worker.task import TaskStatus
-from worker.tasks.params import model_key_for
+from worker.live.metrics import Metrics
+from worker.task import Task, TaskStatus
+from worker.tasks.params import model_key_for, params_or_none
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 TOKEN_ENV = "WAN_HTTP_TOKEN"
 TOKEN_FILE_ENV = "WAN_HTTP_TOKEN_FILE"
 TOKEN_FILE_MAX_BYTES = 4096  # a token file is one short line; a bigger one (or /dev/zero) is a mistake
-OPEN_TIMEOUT_S = 5.0  # a client that has not sent its request (and finished the handshake) by then is dropped
-MAX_CONNECTIONS = 64  # connections served at once (handshaking, HTTP or WebSocket); more are closed on accept
-FDS_PER_CONNECTION = 4  # websockets' sync connection: its socket, a wake-up socket pair and an epoll selector
+OPEN_TIMEOUT_S = 5.0  # a client that has not sent its request line and headers by then is dropped
+MAX_CONNECTIONS = 64  # connections served at once (HTTP or WebSocket); more are closed on accept
+FDS_PER_CONNECTION = 4  # kept from the threaded server: a generous per-connection share of descriptors
 FD_SHARE = 4  # ...and all of them together hold at most 1/FD_SHARE of the open-files limit (the worker needs the rest)
 MAX_MESSAGE_BYTES = 4096  # the stream is one-way: a client has nothing big to say (larger: closed, 1009)
-MAX_QUEUE = 4  # incoming frames buffered per connection before reading pauses (none are: _OneWayConnection)
-ACCEPT_BACKOFF_S = (0.05, 1.0)  # first and longest pause after accept() fails for lack of descriptors
-# accept() errors that mean "no descriptors or memory right now", not "the socket is gone".
-_TRANSIENT_ACCEPT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-_RETRY_ACCEPT = {errno.ECONNABORTED, errno.EAGAIN, errno.EINTR, errno.EPROTO}
+ACCEPT_BATCH = 8  # connections accepted per event-loop wake-up (and the listen backlog)
+MAX_BODY_BYTES = 1 << 20  # a task's JSON is small; a bigger request body is refused with 413
+MAX_HEADER_BYTES = 16 * 1024  # request line + headers
 QUEUE_SHOWN = 50
 RECENT_SHOWN = 12
 THUMB_WIDTH = 160
 THUMB_CACHE = 256
-STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 FINAL = [s.value for s in TaskStatus if s.is_final]
-# The library logs every connection at INFO; keep its warnings only.
-_QUIET_LOG = logging.getLogger("worker.live.http_server.websockets")
-_QUIET_LOG.setLevel(logging.WARNING)
+STOP_TIMEOUT_S = 5.0
+PREVIEW_EVERY = 4  # a live preview frame every N denoising steps (wan_engine.latent_preview)
+LINGER_S = 10.0  # after refusing a too-big WebSocket message: at most this long, what the client still sends is dropped
 
 
 # ---- address and token --------------------------------------------------------------------------------
@@ -148,80 +126,148 @@ def connection_cap() -> int:
     return max(4, min(MAX_CONNECTIONS, soft // (FD_SHARE * FDS_PER_CONNECTION)))
 
 
-# ---- metrics ---------------------------------------------------------------------------------------
+# ---- the connection bounds (a uvicorn protocol) -----------------------------------------------------
 
 
-class _TableCollector:
-    """Metrics read at scrape time: tasks by status (the table), queue depth, GPU and process memory."""
+def _bounded_protocol(server: LiveServer) -> type:
+    """uvicorn's h11 protocol with the bounds of the module docstring: a connection cap applied on accept
+    (WebSockets included, which uvicorn's own `limit_concurrency` does not count before the upgrade) and
+    a deadline for the first request's headers (uvicorn times out idle keep-alive connections only after
+    a first response, so a client that never speaks would hold its descriptor for ever)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class BoundedH11Protocol(H11Protocol):
+        _refused = False
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            if len(self.connections) >= server.max_connections:
+                if not server.refused:
+                    log.warning(
+                        "live server: %d connections open (the most served at once); closing new ones",
+                        len(self.connections),
+                    )
+                server.refused += 1
+                self._refused = True
+                self.transport = transport
+                transport.abort()
+                return
+            super().connection_made(transport)
+            self._deadline = asyncio.get_running_loop().call_later(server.open_timeout_s, self._first_request_late)
+
+        def _first_request_late(self) -> None:
+            # Still this protocol's transport (not upgraded to a WebSocket) and no request line + headers yet.
+            if self.scope is None and self.transport.get_protocol() is self and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._refused:
+                return
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+    return BoundedH11Protocol
+
+
+def _one_way_ws_protocol() -> type:
+    """uvicorn's sans-I/O WebSocket protocol with a lingering close: a message over MAX_MESSAGE_BYTES gets
+    the 1009 close frame and a half-close (FIN), then what the client still sends is dropped until it
+    closes (or LINGER_S), instead of a close with unread data, which the kernel turns into a reset that
+    loses the close frame."""
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    class OneWayWebSocketProtocol(WebSocketsSansIOProtocol):
+        _lingering = False
+
+        def data_received(self, data: bytes) -> None:
+            if not self._lingering:
+                super().data_received(data)
+
+        def handle_parser_exception(self) -> None:
+            close = self.conn.close_sent
+            code, reason = (close.code, close.reason) if close is not None else (1002, "")
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            self._lingering = True
+            if self.read_paused:  # paused until the app took the last message: keep reading (and dropping)
+                self.read_paused = False
+                self.transport.resume_reading()
+            if self.transport.can_write_eof():  # the server's side of the TCP close, as RFC 6455 wants
+                self.transport.write_eof()
+            # As uvicorn's own close handshake does: the app's return leaves the closing to this timer.
+            self.close_timer = asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
+
+    return OneWayWebSocketProtocol
+
+
+class _PreviewRelay:
+    """Live previews (wan_engine.latent_preview) to `preview` events. The engine's step callback only stores
+    the newest frame here; this thread encodes it (a PNG data URL, a few KB at latent resolution) and
+    publishes it for the running task, so nothing but a hand-over happens in the denoising loop."""
 
     def __init__(self, server: LiveServer) -> None:
         self.server = server
+        self._frame: Any = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="live-preview", daemon=True)
 
-    def collect(self) -> Any:
-        counts = self.server.repository.counts_by_status()
-        tasks = GaugeMetricFamily("wan_tasks", "Rows of the tasks table by status", labels=["status"])
-        for status in TaskStatus:
-            tasks.add_metric([status.value], counts.get(status.value, 0))
-        yield tasks
-        yield GaugeMetricFamily("wan_queue_depth", "Queued tasks", value=counts.get(TaskStatus.QUEUED.value, 0))
-        sample = self.server.sink.monitor.latest if self.server.sink.monitor else None
-        if sample is not None:
-            yield GaugeMetricFamily("wan_process_resident_memory_bytes", "Worker RSS", value=sample.rss_bytes)
-            if sample.gpu is not None:
-                gpu = sample.gpu
-                yield GaugeMetricFamily("wan_gpu_memory_used_bytes", "GPU memory in use", value=gpu.used_bytes)
-                yield GaugeMetricFamily("wan_gpu_memory_total_bytes", "GPU memory", value=gpu.total_bytes)
-                if gpu.utilization_percent is not None:
-                    yield GaugeMetricFamily("wan_gpu_utilization_percent", "GPU busy", value=gpu.utilization_percent)
-                if gpu.temperature_c is not None:
-                    yield GaugeMetricFamily("wan_gpu_temperature_celsius", "GPU temperature", value=gpu.temperature_c)
-        progress = (self.server.hub.current or {}).get("progress") or {}
-        if progress.get("eta_seconds") is not None:
-            yield GaugeMetricFamily("wan_current_task_eta_seconds", "Seconds left", value=progress["eta_seconds"])
-        yield GaugeMetricFamily("wan_live_clients", "WebSocket clients", value=self.server.hub.client_count)
-        yield GaugeMetricFamily("wan_events_dropped", "Events the live server missed", value=self.server.sink.dropped)
+    def start(self, every: int) -> None:
+        from wan_engine import latent_preview
 
+        latent_preview.subscribe(self.offer, every)
+        self._thread.start()
 
-class Metrics:
-    """The registry behind /metrics; step times and outcomes are counted from the event stream."""
+    def stop(self) -> None:
+        from wan_engine import latent_preview
 
-    def __init__(self, server: LiveServer) -> None:
-        self.registry = CollectorRegistry()
-        self.registry.register(_TableCollector(server))  # type: ignore[arg-type]
-        self.steps = Histogram("wan_step_seconds", "Denoising step time", buckets=STEP_BUCKETS, registry=self.registry)
-        self.outcomes = Counter(
-            "wan_worker_tasks", "Tasks this worker process finished", ["outcome"], registry=self.registry
+        latent_preview.subscribe(None)
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    def offer(self, frame: Any) -> None:
+        self._frame = frame  # the newest wins: an older frame not yet sent is dropped
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            frame, self._frame = self._frame, None
+            if frame is not None:
+                try:
+                    self._publish(frame)
+                except Exception as exc:  # a preview must never end the relay
+                    log.debug("live preview failed: %s", exc)
+
+    def _publish(self, frame: Any) -> None:
+        import base64
+        import io
+
+        from PIL import Image
+
+        current = self.server.hub.current
+        if not current:
+            return
+        buffer = io.BytesIO()
+        Image.fromarray(frame.rgb).save(buffer, format="PNG")
+        image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        height, width = frame.rgb.shape[:2]
+        self.server.sink.publish(
+            "preview",
+            current["task_id"],
+            step=frame.step,
+            total_steps=frame.total_steps,
+            width=width,
+            height=height,
+            image=image,
         )
-        for outcome in ("completed", "failed", "cancelled"):
-            self.outcomes.labels(outcome)
-
-    def on_event(self, event: dict[str, Any]) -> None:
-        name = event["event"]
-        if name == "generation_completed":
-            self.outcomes.labels("completed").inc()
-            for seconds in event.get("step_times") or []:
-                self.steps.observe(seconds)
-        elif name == "generation_failed" and not event.get("retrying"):
-            self.outcomes.labels("failed").inc()
-        elif name == "task_cancelled" and event.get("by") == "worker":
-            self.outcomes.labels("cancelled").inc()
-
-    def text(self) -> bytes:
-        return generate_latest(self.registry)
 
 
 # ---- the server ------------------------------------------------------------------------------------
-
-
-class _OneWayConnection(ServerConnection):
-    """A WebSocket connection whose client's messages are dropped as they arrive: the stream is one-way, so
-    nothing a client sends is buffered (control frames, pings and the close handshake, are still handled;
-    a message over MAX_MESSAGE_BYTES still closes the connection with 1009)."""
-
-    def process_event(self, event: Event) -> None:
-        if self.request is not None and isinstance(event, Frame) and event.opcode in DATA_OPCODES:
-            return
-        super().process_event(event)
 
 
 class LiveServer:
@@ -239,6 +285,10 @@ class LiveServer:
         worker_id: str | None = None,
         resident_model: Callable[[], str | None] | None = None,
         poll_interval_s: float = 1.0,
+        presets: Any = None,
+        validate_task: Callable[[str, dict[str, Any]], Any] | None = None,
+        loop_alive: Callable[[], bool] | None = None,
+        preview_every: int | None = PREVIEW_EVERY,
     ) -> None:
         check_bind(host, token)
         self.repository = repository
@@ -248,192 +298,106 @@ class LiveServer:
         self.outputs_dir = Path(outputs_dir).resolve() if outputs_dir else None
         self.worker_id = worker_id
         self.resident_model = resident_model or (lambda: None)
+        # POST /tasks: the runner's own check (worker.tasks.validation, given by the caller: this layer sits
+        # below worker.tasks) and the presets that default a task_type. None: POST /tasks answers 503.
+        self.presets = presets
+        self.validate_task = validate_task
+        self.loop_alive = loop_alive or (lambda: True)
+        self.started_at = time.time()
         self.hub = LiveHub(repository, sink, poll_interval_s)
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(self, worker_id)
         self.hub.listeners.append(self.metrics.on_event)
         self._thumbs: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._thumb_lock = threading.Lock()
-        self._server: Server | None = None
+        self._uvicorn: Any = None
+        self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.refused = 0  # connections closed on accept because max_connections were being served
         self.max_connections = connection_cap()
+        self.open_timeout_s = OPEN_TIMEOUT_S
+        self.preview_every = preview_every  # None: no live previews
+        self._previews: _PreviewRelay | None = None
 
     def start(self) -> tuple[str, int]:
+        import uvicorn
+
+        from worker.live.api import build_app
+
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            self._server = serve(
-                self._connection,
-                self.host,
-                self.port,
-                process_request=self._process_request,
-                server_header=None,
-                compression=None,
-                logger=_QUIET_LOG,
-                open_timeout=OPEN_TIMEOUT_S,
-                max_size=MAX_MESSAGE_BYTES,
-                max_queue=MAX_QUEUE,
-                create_connection=_OneWayConnection,
-            )
+            sock.bind((self.host, self.port))
+            sock.listen(ACCEPT_BATCH)
         except OSError as exc:
+            sock.close()
             raise ValueError(f"--http cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
-        self.port = self._server.socket.getsockname()[1]
+        sock.setblocking(False)
+        self._socket = sock
+        self.port = sock.getsockname()[1]
+        self.open_timeout_s = OPEN_TIMEOUT_S  # read at start (tests lower it)
+        self.max_connections = min(self.max_connections, MAX_CONNECTIONS)
+        config = uvicorn.Config(
+            build_app(self),
+            http=_bounded_protocol(self),
+            ws=_one_way_ws_protocol(),
+            ws_max_size=MAX_MESSAGE_BYTES,
+            ws_max_queue=4,
+            ws_per_message_deflate=False,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=2,
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+            loop="none",
+            # asyncio accepts up to `backlog` sockets per wake-up before any is refused: kept small, so a burst
+            # of connects holds few descriptors beyond the cap.
+            backlog=ACCEPT_BATCH,
+        )
+        self._uvicorn = uvicorn.Server(config)
         self.hub.start()
-        self._thread = threading.Thread(target=self._accept_loop, args=(self._server,), name="live-http", daemon=True)
+        if self.preview_every:
+            self._previews = _PreviewRelay(self)
+            self._previews.start(self.preview_every)
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(ready,), name="live-http", daemon=True)
         self._thread.start()
-        log.info("live status on http://%s:%d/ (events: /ws, metrics: /metrics)", self.host, self.port)
+        if not ready.wait(10):
+            raise ValueError(f"--http on {self.host}:{self.port}: the server did not start")
+        log.info("live status on http://%s:%d/ (API docs: /docs, events: /ws, metrics: /metrics)", self.host, self.port)
         return self.host, self.port
 
+    def _serve(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self.loop = loop
+        asyncio.set_event_loop(loop)
+
+        async def main() -> None:
+            task = asyncio.ensure_future(self._uvicorn.serve(sockets=[self._socket]))
+            while not self._uvicorn.started and not task.done():
+                await asyncio.sleep(0.01)
+            ready.set()
+            await task
+
+        try:
+            loop.run_until_complete(main())
+        except BaseException as exc:  # the worker keeps running without its live server
+            log.error("live server stopped: %s: %s", exc.__class__.__name__, exc)
+        finally:
+            ready.set()
+            loop.close()
+
     def stop(self) -> None:
+        if self._previews is not None:
+            self._previews.stop()
         self.hub.stop()
-        if self._server is not None:
-            self._server.shutdown()
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
         if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _accept_loop(self, server: Server) -> None:
-        """`Server.serve_forever`, bounded: at most MAX_CONNECTIONS handler threads, and an accept() that
-        fails for lack of descriptors pauses (logged once per episode) instead of ending the server for good
-        (the library's loop breaks on any OSError). It keeps that loop's contract with `Server.shutdown`:
-        handler threads are registered before they start, and `socket_closed` is set on the way out."""
-        if not all(hasattr(server, name) for name in ("handler_threads", "socket_closed", "shutdown_watcher")):
-            log.warning("live server: unexpected websockets Server internals; serving without the accept bounds")
-            server.serve_forever()
-            return
-        poller = selectors.DefaultSelector()
-        poller.register(server.shutdown_watcher, selectors.EVENT_READ)  # shutdown() wakes the select
-        try:
-            try:
-                poller.register(server.socket, selectors.EVENT_READ)
-            except (OSError, ValueError):
-                return  # shutdown() came first
-            backoff = 0.0
-            while True:
-                poller.select()
-                try:
-                    sock, addr = server.socket.accept()
-                except OSError as exc:
-                    if server.socket.fileno() == -1:
-                        break  # shutdown() closed the socket
-                    if exc.errno in _RETRY_ACCEPT:
-                        continue
-                    if exc.errno not in _TRANSIENT_ACCEPT:
-                        log.error("live server stops accepting: %s", exc)
-                        break
-                    if not backoff:
-                        log.warning("live server: accept() failed (%s); retrying with back-off", exc.strerror or exc)
-                    backoff = min(ACCEPT_BACKOFF_S[1], backoff * 2 or ACCEPT_BACKOFF_S[0])
-                    time.sleep(backoff)  # the pending connection stays in the backlog until a descriptor frees
-                    continue
-                if backoff:
-                    log.info("live server: accepting connections again")
-                    backoff = 0.0
-                self._dispatch(server, sock, addr)
-        finally:
-            poller.close()
-            server.socket_closed.set()
-            server.shutdown_watcher.close()
-
-    def _dispatch(self, server: Server, sock: socket.socket, addr: Any) -> None:
-        """One accepted socket: a handler thread, or closed at once when max_connections are being served."""
-        with server.lock:
-            busy = len(server.handler_threads)
-        if busy >= self.max_connections:
-            if not self.refused:
-                log.warning("live server: %d connections open (the most served at once); closing new ones", busy)
-            self.refused += 1
-            sock.close()
-            return
-        # Not a daemon thread: Server.shutdown() joins the handlers (as the library's own loop does).
-        thread = threading.Thread(target=server.handler, args=(sock, addr), name="live-http-conn")
-        with server.lock:
-            server.handler_threads.add(thread)
-        try:
-            thread.start()
-        except RuntimeError:  # no thread could be started (memory): drop this client, keep serving
-            with server.lock:
-                server.handler_threads.discard(thread)
-            sock.close()
-
-    # ---- requests ----
-
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        url = urlsplit(request.path)
-        query = parse_qs(url.query)
-        if not self._authorized(request, query):
-            return _response(HTTPStatus.UNAUTHORIZED, b"token required\n", "text/plain; charset=utf-8")
-        if not self.token and not _loopback_host(request.headers.get("Host", "")):
-            return _response(HTTPStatus.FORBIDDEN, b"Host must be a loopback address\n", "text/plain")
-        path = url.path
-        if path == "/ws":
-            origin = request.headers.get("Origin")
-            if origin and urlsplit(origin).netloc != request.headers.get("Host"):
-                return _response(HTTPStatus.FORBIDDEN, b"cross-origin WebSocket refused\n", "text/plain")
-            return None  # go on with the WebSocket handshake
-        try:
-            return self._route(path, query)
-        except Exception as exc:
-            log.warning("live request %s failed: %s: %s", path, exc.__class__.__name__, exc)
-            return _response(HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n", "text/plain")
-
-    def _authorized(self, request: Request, query: dict[str, list[str]]) -> bool:
-        if not self.token:
-            return True
-        given = (query.get("token") or [""])[0]
-        auth = request.headers.get("Authorization", "")
-        if auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        cookie = SimpleCookie(request.headers.get("Cookie", ""))
-        if not given and "wan_token" in cookie:
-            given = cookie["wan_token"].value
-        return hmac.compare_digest(given.encode(), self.token.encode())
-
-    def _route(self, path: str, query: dict[str, list[str]]) -> Response:
-        if path in ("/", "/index.html"):
-            return self._page()
-        if path == "/api/status":
-            return _response(HTTPStatus.OK, json.dumps(self.status(), default=str).encode(), "application/json")
-        if path == "/metrics":
-            return _response(HTTPStatus.OK, self.metrics.text(), CONTENT_TYPE_LATEST)
-        if path.startswith("/thumb/") and path.endswith(".jpg"):
-            image = self.thumbnail(path[len("/thumb/") : -len(".jpg")])
-            if image is None:
-                return _response(HTTPStatus.NOT_FOUND, b"no thumbnail\n", "text/plain")
-            return _response(HTTPStatus.OK, image, "image/jpeg")
-        if path.startswith("/static/"):
-            name = path[len("/static/") :]
-            file = STATIC_DIR / name
-            if "/" not in name and file.suffix in STATIC_TYPES and file.is_file():
-                return _response(HTTPStatus.OK, file.read_bytes(), STATIC_TYPES[file.suffix])
-        return _response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
-
-    def _page(self) -> Response:
-        template = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
-        # The first state is in the page itself, so it renders before any request or WebSocket message.
-        state = json.dumps(self.status(), default=str).replace("</", "<\\/")
-        body = template.replace("__INITIAL_STATE__", state).encode()
-        response = _response(HTTPStatus.OK, body, "text/html; charset=utf-8")
-        if self.token:
-            response.headers["Set-Cookie"] = f"wan_token={self.token}; HttpOnly; SameSite=Strict; Path=/"
-        return response
-
-    def _connection(self, connection: ServerConnection) -> None:
-        """One WebSocket client: a hello with the current state, then every event as it happens."""
-        client = self.hub.register()
-        try:
-            connection.send(json.dumps({"event": "hello", "seq": self.hub.seq, "status": self.status()}, default=str))
-            while True:
-                try:
-                    message = client.get(timeout=1.0)
-                except queue.Empty:
-                    if connection.state is not State.OPEN:  # the client left while nothing happened
-                        break
-                    continue
-                if message is None:
-                    break
-                connection.send(message)
-        except ConnectionClosed:
-            pass
-        finally:
-            self.hub.unregister(client)
+            self._thread.join(timeout=STOP_TIMEOUT_S)
 
     # ---- the page's data ----
 
@@ -459,22 +423,7 @@ class LiveServer:
             }
             for task in queued
         ]
-        recent = [
-            {
-                "id": task.id,
-                "status": task.status.value,
-                "task_type": task.task_type,
-                "model": model_key_for(task.task_type, task.params_text),
-                "output_location": task.output_location,
-                "error_message": task.error_message,
-                "seconds": _r(((task.result_data or {}).get("timings") or {}).get("total")),
-                "resolution": (task.result_data or {}).get("resolution"),
-                "frames": (task.result_data or {}).get("frames"),
-                "finished_at": task.generation_processed_at or task.updated_at,
-                "thumb": f"/thumb/{task.id}.jpg" if task.status is TaskStatus.COMPLETE else None,
-            }
-            for task in self.repository.recently_updated(FINAL, RECENT_SHOWN)
-        ]
+        recent = [self.recent_row(task) for task in self.repository.recently_updated(FINAL, RECENT_SHOWN)]
         monitor = self.sink.monitor
         return {
             "worker_id": self.worker_id,
@@ -488,17 +437,45 @@ class LiveServer:
             "gpu_name": monitor.gpu_name if monitor else None,
             "models_unavailable": [{"model": k, "detail": v} for k, v in self.sink.unavailable.items()],
             "events_dropped": self.sink.dropped,
+            "preview": self.hub.preview,
         }
 
-    def thumbnail(self, task_id: str) -> bytes | None:
-        """JPEG of the first frame of a completed task's output (only files inside the outputs dir)."""
-        task = self.repository.get(task_id) if task_id.isalnum() else None
+    @staticmethod
+    def recent_row(task: Task) -> dict[str, Any]:
+        result = task.result_data or {}
+        params = params_or_none(task.params_text) or {}
+        prompt = params.get("prompt") if isinstance(params.get("prompt"), str) else None
+        return {
+            "id": task.id,
+            "status": task.status.value,
+            "task_type": task.task_type,
+            "model": model_key_for(task.task_type, task.params_text),
+            "prompt": prompt,
+            "output_location": task.output_location,
+            "error_message": task.error_message,
+            "seconds": _r((result.get("timings") or {}).get("total")),
+            "resolution": result.get("resolution"),
+            "frames": result.get("frames"),
+            "finished_at": task.generation_processed_at or task.updated_at,
+            "thumb": f"/tasks/{task.id}/thumbnail" if task.status is TaskStatus.COMPLETE else None,
+        }
+
+    # ---- files recorded as a task's output ----
+
+    def output_file(self, task: Task | None) -> Path | None:
+        """The output file of a completed task (inside the outputs dir when one is set); None otherwise.
+        The path comes from the row only: nothing a client sends reaches the filesystem."""
         if task is None or task.status is not TaskStatus.COMPLETE or not task.output_location:
             return None
         path = Path(task.output_location).resolve()
         if self.outputs_dir is not None and not path.is_relative_to(self.outputs_dir):
             return None
-        if not path.is_file():
+        return path if path.is_file() else None
+
+    def thumbnail(self, task_id: str) -> bytes | None:
+        """JPEG of the first frame of a completed task's output, cached by (id, mtime)."""
+        path = self.output_file(self.repository.get(task_id))
+        if path is None:
             return None
         mtime = path.stat().st_mtime
         with self._thumb_lock:
@@ -512,6 +489,13 @@ class LiveServer:
                 while len(self._thumbs) > THUMB_CACHE:
                     self._thumbs.popitem(last=False)
         return image
+
+    # ---- the token ----
+
+    def token_ok(self, given: str | None) -> bool:
+        if not self.token:
+            return True
+        return hmac.compare_digest((given or "").encode(), self.token.encode())
 
 
 def first_frame_jpeg(path: Path, width: int = THUMB_WIDTH) -> bytes | None:
@@ -531,20 +515,7 @@ def first_frame_jpeg(path: Path, width: int = THUMB_WIDTH) -> bytes | None:
     return done.stdout if done.returncode == 0 and done.stdout else None
 
 
-def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
-    headers = Headers(
-        [
-            ("Content-Type", content_type),
-            ("Content-Length", str(len(body))),
-            ("Cache-Control", "no-store"),
-            ("X-Content-Type-Options", "nosniff"),
-            ("Connection", "close"),
-        ]
-    )
-    return Response(status.value, status.phrase, headers, body)
-
-
-def _loopback_host(host_header: str) -> bool:
+def loopback_host(host_header: str) -> bool:
     host = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
     return is_loopback(host.strip("[]"))
 

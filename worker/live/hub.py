@@ -44,6 +44,7 @@ class LiveHub:
         self.poll_limit = POLL_LIMIT
         self.seq = 0
         self.current: dict[str, Any] | None = None  # the task this worker runs: id, model, progress
+        self.preview: dict[str, Any] | None = None  # the current task's latest preview event (a page opened later)
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.listeners: list[Any] = []  # callables(event) run in the hub thread (metrics)
         self._known: OrderedDict[str, str] = OrderedDict()
@@ -84,8 +85,9 @@ class LiveHub:
 
     # ---- clients ----
 
-    def register(self) -> queue.Queue[str | None]:
-        client: queue.Queue[str | None] = queue.Queue(CLIENT_QUEUE_SIZE)
+    def register(self, client: queue.Queue[str | None] | None = None) -> queue.Queue[str | None]:
+        """A new client's queue (or the one given: the HTTP server's, which wakes its event loop)."""
+        client = client if client is not None else queue.Queue(CLIENT_QUEUE_SIZE)
         with self._lock:
             self._clients.add(client)
         return client
@@ -137,15 +139,21 @@ class LiveHub:
                 "eta_seconds": event.get("eta_seconds"),
                 "progress": None,
             }
+            self.preview = None
             self._remember(task_id, _P)
         elif name == "progress" and self._known.get(task_id) == _X:
             return  # cancelled in the table; the worker stops at its next heartbeat, clients already know
+        elif name == "preview":
+            if not (self.current and self.current["task_id"] == task_id):
+                return  # a late frame of a task that has ended
+            self.preview = event
         elif name == "progress" and self.current and self.current["task_id"] == task_id:
             keys = ("stage", "step", "total_steps", "percent", "eta_seconds", "vram_gb")
             self.current["progress"] = {k: event.get(k) for k in keys} | {"ts": event["ts"]}
         elif name in ("generation_completed", "generation_failed", "task_cancelled"):
             if self.current and self.current["task_id"] == task_id:
                 self.current = None
+                self.preview = None
             if name == "task_cancelled":
                 if self._known.get(task_id) == _X:
                     self._notify(event)  # the poll already announced it: count it, do not repeat it

@@ -71,10 +71,10 @@ def check_schema(connection: Connection, config: Config | None = None) -> None:
         present = {column["name"] for column in inspector.get_columns(table.name)}
         missing = [column.name for column in table.columns if column.name not in present]
         lacking = f"it lacks the columns {', '.join(missing)}" if missing else "it has the expected columns"
+        hw_missing = sorted(HW_REQUIRED_COLUMNS - present)
         hint = (
-            " (a Headless-Wan2GP tasks table is adopted when it has the columns "
-            f"{', '.join(sorted(HW_REQUIRED_COLUMNS | {HW_MARKER_COLUMN}))})"
-            if table.name == "tasks"
+            f" (it looks like a Headless-Wan2GP table, which would be adopted, but lacks HW's {', '.join(hw_missing)})"
+            if table.name == "tasks" and HW_MARKER_COLUMN in present
             else ""
         )
         raise SchemaMismatch(

@@ -146,6 +146,7 @@ NATIVE_GENERATION_KEYS = frozenset(
     {
         "model", "prompt", "negative_prompt", "resolution", "video_length", "num_inference_steps", "guidance_scale",
         "guidance2_scale", "flow_shift", "switch_threshold", "seed", "fps", "memory_profile", "lora_names",
+        "guidance_phases", "guidance3_scale", "switch_threshold2", "model_switch_phase", "sample_solver",
         "lora_multipliers", "parallel", "video_guide", "video_mask", "image_refs", "control_scale", "image_start",
         "image_end",
     }

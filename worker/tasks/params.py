@@ -21,6 +21,7 @@ from wan_engine.limits import (
     MAX_FPS,
     MAX_FRAMES,
     MAX_GUIDANCE,
+    MAX_GUIDANCE_PHASES,
     MAX_IMAGE_REFS,
     MAX_LORA_MULTIPLIERS_CHARS,
     MAX_LORAS,
@@ -39,6 +40,7 @@ from wan_engine.limits import (
     MIN_FPS,
     MIN_FRAMES,
     MIN_GUIDANCE,
+    MIN_GUIDANCE_PHASES,
     MIN_PRIORITY,
     MIN_SIDE_PX,
     MIN_STEPS,
@@ -102,6 +104,12 @@ class GenerationParams(BaseModel):
     guidance2_scale: float | None = Field(default=None, ge=MIN_GUIDANCE, le=MAX_GUIDANCE)
     flow_shift: float | None = Field(default=None, gt=0, le=MAX_FLOW_SHIFT)
     switch_threshold: float | None = Field(default=None, ge=MIN_SWITCH_THRESHOLD, le=MAX_SWITCH_THRESHOLD)
+    # Wan2GP's guidance phases (wan_engine.experts): phase 3 from switch_threshold2 down, guidance3_scale there.
+    guidance_phases: int | None = Field(default=None, ge=MIN_GUIDANCE_PHASES, le=MAX_GUIDANCE_PHASES)
+    guidance3_scale: float | None = Field(default=None, ge=MIN_GUIDANCE, le=MAX_GUIDANCE)
+    switch_threshold2: float | None = Field(default=None, ge=MIN_SWITCH_THRESHOLD, le=MAX_SWITCH_THRESHOLD)
+    model_switch_phase: int | None = Field(default=None, ge=1, le=MAX_GUIDANCE_PHASES - 1)
+    sample_solver: str | None = Field(default=None, min_length=1, max_length=32)  # unipc, euler, dpm++
     seed: int = Field(default=RANDOM_SEED, ge=RANDOM_SEED, le=MAX_SEED)
     fps: int | None = Field(default=None, ge=MIN_FPS, le=MAX_FPS)
     memory_profile: Literal["auto", "gpu", "model_offload", "group_offload", "sequential", "cpu"] | None = None

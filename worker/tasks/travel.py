@@ -434,6 +434,7 @@ class TravelCoordinator:
                 "fps": params.fps,
                 "overlaps": params.overlaps,
                 "stitch_seconds": round(time.perf_counter() - started, 3),
+                "video_encoding": result.encoding,  # issue 15: the H.264 settings the stitch used
             },
         )
 
