@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -236,7 +237,9 @@ def run_mode(mode: str, tiny: bool, work: Path, policy: str = "pays", first_step
         tasks.append(record)
         print(json.dumps({"mode": mode, **record}), flush=True)
         if record["task"] in ("t2v_81f", "lora_81f"):
-            torch.save(latents.float().cpu(), work / f"latents_{mode}_{record['task']}.pt")
+            save_file(
+                {"latents": latents.float().cpu().contiguous()}, work / f"latents_{mode}_{record['task']}.safetensors"
+            )
     return {
         "mode": mode,
         "build_s": round(built, 2),
@@ -257,14 +260,14 @@ def compare(work: Path, modes: list[str]) -> dict[str, Any]:
     """Latents of each mode against plain's (the LoRA task and the first task)."""
     out: dict[str, Any] = {}
     for task in ("t2v_81f", "lora_81f"):
-        ref_path = work / f"latents_plain_{task}.pt"
+        ref_path = work / f"latents_plain_{task}.safetensors"
         if not ref_path.exists():
             continue
-        ref = torch.load(ref_path)
+        ref = load_file(ref_path)["latents"]
         for mode in modes:
-            path = work / f"latents_{mode}_{task}.pt"
+            path = work / f"latents_{mode}_{task}.safetensors"
             if mode != "plain" and path.exists():
-                other = torch.load(path)
+                other = load_file(path)["latents"]
                 out[f"{mode}/{task}"] = round(rel_err(other, ref), 5) if other.shape == ref.shape else "shape differs"
     return out
 

@@ -45,7 +45,10 @@ def code_env_names() -> set[str]:
     names: set[str] = set()
     for path in files:
         names |= set(re.findall(r"\bWAN_[A-Z0-9_]+\b", path.read_text(encoding="utf-8")))
-    return names
+    # The CLI reads its variables through pydantic-settings: WAN_ + each field of EnvironmentSettings.
+    from worker.config import ENV_PREFIX, EnvironmentSettings
+
+    return names | {ENV_PREFIX + name.upper() for name in EnvironmentSettings.model_fields}
 
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
