@@ -465,9 +465,10 @@ class LiveServer:
     def output_file(self, task: Task | None) -> Path | None:
         """The output file of a completed task (inside the outputs dir when one is set); None otherwise.
         The path comes from the row only: nothing a client sends reaches the filesystem."""
-        if task is None or task.status is not TaskStatus.COMPLETE or not task.output_location:
+        # output_file: the absolute path also where output_location holds HW's `files/<name>` (worker.store.db).
+        if task is None or task.status is not TaskStatus.COMPLETE or not task.output_file:
             return None
-        path = Path(task.output_location).resolve()
+        path = Path(task.output_file).resolve()
         if self.outputs_dir is not None and not path.is_relative_to(self.outputs_dir):
             return None
         return path if path.is_file() else None
