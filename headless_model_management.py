@@ -28,7 +28,7 @@ from worker.store.hw_table import table_layout
 from worker.store.migrate import upgrade_to_head
 from worker.store.repository import SqlTaskRepository
 from worker.store.schema import DEFAULT_DB_URL, create_db_engine
-from worker.task import NewTask, Task, TaskStatus
+from worker.task import NewTask, Task, TaskStatus, output_file
 from worker.tasks.params import validate_priority
 from worker.tasks.runner import GenerationRunner
 from worker.tasks.travel import DEFAULT_TRAVEL_MODEL
@@ -71,7 +71,7 @@ class TaskInfo:
 
     def hw_result(self) -> dict[str, Any]:
         """The dict Headless-Wan2GP's `wait_for_completion` returns: `success`, `output_path`, `error`."""
-        path = (self.result_data or {}).get("output_file") or self.output_location
+        path = output_file(self.output_location, self.result_data)
         return {"success": self.status is TaskStatus.COMPLETE, "output_path": path, "error": self.error_message}
 
     def get(self, key: str, default: Any = None) -> Any:

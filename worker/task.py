@@ -25,6 +25,13 @@ class TaskStatus(str, enum.Enum):
 FINAL_STATUSES = tuple(s.value for s in TaskStatus if s.is_final)
 
 
+def output_file(output_location: str | None, result_data: dict[str, Any] | None) -> str | None:
+    """A row's output as an absolute path. `output_location` holds it, except on a Headless-Wan2GP table where
+    it holds HW's relative `files/<name>` form and `result_data.output_file` the path (worker.store.db)."""
+    path = (result_data or {}).get("output_file")
+    return path if isinstance(path, str) else output_location
+
+
 @dataclass(frozen=True)
 class Task:
     """One row of `tasks`, as read by a worker. `params_text` is kept raw: validation happens later."""
@@ -52,10 +59,7 @@ class Task:
 
     @property
     def output_file(self) -> str | None:
-        """The output's absolute path. `output_location` holds it, except on a Headless-Wan2GP table where it
-        holds HW's relative `files/<name>` form and `result_data.output_file` the path (worker.store.db)."""
-        path = (self.result_data or {}).get("output_file")
-        return path if isinstance(path, str) else self.output_location
+        return output_file(self.output_location, self.result_data)
 
 
 @dataclass(frozen=True)

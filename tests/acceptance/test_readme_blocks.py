@@ -98,9 +98,8 @@ def readme_blocks(path: Path = README) -> list[Block]:
 def tiny(text: str) -> str:
     """The block with full-size model keys and sizes swapped for tiny ones (only in model positions)."""
     for key, small in MODEL_KEYS.items():
-        quoted = re.escape(key)
-        text = re.sub(rf'(--model\s+|"model":\s*"|model="|preload_model="){quoted}(?=["\s]|$)', rf"\g<1>{small}", text)
-        text = re.sub(rf"(--model\s+){quoted}\b", rf"\g<1>{small}", text)
+        pattern = rf'(--model\s+|"model":\s*"|model=")({re.escape(key)})(?![\w.])'  # model="..." covers preload_model
+        text = re.sub(pattern, rf"\g<1>{small}", text)
     for big, small in SIZES.items():
         text = text.replace(big, small)
     return text
@@ -139,18 +138,21 @@ def _stop_group(process: subprocess.Popen[bytes]) -> None:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
             break
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(process.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        else:
-            continue
-        break
+        if _group_gone(process.pid, grace):
+            break
     if process.poll() is None:
         process.wait()
+
+
+def _group_gone(group: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def check(result: subprocess.CompletedProcess[str], block: Block) -> None:

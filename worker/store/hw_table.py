@@ -42,9 +42,12 @@ class TableLayout:
     exists: bool = False  # False: no `tasks` yet (not cached: a migration is about to create it)
     hw: bool = False  # an adopted Headless-Wan2GP table
     uuid_ids: bool = False  # Postgres `id uuid`: ids we make must be uuids
-    # Columns not in our schema that a new row must fill: NOT NULL without a default, plus project_id.
-    carried_columns: tuple[str, ...] = field(default_factory=tuple)
+    # Columns not in our schema that a new row must fill (NOT NULL without a default, plus project_id): type.
     carried_types: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def carried_columns(self) -> tuple[str, ...]:
+        return tuple(self.carried_types)
 
 
 _layouts: weakref.WeakKeyDictionary[Engine, TableLayout] = weakref.WeakKeyDictionary()
@@ -90,6 +93,5 @@ def inspect_layout(connection: Connection) -> TableLayout:
         exists=True,
         hw=is_hw_tasks_table(set(columns)),
         uuid_ids=isinstance(id_type, sa.Uuid) or type(id_type).__name__.upper() == "UUID",
-        carried_columns=tuple(sorted(carried)),
-        carried_types={name: columns[name]["type"] for name in carried},
+        carried_types={name: columns[name]["type"] for name in sorted(carried)},
     )

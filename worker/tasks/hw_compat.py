@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -161,6 +161,14 @@ CAUSVID_LORA = "Wan21_CausVid_14B_T2V_lora_rank32_v2.safetensors"
 CAUSVID_MAX_STEPS = 9
 SIDE_GRID_PX = 16  # HW `snap_resolution_to_model_grid`: each side rounded down to a multiple of 16
 HW_CROSSFADE_SHARPEN = 0.3  # HW's travel stitch default for `crossfade_sharp_amt`
+# Keys only HW rows have (the claim filter asks `is_hw_row` of every candidate row: computed once).
+HW_ONLY_KEYS = frozenset(
+    BOOKKEEPING_KEYS
+    | set(OFF_VALUES)
+    | set(RENAMES)
+    | {"orchestrator_details", "additional_loras", "video_prompt_type", "image_prompt_type", "use_causvid_lora"}
+    | {"phase_config", "loras"}
+)
 _RESOLUTION = re.compile(r"^\s*(\d{1,5})\s*[xX*]\s*(\d{1,5})\s*$")
 
 
@@ -191,9 +199,7 @@ def is_hw_row(task_type: str, params: Mapping[str, Any]) -> bool:
     """True when a row is written in HW's vocabulary (its task type or any of its keys)."""
     if task_type not in TASK_TYPE_MODES and task_type != "travel_orchestrator":
         return True
-    hw_keys = BOOKKEEPING_KEYS | set(OFF_VALUES) | set(RENAMES) | {"orchestrator_details", "additional_loras"}
-    hw_keys |= {"video_prompt_type", "image_prompt_type", "use_causvid_lora", "phase_config", "loras"}
-    return any(key in hw_keys for key in params)
+    return any(key in HW_ONLY_KEYS for key in params)
 
 
 def translate_hw_task(
@@ -261,10 +267,12 @@ def round_resolution(value: Any, key: str = "resolution") -> tuple[str, str | No
     return rounded, note
 
 
-def lora_file_name(entry: str) -> tuple[str, str | None]:
+def lora_entry_name(entry: str) -> tuple[str, str | None]:
     """A LoRA entry as the file name we look up, and the URL it came from (None for a plain name)."""
     if entry.startswith(("http://", "https://")):
-        name = unquote(PurePosixPath(urlsplit(entry).path).name)
+        # The engine's rule for a preset's LoRA URL (wan_engine.lora_downloads.lora_file_name), written here
+        # again because importing that module loads torch, and validation must not.
+        name = Path(unquote(urlsplit(entry).path)).name
         if not name.endswith(".safetensors"):
             raise InvalidTaskError(f"LoRA URL {entry!r} does not name a .safetensors file")
         return name, entry
@@ -472,7 +480,7 @@ class _Translator:
     def _lora_name(self, entry: Any) -> str:
         if not isinstance(entry, str) or not entry:
             raise InvalidTaskError(f"LoRA {entry!r}: must be a file name or an https URL of a .safetensors file")
-        name, url = lora_file_name(entry)
+        name, url = lora_entry_name(entry)
         if url is not None:
             self.lora_urls[name] = url
         return name

@@ -17,12 +17,14 @@ import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from wan_engine.errors import ModelUnavailableError
+from wan_engine.loras import resolve_lora_path
 from wan_engine.video_io import OpenedInput, StagedOutputs, remove_partial_files, staged_outputs
 from worker.loop.worker import RunContext
 from worker.task import Task, TaskDeferred, TaskOutcome
@@ -40,7 +42,7 @@ from worker.tasks.params import (
 from worker.tasks.paths import close_inputs, open_input, output_stem
 from worker.tasks.travel import TRAVEL_TASK_TYPES, TravelCoordinator, TravelSegmentParams, TravelStore
 from worker.tasks.url_inputs import MAX_IMAGE_BYTES, MAX_LORA_BYTES, fetch_url, is_url
-from worker.tasks.validation import validate_task
+from worker.tasks.validation import preset_architecture, validate_task
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +131,7 @@ class GenerationRunner:
             task.task_type,
             parse_params_text(task.params_text),
             hw_table=self.hw_table,
-            architecture_of=self._architecture_of,
+            architecture_of=partial(preset_architecture, self.orchestrator.presets),
         )
         if translation is None:
             return None
@@ -145,24 +147,19 @@ class GenerationRunner:
                     for i, v in enumerate(params[key])
                 ]
         for name, url in translation.lora_urls.items():
-            self._fetch_lora(name, url)
+            self._fetch_lora(name, url, str(params.get("model")))
         return replace(translation, params=params)
 
-    def _fetch_lora(self, name: str, url: str) -> None:
-        """A LoRA a HW row names by URL: used when a file of that name is in the LoRA dir, else fetched there."""
-        dirs = getattr(self.orchestrator, "loras_dirs", None) or [getattr(self.orchestrator, "loras_dir", None)]
-        dirs = [Path(d) for d in dirs if d is not None]
+    def _fetch_lora(self, name: str, url: str, model: str) -> None:
+        """A LoRA a HW row names by URL: used when the LoRA folders hold a file of that name (looked up as
+        the generation will look it up), else fetched into the first folder."""
+        dirs = tuple(getattr(self.orchestrator, "loras_dirs", ()))
         if not dirs:
             raise InvalidTaskError(f"LoRA {url!r}: this worker has no LoRA directory to fetch it into")
-        if any((d / name).is_file() or any(d.glob(f"*/{name}")) for d in dirs):
-            return
-        fetch_url(url, dirs[0], f"LoRA {name}", MAX_LORA_BYTES, name=name)
-
-    def _architecture_of(self, model: str) -> str | None:
         try:
-            return self.orchestrator.presets.get(model).model.architecture
-        except (KeyError, ValueError):
-            return None
+            resolve_lora_path(name, dirs, subdirs=self.orchestrator.presets.get(model).model.lora_subdirs)
+        except ValueError:  # not there (or an unknown model, which validation names): fetch it
+            fetch_url(url, dirs[0], f"LoRA {name}", MAX_LORA_BYTES, name=name)
 
     def _run_native(self, task: Task, context: RunContext) -> TaskOutcome | TaskDeferred:
         if task.task_type in TRAVEL_TASK_TYPES:

@@ -15,7 +15,8 @@ import urllib.request
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
-from wan_engine.model_sources import DOWNLOAD_HOSTS_ENV, allowed_download_hosts
+from wan_engine.errors import ModelUnavailableError
+from wan_engine.model_sources import check_download_host
 from worker.tasks.params import InvalidTaskError
 
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
@@ -33,15 +34,12 @@ def is_url(value: object) -> bool:
 
 
 def _check_url(url: str, key: str) -> None:
+    try:
+        check_download_host(url)  # the allow-list model downloads obey
+    except ModelUnavailableError as refused:
+        raise InvalidTaskError(f"{key}: {refused}") from None
     parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    allowed = allowed_download_hosts()
-    if host not in allowed:
-        raise InvalidTaskError(
-            f"{key} = {url!r}: host {host!r} is not in the download allow-list ({', '.join(allowed)}; set "
-            f"{DOWNLOAD_HOSTS_ENV} to add it)"
-        )
-    if parts.scheme != "https" and not _loopback(host):
+    if parts.scheme != "https" and not _loopback((parts.hostname or "").lower()):
         raise InvalidTaskError(f"{key} = {url!r}: only https URLs are fetched")
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ def validate_task(
     message is the one the worker writes on the row. `models_dir`: where the model folders are, for
     the scheduler step limit (None: that check is left to the worker).
     """
-    translation = translate_hw_task(task_type, params, architecture_of=lambda model: _architecture(presets, model))
+    translation = translate_hw_task(task_type, params, architecture_of=partial(preset_architecture, presets))
     if translation is not None:  # a Headless-Wan2GP row: validated as the native task it runs as
         task_type, params = translation.task_type, translation.params
     if task_type == "travel_orchestrator":
@@ -65,10 +65,11 @@ def validate_task(
     return validated
 
 
-def _architecture(presets: PresetRegistry, model: str) -> str | None:
+def preset_architecture(presets: PresetRegistry, model: str) -> str | None:
+    """The architecture of a model's preset; None for an unknown model (validation names it later)."""
     try:
         return presets.get(model).model.architecture
-    except ValueError:  # unknown model: the validation below names it
+    except ValueError:  # UnknownModelError
         return None
 
 
