@@ -45,6 +45,7 @@ class CompileDecision:
     expected_saving_s: float = 0.0
     lora_fused: bool = False
     lora_fuse_s: float = 0.0  # fusing the LoRAs into the weights (restoring them costs about as much)
+    lora_refuses: int = 0  # steps where a schedule changed the multipliers (each re-fused the weights)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (rounded seconds)."""

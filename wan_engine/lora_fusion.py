@@ -1,14 +1,21 @@
-"""LoRAs with constant multipliers fused into the base weights for one call, so the call runs compiled.
+"""LoRAs fused into the base weights for one call, so the call runs compiled.
 
 peft's LoRA layers wrap each targeted Linear and read their scale as a Python float: under
 torch.compile a scale that changes per step is a new constant (a recompile per step), and even a
-constant one wraps every Linear in code the plain model's compiled blocks never saw. When every
-LoRA's multiplier is constant over the steps each expert runs, the call needs neither: each wrapped
-Linear's weight becomes `W + sum(multiplier * scaling * B @ A)` (summed in float32, cast once), and the
-wrapper is swapped out of its parent for the bare Linear, so the module tree (and the compiled code
-that runs it) is exactly the plain model's. Afterwards the original weights, kept on the CPU, are
-copied back bit for bit and the wrappers put back, with their scales set to the multipliers the call
-used (what `LoraState.current` then says they are).
+constant one wraps every Linear in code the plain model's compiled blocks never saw. The call needs
+neither: each wrapped Linear's weight becomes `W + sum(multiplier * scaling * B @ A)` (summed in float32,
+cast once), and the wrapper is swapped out of its parent for the bare Linear, so the module tree (and the
+compiled code that runs it) is exactly the plain model's. Afterwards the original weights are copied back
+bit for bit and the wrappers put back, with their scales set to the multipliers the call last used (what
+`LoraState.current` then says they are).
+
+A multiplier that changes over the steps (a schedule such as "1.0,0.5", or 3-phase multipliers whose two
+phases on one expert differ) is re-fused at each step where it changes: from the kept original, so the
+weights are always exactly `original + deltas` for the step's multipliers, never an accumulation of
+rounding. Re-fusing takes about 0.08 s on an H200 for a rank-32 LoRA on the 1.3B model with the originals
+kept on the GPU (docs/BENCHMARKS.md, *Queues*), against the +25% per step that running eagerly costs; so
+a schedule is fused unless the originals had to go to host RAM and it changes more than
+`MAX_CHANGES_FROM_HOST` times (each re-fuse then copies every original back from host RAM).
 
 Weight deltas that are not peft layers (`.diff` / `diff_m`, `wan_engine.lora_formats.DeltaTable`)
 are already applied to the weights and need nothing here. DoRA and other peft variants are not fused
@@ -37,11 +44,16 @@ _COMPONENTS: dict[Expert, str] = {"high": "transformer", "low": "transformer_2"}
 GPU_STASH_RESERVE_BYTES = 8 * 1024**3
 
 
+MAX_CHANGES_FROM_HOST = 2  # re-fuses a schedule may cost when the originals sit in host RAM (see above)
+
+
 @dataclass
 class FusionPlan:
-    """Per expert, the constant multiplier of each peft adapter loaded into it; or why none applies."""
+    """Per expert, the multiplier of each peft adapter at the expert's first step, and the steps where
+    they change (a schedule); or why the LoRAs cannot be fused."""
 
     weights: dict[Expert, dict[str, float]] = field(default_factory=dict)
+    changes: dict[int, tuple[Expert, dict[str, float]]] = field(default_factory=dict)  # step -> new weights
     reason: str = ""
 
     @property
@@ -50,24 +62,23 @@ class FusionPlan:
         return not self.reason
 
 
-def constant_weights(
-    state: LoraState, requests: Sequence[LoraRequest], experts_per_step: Sequence[Expert]
-) -> FusionPlan:
-    """Each expert's adapter multipliers, when every one is constant over that expert's steps."""
+def fusion_plan(state: LoraState, requests: Sequence[LoraRequest], experts_per_step: Sequence[Expert]) -> FusionPlan:
+    """Each expert's adapter multipliers at its first step, and where a schedule changes them."""
     plan = FusionPlan()
-    for lora, request in zip(state.loaded, requests, strict=True):
-        for expert in lora.experts:
-            if not lora.peft_layers.get(expert):
-                continue  # only weight deltas: already in the weights
-            values = {
-                request.multiplier.value_at(step, experts_per_step)
-                for step, e in enumerate(experts_per_step)
-                if e == expert
-            }
-            if len(values) > 1:
-                return FusionPlan(reason=f"LoRA {request.name!r} changes its multiplier over the steps (schedule)")
-            if values:
-                plan.weights.setdefault(expert, {})[lora.adapter] = values.pop()
+    previous: dict[Expert, dict[str, float]] = {}
+    for step, expert in enumerate(experts_per_step):
+        weights = {
+            lora.adapter: request.multiplier.value_at(step, experts_per_step)
+            for lora, request in zip(state.loaded, requests, strict=True)
+            if expert in lora.experts and lora.peft_layers.get(expert)  # only deltas: already in the weights
+        }
+        if not weights:
+            continue
+        if expert not in previous:
+            plan.weights[expert] = weights
+        elif weights != previous[expert]:
+            plan.changes[step] = (expert, weights)
+        previous[expert] = weights
     return plan
 
 
@@ -146,54 +157,113 @@ class FusionReport:
     fused: bool
     reason: str
     layers: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # fusing, and re-fusing where a schedule changes
+    refuses: int = 0
     stash: str = ""  # where the original weights were kept ("cuda:0", "cpu")
 
 
 @contextmanager
-def fused_loras(pipe: Any, plan: FusionPlan) -> Iterator[FusionReport]:
+def fused_loras(pipe: Any, plan: FusionPlan, state: LoraState | None = None) -> Iterator[FusionReport]:
     """Within this block the pipeline's LoRA layers are fused into plain Linears (see the module doc).
 
-    Yields a report; when the plan is not fusible, or a layer cannot be fused, nothing is changed and
-    the report says why (the caller then runs eagerly).
+    With a `state`, the per-step weight updates (`wan_engine.loras.set_step_weights`) re-fuse the changed
+    expert through `state.fused_update` instead of reaching peft. Yields a report; when the plan is not
+    fusible, or a layer cannot be fused, nothing is changed and the report says why (the caller then runs
+    eagerly).
     """
     if not plan.fusible:
         yield FusionReport(False, plan.reason)
         return
     started = time.perf_counter()
-    targets: list[tuple[torch.nn.Module, str, Any, dict[str, float]]] = []
-    for expert, adapters in plan.weights.items():
+    targets: list[tuple[Expert, torch.nn.Module, str, Any]] = []
+    experts = set(plan.weights) | {expert for expert, _w in plan.changes.values()}
+    for expert in experts:
         module = getattr(pipe, _COMPONENTS[expert], None)
         if module is None:
             continue
+        adapters = set(plan.weights.get(expert, {})) | {
+            a for e, weights in plan.changes.values() if e == expert for a in weights
+        }
         for parent, name, layer in _tuner_layers(module):
-            active = {a: w for a, w in adapters.items() if a in layer.lora_A}
+            active = {a: 1.0 for a in adapters if a in layer.lora_A}
             if not active:
                 continue
             why = _not_fusible(layer, active)
             if why is not None:
                 yield FusionReport(False, why)
                 return
-            targets.append((parent, name, layer, active))
+            targets.append((expert, parent, name, layer))
+    stash = stash_device([t[3].base_layer.weight for t in targets])
+    if plan.changes and stash.type == "cpu" and len(plan.changes) > MAX_CHANGES_FROM_HOST:
+        yield FusionReport(
+            False,
+            f"the multipliers change at {len(plan.changes)} steps and the original weights would sit in host RAM: "
+            "re-fusing each time costs more than running eagerly",
+        )
+        return
     done: list[_Fused] = []
-    stash = stash_device([t[2].base_layer.weight for t in targets])
+    by_expert: dict[Expert, list[_Fused]] = {}
+    current = {expert: dict(weights) for expert, weights in plan.weights.items()}
     try:
-        for parent, name, layer, active in targets:
-            done.append(_Fused(parent, name, layer, _fuse_layer(layer, active, stash)))
+        for expert, parent, name, layer in targets:
+            active = {a: w for a, w in current.get(expert, {}).items() if a in layer.lora_A}
+            item = _Fused(parent, name, layer, _fuse_layer(layer, active, stash))
+            done.append(item)
+            by_expert.setdefault(expert, []).append(item)
             setattr(parent, name, layer.base_layer)  # the bare Linear: the plain model's module tree
-        report = FusionReport(True, "constant multipliers fused into the weights", len(done), stash=str(stash))
+        report = FusionReport(True, _fused_reason(plan), len(done), stash=str(stash))
         report.seconds = time.perf_counter() - started
+
+        def update(expert: Expert, weights: dict[str, float]) -> None:
+            """A step's new multipliers for `expert`: its layers re-fused from their originals."""
+            tick = time.perf_counter()
+            current[expert] = dict(weights)
+            for item in by_expert.get(expert, []):
+                _refuse_layer(item, {a: w for a, w in weights.items() if a in item.layer.lora_A})
+            report.refuses += 1
+            report.seconds += time.perf_counter() - tick
+
+        if state is not None:
+            state.fused_update = update
         log.info("LoRAs fused into %d layers (%.2fs)", len(done), report.seconds)
         yield report
     finally:
-        _restore(done, {id(t[2]): t[3] for t in targets})
+        if state is not None:
+            state.fused_update = None
+        _restore(done, by_expert, current)
+
+
+def _fused_reason(plan: FusionPlan) -> str:
+    if not plan.changes:
+        return "constant multipliers fused into the weights"
+    return f"multipliers fused into the weights, re-fused at the {len(plan.changes)} step(s) where they change"
 
 
 @torch.no_grad()
-def _restore(done: list[_Fused], scales: dict[int, dict[str, float]]) -> None:
-    """Copy every original weight back (bit for bit) and put the peft layers back in place."""
+def _refuse_layer(item: _Fused, adapters: dict[str, float]) -> None:
+    """The layer's weight set again to its original plus the adapters' deltas at these multipliers."""
+    weight = item.layer.base_layer.weight
+    weight.data.copy_(item.original)
+    total = weight.detach().float()
+    for adapter, multiplier in adapters.items():
+        if multiplier == 0.0:
+            continue
+        a = item.layer.lora_A[adapter].weight.detach().to(weight.device, torch.float32)
+        b = item.layer.lora_B[adapter].weight.detach().to(weight.device, torch.float32)
+        total = total + (b @ a) * (multiplier * _base_scaling(item.layer, adapter))
+    weight.data.copy_(total.to(weight.dtype))
+
+
+@torch.no_grad()
+def _restore(
+    done: list[_Fused], by_expert: dict[Expert, list[_Fused]], current: dict[Expert, dict[str, float]]
+) -> None:
+    """Copy every original weight back (bit for bit) and put the peft layers back in place, their scales
+    set to the multipliers the call last ran with."""
+    expert_of = {id(item): expert for expert, items in by_expert.items() for item in items}
     for item in done:
         item.layer.base_layer.weight.data.copy_(item.original)
         setattr(item.parent, item.name, item.layer)
-        for adapter, multiplier in scales.get(id(item.layer), {}).items():
-            item.layer.set_scale(adapter, multiplier)  # what the call ran with, as LoraState.current records
+        for adapter, multiplier in current.get(expert_of[id(item)], {}).items():
+            if adapter in item.layer.lora_A:
+                item.layer.set_scale(adapter, multiplier)

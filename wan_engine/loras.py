@@ -15,7 +15,7 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -216,6 +216,9 @@ class LoraState:
     loaded: list[LoadedLora] = field(default_factory=list)
     current: dict[Expert, tuple[float, ...]] = field(default_factory=dict)
     deltas: dict[Expert, DeltaTable] = field(default_factory=dict)  # norm / modulation deltas (.diff, diff_m)
+    # Set by wan_engine.lora_fusion while a call runs with its LoRAs fused: takes a step's new peft weights
+    # (re-fuses them) instead of peft's set_adapters, whose layers are out of the module tree then.
+    fused_update: Callable[[Expert, dict[str, float]], None] | None = None
 
 
 def _file_key(path: Path) -> tuple[str, int, int]:
@@ -364,7 +367,9 @@ def set_step_weights(
     if state.current.get(expert) == weights:
         return
     peft = [(lora.adapter, w) for (lora, _r), w in zip(active, weights, strict=True) if lora.peft_layers.get(expert)]
-    if peft:
+    if peft and state.fused_update is not None:
+        state.fused_update(expert, dict(peft))
+    elif peft:
         getattr(pipe, _COMPONENTS[expert]).set_adapters([a for a, _w in peft], [w for _a, w in peft])
     if expert in state.deltas:
         state.deltas[expert].set_weights({lora.adapter: w for (lora, _r), w in zip(active, weights, strict=True)})

@@ -20,7 +20,7 @@ Applied once per loaded model (`pipeline_runtime.load_pipeline`), on CUDA only:
    `.compile_cache/` in the models folder), so a restarted worker skips the compilation done before.
 4. **Compile where it pays** (`wan_engine.compile_policy`, via `task_compile`): a task runs compiled
    when compiled code covers its shape or its forwards earn the compile back, else eagerly; LoRA tasks
-   with constant multipliers run compiled with the LoRAs fused (`wan_engine.lora_fusion`). The
+   run compiled with the LoRAs fused, a schedule re-fused where it changes (`wan_engine.lora_fusion`). The
    decision is recorded in result_data (`speed.compile`).
 
 Both keep the output within bf16 rounding of the plain pipeline (bench/gpu_bench.py measures it).
@@ -550,9 +550,10 @@ def task_compile(
 ) -> Iterator[CompileDecision | None]:
     """Run one task's denoising compiled or eagerly, as `wan_engine.compile_policy` decides.
 
-    LoRA tasks with constant multipliers run compiled with the LoRAs fused into the weights (restored
-    exactly afterwards); a per-step schedule runs eagerly. The decision is kept on the report's tracker
-    (`SpeedReport.brief` records it in result_data). Yields it; None when nothing is compiled.
+    LoRA tasks run compiled with the LoRAs fused into the weights (restored exactly afterwards); a
+    per-step schedule is re-fused where it changes (`wan_engine.lora_fusion`), so nothing recompiles.
+    The decision is kept on the report's tracker (`SpeedReport.brief` records it in result_data).
+    Yields it; None when nothing is compiled.
     """
     tracker = report.tracker if report is not None else None
     transformers = transformers_of(pipe)
@@ -569,21 +570,18 @@ def task_compile(
         if lora_requests:
             from wan_engine import lora_fusion
 
-            plan = lora_fusion.constant_weights(lora_state, lora_requests, experts_per_step)
-            if not plan.fusible:
-                decision = tracker.eager(f"eager: {plan.reason}", layout, tokens, forwards)
-                stack.enter_context(eager_blocks(True))
-                yield decision
-                return
+            plan = lora_fusion.fusion_plan(lora_state, lora_requests, experts_per_step)
         decision = tracker.decide(layout, tokens, forwards, wan_transformer_flops(dict(main.config), tokens))
         if decision.compiled and lora_requests:
-            fusion = stack.enter_context(lora_fusion.fused_loras(pipe, plan))
+            fusion = stack.enter_context(lora_fusion.fused_loras(pipe, plan, lora_state))
             if not fusion.fused:
                 decision = tracker.eager(f"eager: {fusion.reason}", layout, tokens, forwards)
             else:
                 decision = tracker.last = replace(decision, lora_fused=True, lora_fuse_s=round(fusion.seconds, 3))
         stack.enter_context(eager_blocks(not decision.compiled))
         yield decision
+    if fusion is not None and fusion.fused:  # the re-fuses of a schedule happened during the call
+        decision = tracker.last = replace(decision, lora_fuse_s=round(fusion.seconds, 3), lora_refuses=fusion.refuses)
     tracker.ran(decision)
 
 

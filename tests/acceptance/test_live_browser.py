@@ -256,3 +256,20 @@ def test_cancel_and_retry_from_the_page(page: tuple[Stack, str, Browser]) -> Non
     row = _until(lambda: (r := stack.row(task_id))["status"] in ("Queued", "In Progress") and r, 30, "the retry")
     assert row["result_data"]["retried"]["previous_status"] == "Cancelled"
     assert api(base, "POST", f"/tasks/{task_id}/cancel", None)[0] == 200  # end it for the next test's sake
+
+
+def test_api_docs_render_without_internet(page: tuple[Stack, str, Browser]) -> None:
+    """/docs draws every route from files the worker serves itself (a GPU box often has no internet)."""
+    _stack, base, browser = page
+    browser.send("Page.navigate", url=f"{base}/docs")
+    try:
+        count = browser.wait("document.querySelectorAll('.opblock').length", 60, "Swagger UI's route list")
+        sources = browser.eval(
+            "[...document.querySelectorAll('script[src], link[rel=stylesheet]')].map(e => e.src || e.href)"
+        )
+        assert sources and all(s.startswith(base) for s in sources), sources
+        paths = browser.eval("[...document.querySelectorAll('.opblock-summary-path')].map(e => e.textContent)")
+        assert count >= 8 and "/tasks/{task_id}/output" in "".join(paths).replace("\u200b", ""), paths
+    finally:
+        browser.send("Page.navigate", url=f"{base}/")
+        browser.wait("document.getElementById('live')?.textContent === 'live'", 30, "the status page again")

@@ -2,7 +2,9 @@
 
 Checks: the fused forward equals peft's LoRA forward (float32 closeness); the module tree while fused is the
 plain model's (no peft wrapper left); restore is bit-exact (every tensor of the state dict equal, the
-wrappers back, their scales those the call ran with); schedules, DoRA and offloaded weights are not fused.
+wrappers back, their scales those the call ran with); a schedule is re-fused where it changes and matches
+peft step by step without a recompile; DoRA, offloaded weights and a many-change schedule whose originals
+sit in host RAM are not fused.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from wan_engine.lora_fusion import FusionPlan, constant_weights, fused_loras
+from wan_engine.lora_fusion import FusionPlan, fused_loras, fusion_plan
 from wan_engine.loras import LoadedLora, LoraMultiplier, LoraRequest, LoraState
 
 
@@ -95,7 +97,7 @@ def test_fused_forward_matches_peft_and_restore_is_bit_exact() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     wrappers = _peft_layers(model)
     state, requests = _state({"a": "0.7", "b": "-0.4"})
-    plan = constant_weights(state, requests, ("high",) * 4)
+    plan = fusion_plan(state, requests, ("high",) * 4)
     assert plan.fusible and plan.weights == {"high": {"a": 0.7, "b": -0.4}}
     with fused_loras(_Pipe(model), plan) as report:
         assert report.fused and report.layers == wrappers == 20 and report.stash == "cpu"
@@ -116,7 +118,7 @@ def test_restore_sets_the_scales_the_call_ran_with() -> None:
     _add_lora(model, "a", rank=4, seed=1)
     model.set_adapters(["a"], [1.0])
     state, requests = _state({"a": "0.25"})
-    with fused_loras(_Pipe(model), constant_weights(state, requests, ("high",) * 3)):
+    with fused_loras(_Pipe(model), fusion_plan(state, requests, ("high",) * 3)):
         pass
     layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
     assert layer.scaling["a"] == pytest.approx(0.25 * 8 / 4)  # multiplier x alpha / r
@@ -129,7 +131,7 @@ def test_restore_happens_when_the_call_fails() -> None:
     state, requests = _state({"a": "1.0"})
     with (
         pytest.raises(RuntimeError, match="boom"),
-        fused_loras(_Pipe(model), constant_weights(state, requests, ("high",))),
+        fused_loras(_Pipe(model), fusion_plan(state, requests, ("high",))),
     ):
         raise RuntimeError("boom")
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
@@ -138,16 +140,22 @@ def test_restore_happens_when_the_call_fails() -> None:
 
 def test_schedules_dora_and_offloaded_weights_are_not_fused() -> None:
     state, requests = _state({"a": "1.0,0.5"})
-    plan = constant_weights(state, requests, ("high",) * 4)
-    assert not plan.fusible and "changes its multiplier" in plan.reason
-    with fused_loras(_Pipe(_transformer()), plan) as report:
-        assert not report.fused
+    plan = fusion_plan(state, requests, ("high",) * 4)
+    assert plan.fusible and plan.weights == {"high": {"a": 1.0}} and plan.changes == {2: ("high", {"a": 0.5})}
+    # Many changes with the originals in host RAM (always so on a CPU): eager, and it says why.
+    state, requests = _state({"a": "1.0,0.8,0.6,0.4"})
+    plan = fusion_plan(state, requests, ("high",) * 4)
+    model = _transformer()
+    _add_lora(model, "a", rank=4, seed=1)
+    with fused_loras(_Pipe(model), plan) as report:
+        assert not report.fused and "change at 3 steps" in report.reason and "host RAM" in report.reason
+        assert _peft_layers(model) == 20
     # A two-expert run: constant per expert fuses with each expert's own value.
     dual_state = LoraState(
         loaded=[LoadedLora("d", Path("d"), "d", ("high", "low"), {"high": 1, "low": 1}, {"high": 1, "low": 1})]
     )
     dual = [LoraRequest("d", Path("d"), LoraMultiplier(((1.0,), (0.5,)), "1.0;0.5"))]
-    assert constant_weights(dual_state, dual, ("high", "high", "low")).weights == {
+    assert fusion_plan(dual_state, dual, ("high", "high", "low")).weights == {
         "high": {"d": 1.0},
         "low": {"d": 0.5},
     }
@@ -156,7 +164,7 @@ def test_schedules_dora_and_offloaded_weights_are_not_fused() -> None:
     _add_lora(model, "a", rank=4, seed=1, dora=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     dora_state, dora_requests = _state({"a": "1.0"})
-    with fused_loras(_Pipe(model), constant_weights(dora_state, dora_requests, ("high",))) as report:
+    with fused_loras(_Pipe(model), fusion_plan(dora_state, dora_requests, ("high",))) as report:
         assert not report.fused and "DoRA" in report.reason
         assert _peft_layers(model) == 20
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
@@ -197,21 +205,41 @@ def test_a_fused_lora_task_reuses_the_plain_compiled_code() -> None:
     assert len(graphs) == 1  # no recompile for the LoRA task
     torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5)
     assert report.brief()["compile"]["lora_fused"] is True
-    # A per-step schedule runs eagerly, and says why.
+    # A per-step schedule runs compiled too: re-fused where it changes, the same compiled code, and each
+    # step equal to peft's eager forward at that step's multiplier.
+    from wan_engine.loras import set_step_weights
+
     state, requests = _state({"a": "0.6,0.2"})
+    pipe = _Pipe(model)
+    experts = ("high",) * 2
+    with speed.eager_blocks(True):
+        references = []
+        for multiplier in (0.6, 0.2):
+            model.set_adapters(["a"], [multiplier])
+            references.append(_forward(model))
+    set_step_weights(pipe, state, requests, 0, experts)
     with speed.task_compile(
-        report, _Pipe(model), lora_state=state, lora_requests=requests, experts_per_step=("high",) * 2, **kwargs
+        report, pipe, lora_state=state, lora_requests=requests, experts_per_step=experts, **kwargs
     ) as decision:
-        _forward(model)
-    assert decision is not None and not decision.compiled and "schedule" in decision.reason
-    assert report.brief()["compiled"] == [] and len(graphs) == 1
+        steps = []
+        for step in range(2):
+            set_step_weights(pipe, state, requests, step, experts)
+            steps.append(_forward(model))
+    assert decision is not None and decision.compiled and decision.lora_fused
+    assert report.brief()["compile"]["lora_refuses"] == 1
+    for got, want in zip(steps, references, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (steps[0] - steps[1]).abs().max() > 1e-3  # the schedule really changed the weights
+    assert len(graphs) == 1  # no recompile for the schedule either
+    assert state.fused_update is None and _peft_layers(model) == 20
 
 
 def test_orchestrator_lora_task_runs_fused_and_compiled(
     tiny_models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The real call site (generation_run.denoise): a constant-multiplier LoRA task runs compiled and fused,
-    a schedule runs eagerly, both record why, and the frames match the eager LoRA run."""
+    """The real call site (generation_run.denoise): a constant-multiplier LoRA task and a schedule run
+    compiled and fused (the schedule re-fused where it changes), record it, and their frames match the
+    eager LoRA runs."""
     import functools
 
     import torch._dynamo
@@ -244,6 +272,9 @@ def test_orchestrator_lora_task_runs_fused_and_compiled(
     assert loaded is not None
     kwargs = {"seed": 2, "video_length": 5, "resolution": "64x64", "num_inference_steps": 2, "lora_names": ["style"]}
     eager = orchestrator.generate_t2v("a cat", output_path=tmp_path / "eager.mp4", lora_multipliers="0.7", **kwargs)
+    eager_scheduled = orchestrator.generate_t2v(
+        "a cat", output_path=tmp_path / "sched_eager.mp4", lora_multipliers="0.7,0.2", **kwargs
+    )
     monkeypatch.setattr(speed, "_compile_blocks", functools.partial(speed._compile_blocks, backend=backend))
     for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # restored after the test
         monkeypatch.setenv(name, str(tmp_path / "cache"))
@@ -258,8 +289,11 @@ def test_orchestrator_lora_task_runs_fused_and_compiled(
     scheduled = orchestrator.generate_t2v(
         "a cat", output_path=tmp_path / "sched.mp4", lora_multipliers="0.7,0.2", **kwargs
     )
-    assert scheduled.extra["speed"]["compiled"] == []
-    assert "schedule" in scheduled.extra["speed"]["compile"]["reason"]
+    assert scheduled.extra["speed"]["compiled"] == ["transformer"] and len(graphs) == 1
+    assert scheduled.extra["speed"]["compile"]["lora_fused"] is True
+    assert scheduled.extra["speed"]["compile"]["lora_refuses"] == 1
+    a, b = (read_video_frames(r.output_path).astype(int) for r in (eager_scheduled, scheduled))
+    assert abs(a - b).max() <= 2
     plain = orchestrator.generate_t2v("a cat", output_path=tmp_path / "plain.mp4", **{**kwargs, "lora_names": []})
     assert plain.extra["speed"]["compiled"] == ["transformer"] and len(graphs) == 1  # no recompile after LoRAs
     orchestrator.unload_model()

@@ -11,7 +11,7 @@
     GET  /metrics                  Prometheus text format (worker.live.metrics)
     GET  /healthz                  database reachable, worker loop alive, model state (503 when not healthy)
     GET  /, /static/NAME, /api/status   the status page, its files and its data
-    GET  /docs, /openapi.json      the API's documentation (FastAPI)
+    GET  /docs, /openapi.json      the API's documentation (FastAPI; Swagger UI's files served locally)
 
 Every route, the docs included, sits behind the token rule (worker.live.http_server). Errors are JSON
 `{"detail": message}`: a refused task gets the message the worker would write on its row; nothing
@@ -33,6 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 from fastapi import FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -47,6 +48,7 @@ STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; char
 LIST_LIMIT_MAX = 1000
 MAX_ID_CHARS = 128
 STATUSES = [s.value for s in TaskStatus]
+DOCS_STATIC_URL = "/docs-static"  # Swagger UI's script and stylesheet (fastapi_offline)
 
 
 class TaskSubmission(BaseModel):
@@ -170,12 +172,15 @@ def _plain_headers() -> list[tuple[bytes, bytes]]:
 
 def build_app(server: Any) -> ASGIApp:
     """The FastAPI application over a LiveServer (its repository, hub, sink, presets, metrics)."""
-    app = FastAPI(
+    # FastAPIOffline: FastAPI whose /docs loads Swagger UI from the installed package, not from a CDN, so the
+    # page works on a GPU box without internet access.
+    app = FastAPIOffline(
         title="wan-worker",
         summary="Queue Wan video generations and follow them",
         version="1",
         docs_url="/docs",
         redoc_url=None,
+        static_url=DOCS_STATIC_URL,
     )
     _add_error_handlers(app)
     _add_task_routes(app, server)
