@@ -272,7 +272,7 @@ class HeadlessTaskQueue:
         """Pending tasks by priority, the current task and model, counters, uptime and memory."""
         counts = self.repository.counts_by_status()
         worker, runner = self.worker, self.runner
-        current = worker.current_task if worker else None
+        current = (worker.current_task or worker.finishing_task) if worker else None
         return {
             "pending_by_priority": self.repository.queued_by_priority(),
             "pending": counts.get(TaskStatus.QUEUED.value, 0),
@@ -383,6 +383,10 @@ class HeadlessTaskQueue:
     def resident_model(self) -> str | None:
         """The model loaded on the device now (None before the first task or preload)."""
         return self.runner.resident_model() if self.runner else None
+
+    def seconds_since_loop_activity(self) -> float | None:
+        """Seconds since the worker loop last showed life (None before it starts): see /healthz."""
+        return self.worker.seconds_since_activity() if self.worker is not None else None
 
     @property
     def stop_requested(self) -> bool:

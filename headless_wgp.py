@@ -10,7 +10,8 @@ generations on it: text-to-video, VACE (control video + mask + reference images)
 4. encode the prompt once,
 5. denoise (progress/cancel per step, LoRA schedules; on out-of-memory 5-6 retry one memory profile lower),
 6. decode with the VAE,
-7. write the video atomically.
+7. write the video atomically (or, with `deferred_write`, hand the decoded frames back as a `PendingWrite`
+   whose `finish` writes them later on another thread: the worker overlaps it with its next task).
 Nothing here knows about the task queue.
 """
 
@@ -34,6 +35,7 @@ from wan_engine.experts import plan_experts
 from wan_engine.fp8 import check_fp8_device, fp8_from_env
 from wan_engine.generation_inputs import prepare_i2v_image, prepare_vace_inputs
 from wan_engine.generation_params import ResolvedParams, resolve_params
+from wan_engine.generation_run import PendingWrite
 from wan_engine.generation_types import GenerationResult, ProgressCallback, ProgressEvent
 from wan_engine.limits import (
     DEFAULT_CONTROL_SCALE,
@@ -60,7 +62,7 @@ from wan_engine.presets import BUILTIN_PRESETS_DIR, PresetRegistry, load_presets
 from wan_engine.video_io import OpenedInput
 from wan_engine.vram import estimate_vram
 
-__all__ = ["GenerationResult", "ProgressCallback", "ProgressEvent", "WanOrchestrator"]
+__all__ = ["GenerationResult", "PendingWrite", "ProgressCallback", "ProgressEvent", "WanOrchestrator"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +79,11 @@ class WanOrchestrator:
     directories allowed, later ones on top) layered on top. LoRAs are looked up by name in `loras_dir`
     (one folder or several, in order; default: the repository's `loras/`).
     `device` defaults to CUDA when available, else CPU; `dtype` to bfloat16 on CUDA and float32 on
-    CPU. Methods are serialised by a lock: one load or generation at a time.
+    CPU. Methods are serialised by a lock: one load or generation at a time (a `PendingWrite.finish`
+    runs outside it). `supports_deferred_write` tells the worker's runner it may pass `deferred_write=True`.
     """
+
+    supports_deferred_write = True
 
     def __init__(
         self,
@@ -248,8 +253,9 @@ class WanOrchestrator:
         *,
         output_path: Path,
         progress: ProgressCallback | None = None,
+        deferred_write: bool = False,
         **params: Any,
-    ) -> GenerationResult:
+    ) -> GenerationResult | PendingWrite:
         """Generate a video from text with the resident model and write it to `output_path`.
 
         `params` are the common task parameters (negative_prompt, resolution, video_length,
@@ -257,11 +263,17 @@ class WanOrchestrator:
         fps, lora_names, lora_multipliers); they override the preset's settings, which override the
         built-in defaults. A single frame is written as `<output_path stem>.png`. If `progress`
         raises, the exception propagates unchanged and no output file is left behind.
+
+        With `deferred_write=True` (every generate_* method) nothing is written yet: the call returns a
+        `PendingWrite` holding the decoded frames, whose `finish()` writes the video and returns the full
+        result, on any thread and without this orchestrator's lock (the worker's output finisher, issue 15).
         """
         with self._lock:
             loaded = self._require(T2V_ARCHITECTURES, "text-to-video")
             resolved = self._resolve(loaded, prompt, params)
-            return self._run(loaded, resolved, Path(output_path), progress, mode="t2v", call={})
+            return self._run(
+                loaded, resolved, Path(output_path), progress, mode="t2v", call={}, deferred=deferred_write
+            )
 
     def generate_vace(
         self,
@@ -273,8 +285,9 @@ class WanOrchestrator:
         control_scale: float = 1.0,
         output_path: Path,
         progress: ProgressCallback | None = None,
+        deferred_write: bool = False,
         **params: Any,
-    ) -> GenerationResult:
+    ) -> GenerationResult | PendingWrite:
         """VACE generation: follow a control video (`video_guide`), keep what `video_mask` marks black.
 
         Guide and mask may also be in-memory (F, H, W, 3) uint8 frames (travel segments build them).
@@ -321,6 +334,7 @@ class WanOrchestrator:
                 notes=notes,
                 inputs_seconds=time.perf_counter() - started,
                 num_reference_images=len(inputs.reference_images),
+                deferred=deferred_write,
             )
 
     def generate_i2v(
@@ -331,8 +345,9 @@ class WanOrchestrator:
         image_end: Path | OpenedInput | None = None,
         output_path: Path,
         progress: ProgressCallback | None = None,
+        deferred_write: bool = False,
         **params: Any,
-    ) -> GenerationResult:
+    ) -> GenerationResult | PendingWrite:
         """Image-to-video from `image_start`; with `image_end`, first-last-frame interpolation.
 
         Runs Wan 2.1 I2V / FLF2V (CLIP image encoder), Wan 2.2 I2V A14B (two experts; an end image
@@ -363,6 +378,7 @@ class WanOrchestrator:
                 notes=notes,
                 inputs_seconds=time.perf_counter() - started,
                 pipe=loaded.image_pipeline(),
+                deferred=deferred_write,
             )
 
     # ----- checks ----------------------------------------------------------------------------------
@@ -460,8 +476,11 @@ class WanOrchestrator:
         inputs_seconds: float = 0.0,
         num_reference_images: int = 0,
         pipe: Any = None,
-    ) -> GenerationResult:
-        """Steps 2-7 of the module docstring for every mode; step 1 (inputs) is the caller's."""
+        deferred: bool = False,
+    ) -> GenerationResult | PendingWrite:
+        """Steps 2-7 of the module docstring for every mode; step 1 (inputs) is the caller's.
+
+        `deferred`: step 7 is left to the returned `PendingWrite` (see `generate_t2v`)."""
         clock = gen.start_clock(loaded, inputs_seconds)  # 1. inputs were read in `inputs_seconds`
         # 2. Experts: which transformer runs each step (refuses step counts that repeat timesteps).
         plan = plan_experts(loaded, p)
@@ -481,21 +500,23 @@ class WanOrchestrator:
                 loaded, p, call=call, embeds=embeds, plan=plan, loras=loras, state=state, progress=progress, pipe=pipe
             )
             clock.mark("denoise")
-            # 6. Decode with the VAE.
+            # 6. Decode with the VAE. It stays on this call's critical path even when the write is deferred:
+            # it runs on the GPU the next task needs, and under the memory ladder (an OOM here steps down).
             return gen.decode(loaded, latents, num_reference_images, progress)
 
         # 5-6 run as one attempt: on out-of-memory, again one memory profile lower (same seed).
         profile = self._place(loaded, p)
         frames, profile, ladder = gen.memory_ladder(loaded, profile, attempt, on_retry=state.reset)
         clock.mark("decode")
-        # 7. Write atomically (temp name + rename).
-        written_path = gen.write(frames, output_path, p.fps, progress)
-        clock.mark("write")
-        return gen.build_result(
+        if not deferred:
+            # 7. Write atomically (temp name + rename).
+            output_path = gen.write(frames, output_path, p.fps, progress)
+            clock.mark("write")
+        result = gen.build_result(
             loaded,
             p,
             frames=frames,
-            written_path=written_path,
+            written_path=output_path,  # deferred: the requested path until the write ran
             clock=clock,
             state=state,
             plan=plan,
@@ -507,6 +528,8 @@ class WanOrchestrator:
             notes=notes,
             inputs_seconds=inputs_seconds,
         )
+        # 7, deferred: the caller writes later (PendingWrite.finish), off this lock and this thread.
+        return gen.defer_write(frames, output_path, p.fps, result, clock) if deferred else result
 
 
 def _control_scale(value: Any) -> float:

@@ -55,6 +55,7 @@ WAN_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 _WAN_CONFIG_KEYS = {"dim", "num_heads", "num_layers", "in_dim", "out_dim", "ffn_dim", "model_type"}
 _FP8_DTYPES = {"F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2"}
 _PLAIN_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+_STORED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # diffusers' converter leaves FLF2V's learnt image position embedding unnamed; its conversion script maps it so.
 _ORIGINAL_RENAMES = {"img_emb.emb_pos": "condition_embedder.image_embedder.pos_embed"}
 
@@ -513,7 +514,18 @@ def checkpoint_report(plans: Sequence[FilePlan], dtype: torch.dtype) -> dict[str
     }
     if report["layout"] is None:
         report["layout"] = sorted({p.layout for p in plans})
+    resident = str(dtype).removeprefix("torch.")
+    report["resident_dtype"] = resident
     if quantized:
-        report["dequantized_to"] = str(dtype).removeprefix("torch.")
+        report["dequantized_to"] = resident
         report["dequantized_weights"] = quantized
+    # One readable sentence of how the weights were loaded. Quantized files are dequantized once, not kept
+    # quantized: on an H200 the kept int8/fp8 kernels were no faster than bf16 (docs/BENCHMARKS.md, issue 14).
+    same = all(_STORED_DTYPES.get(p.format) == dtype for p in plans)
+    if quantized:
+        report["loaded_as"] = f"dequantized to {resident} at load ({quantized} quantized weights; not kept quantized)"
+    elif same:
+        report["loaded_as"] = f"as stored ({resident})"
+    else:
+        report["loaded_as"] = f"cast to {resident} at load"
     return report

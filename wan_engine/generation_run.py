@@ -3,16 +3,19 @@
 The numbers are those of the `headless_wgp` module docstring: 1. inputs (read by the generate_*
 methods; `start_clock` counts their time in the total), 2. experts (`wan_engine.experts.plan_experts`),
 3. `lora_requests` + `prepare_loras`, 4. `encode_prompt`, 5. `denoise`, 6. `decode` (5 and 6 run as one
-attempt under `memory_ladder`), 7. `write`; `build_result` then records what ran. Each step emits its
+attempt under `memory_ladder`), 7. `write`; `build_result` then records what ran. With `deferred_write`
+(the worker's output finisher, issue 15) step 7 is `defer_write`: a `PendingWrite` whose `finish` writes
+the video later, on another thread, and completes the result. Each step emits its
 progress event as it begins; the orchestrator marks the clock as each one ends.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,7 +42,7 @@ from wan_engine.pipeline_runtime import LoadedModel, decode_latents, encode_prom
 from wan_engine.single_file import checkpoint_reports
 from wan_engine.solvers import solver_scheduler
 from wan_engine.speed import task_compile
-from wan_engine.video_io import mp4_encoding, write_video
+from wan_engine.video_io import StagedOutputs, active_staging, mp4_encoding, write_video
 
 logger = logging.getLogger("headless_wgp")  # the orchestrator's logger: its log lines keep their source name
 
@@ -83,17 +86,21 @@ class RunClock:
         self.marks[step] = time.perf_counter()
 
     def timings(self, inputs_seconds: float, step_times: list[float]) -> dict[str, Any]:
-        """Seconds per step, the total and the per-step denoising times, as result.timings records them."""
+        """Seconds per step, the total and the per-step denoising times, as result.timings records them.
+
+        Before a deferred write ran (`PendingWrite`), `write` is None and `total` ends with the decode;
+        `PendingWrite.finish` fills both in when the write really ran."""
         m = self.marks
         steps = len(step_times)
+        end = m.get("write", m["decode"])
         return {
             "inputs": inputs_seconds,
             "loras": m["loras"] - m["prepared"],
             "encode": m["encode"] - m["loras"],
             "denoise": m["denoise"] - m["encode"],
             "decode": m["decode"] - m["denoise"],
-            "write": m["write"] - m["decode"],
-            "total": m["write"] - self.started,
+            "write": m["write"] - m["decode"] if "write" in m else None,
+            "total": end - self.started,
             "step_times": step_times,
             "mean_step": sum(step_times) / steps if steps else None,
         }
@@ -327,6 +334,73 @@ def write(frames: np.ndarray, output_path: Path, fps: int, progress: ProgressCal
     return write_video(frames, output_path, fps)
 
 
+# Test hook of the kill -9 suite (tests/reliability/test_crash_output_stage.py): a deferred write sends half its
+# frames, creates `<dir>/<stem>.paused` and waits for `<dir>/<stem>.resume`, so a test can SIGKILL the worker
+# while an output is half-encoded on the finisher thread. Unset (always, outside that suite): no effect.
+PAUSE_IN_WRITE_ENV = "WAN_TEST_PAUSE_IN_WRITE"
+
+
+def _paused_midway(frames: np.ndarray, stem: str, check: Callable[[], None] | None) -> Iterator[np.ndarray]:
+    """`frames` one by one, `check` before each (a cancel raises out of the encode); the test pause midway."""
+    pause_dir = os.environ.get(PAUSE_IN_WRITE_ENV)
+    for index, frame in enumerate(frames):
+        if check is not None:
+            check()
+        if pause_dir and index == max(1, len(frames) // 2):
+            _wait_for_resume(Path(pause_dir), stem, check)
+        yield frame
+
+
+def _wait_for_resume(directory: Path, stem: str, check: Callable[[], None] | None) -> None:
+    (directory / f"{stem}.paused").touch()
+    logger.warning("test hook %s: write of %s paused", PAUSE_IN_WRITE_ENV, stem)
+    while not (directory / f"{stem}.resume").exists():
+        if check is not None:
+            check()
+        time.sleep(0.05)
+
+
+@dataclass
+class PendingWrite:
+    """A generation whose frames are decoded but not yet written (`deferred_write=True`, issue 15).
+
+    Steps 1-6 ran on the caller's thread (the VAE decode too: it needs the GPU the next task needs); `finish`
+    runs step 7 (the CPU-bound MP4 encode and write) on any thread, without the orchestrator's lock, and
+    returns the full `GenerationResult`. `result` was built when the decode ended, so everything measured on
+    the device (peak VRAM, the compile decision) is this generation's, whatever runs on the GPU meanwhile.
+    """
+
+    frames: np.ndarray  # (F, H, W, 3) as decoded: float in [0, 1] (or uint8)
+    output_path: Path
+    fps: int
+    result: GenerationResult  # timings' write None, total up to the decode
+    clock: RunClock
+    staging: StagedOutputs | None  # the runner's staged_outputs() block, captured on its thread
+
+    def finish(
+        self, progress: ProgressCallback | None = None, check: Callable[[], None] | None = None
+    ) -> GenerationResult:
+        """Write the video (staged when the generation ran in a staging block) and return the result.
+
+        `check` runs before each frame is encoded: whatever it raises (a cancel) stops the write and removes the
+        partial file. `write` and `total` in the timings are measured here, when the write really ran."""
+        emit(progress, "writing_video")
+        started = time.perf_counter()
+        frames = _paused_midway(self.frames, self.output_path.stem, check)
+        written = write_video(frames, self.output_path, self.fps, staging=self.staging)
+        self.clock.mark("write")
+        ended = self.clock.marks["write"]
+        timings = {**self.result.timings, "write": ended - started, "total": ended - self.clock.started}
+        extra = {
+            **self.result.extra,
+            "write_overlapped": True,  # encoded on the worker's finisher thread while the next task ran
+            "write_queued_s": round(started - self.clock.marks["decode"], 4),  # decode end -> write start
+        }
+        result = replace(self.result, output_path=written, timings=timings, extra=extra)
+        _log_finished(result)
+        return result
+
+
 # ----- the result ----------------------------------------------------------------------------------------
 
 
@@ -391,8 +465,25 @@ def build_result(
             for record in describe_loras(loras.state, loras.requests, plan.experts, plan.dual)
         ],
     )
+    if "write" in clock.marks:
+        _log_finished(result)
+    return result
+
+
+def _log_finished(result: GenerationResult) -> None:
     seconds = round(result.timings["total"], 3)
     logger.info(
-        "generation finished", extra={"model": result.model, "mode": mode, "seed": result.seed, "seconds": seconds}
+        "generation finished",
+        extra={"model": result.model, "mode": result.mode, "seed": result.seed, "seconds": seconds},
     )
-    return result
+
+
+def defer_write(
+    frames: np.ndarray, output_path: Path, fps: int, result: GenerationResult, clock: RunClock
+) -> PendingWrite:
+    """7. deferred: the decoded frames and `result` (built now) as a `PendingWrite`; the write runs later."""
+    staging = active_staging()  # a ContextVar: the finisher thread would not see the runner's block
+    # Kept as decoded (float): the uint8 conversion runs frame by frame in the writer, off the critical path
+    # (a whole-array conversion took 0.9 s for 81 frames of 832x480 on a 2-core host). At most one write is
+    # pending per worker, so this is one video's frames held a little longer.
+    return PendingWrite(frames, Path(output_path), fps, result, clock, staging)

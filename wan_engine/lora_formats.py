@@ -2,8 +2,9 @@
 
 diffusers' `WanLoraLoaderMixin` reads three layouts: diffusers/peft names under `transformer.`, the original
 Wan names under `diffusion_model.` (ComfyUI, Kijai, lightx2v: `lora_down`/`lora_up` or `lora_A`/`lora_B`,
-`alpha`, `diff_b`), and musubi-tuner's `lora_unet_*`. `normalize_lora` brings the other layouts users have
-to one of those:
+`alpha`, `diff_b`), and musubi-tuner's `lora_unet_*` (renamed here to the original names: diffusers' musubi
+converter needs both attentions in every block). `normalize_lora` brings the other layouts users have to one
+of those:
 
 - DiffSynth-Studio: peft adapters saved from its own WanModel, original names without a prefix and with
   peft's adapter name: `blocks.N.self_attn.q.lora_A.default.weight` (or without `.default`);
@@ -15,11 +16,12 @@ diffusers drops the full weight deltas some LoRAs carry (lightx2v, CausVid, AccV
 block's modulation table, `blocks.N.modulation`). `split_weight_deltas` takes them out; `DeltaTable`
 applies them as `weight = original + sum(multiplier * delta)` and puts the original back exactly.
 
-Layouts that stay unsupported (LyCORIS LoKr / LoHa) are refused with a message naming them.
+Layouts that stay unsupported (LyCORIS LoKr / LoHa, DoRA) are refused with a message naming them.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,11 +48,46 @@ _ORIGINAL_MARKS = (
 )
 _DIFFUSERS_MARKS = (".attn1.", ".attn2.", ".ffn.net.", "condition_embedder.", "proj_out.", ".scale_shift_table")
 _LYCORIS = {
-    "LoKr": (".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w2_a"),
-    "LoHa": (".hada_w1_a", ".hada_w1_b", ".hada_w2_a"),
+    "LyCORIS LoKr": (".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w2_a"),
+    "LyCORIS LoHa": (".hada_w1_a", ".hada_w1_b", ".hada_w2_a"),
+    "DoRA": (".dora_scale",),
 }
 _DELTA_SUFFIXES = (".diff", ".diff_b", ".diff_m")
 _PAIR = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.")
+
+
+# musubi-tuner / kohya module names are the original Wan names with "_" for ".": where each dot goes.
+_MUSUBI_MODULES = (
+    (
+        re.compile(r"^blocks_(\d+)_(self_attn|cross_attn)_(q|k|v|o|k_img|v_img|norm_q|norm_k|norm_k_img)$"),
+        r"blocks.\1.\2.\3",
+    ),
+    (re.compile(r"^blocks_(\d+)_ffn_(\d+)$"), r"blocks.\1.ffn.\2"),
+    (re.compile(r"^blocks_(\d+)_(norm3|modulation)$"), r"blocks.\1.\2"),
+    (re.compile(r"^(text_embedding|time_embedding|time_projection)_(\d+)$"), r"\1.\2"),
+    (re.compile(r"^img_emb_proj_(\d+)$"), r"img_emb.proj.\1"),
+    (re.compile(r"^head_head$"), "head.head"),
+    (re.compile(r"^patch_embedding$"), "patch_embedding"),
+)
+
+
+def _musubi_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """musubi's `lora_unet_blocks_0_self_attn_q.lora_down.weight` as `diffusion_model.blocks.0.self_attn.q...`.
+
+    diffusers' own musubi converter expects every block to have both attentions' pairs (a LoRA of the
+    self-attention only fails with a KeyError); the original-layout converter takes any subset. None when a
+    key is not a Wan module name (left to diffusers as it is).
+    """
+    out = {}
+    for key, value in state.items():
+        module, dot, rest = key.removeprefix("lora_unet_").partition(".")
+        for pattern, replacement in _MUSUBI_MODULES:
+            if pattern.match(module):
+                out[f"{_ORIGINAL_PREFIX}{pattern.sub(replacement, module)}{dot}{rest}"] = value
+                break
+        else:
+            return None
+    return out
 
 
 def _strip_prefix(key: str) -> str:
@@ -71,16 +108,19 @@ def normalize_lora(state: dict[str, torch.Tensor], name: str) -> tuple[dict[str,
     for kind, suffixes in _LYCORIS.items():
         if any(k.endswith(suffixes) for k in keys):
             raise InvalidRequestError(
-                f"LoRA {name!r} is a LyCORIS {kind} file ({next(k for k in keys if k.endswith(suffixes))}): not "
+                f"LoRA {name!r} is a {kind} file ({next(k for k in keys if k.endswith(suffixes))}): not "
                 "supported. Convert it to a plain LoRA (lora_A/lora_B or lora_down/lora_up) or use another file."
             )
     if any(k.startswith("lora_unet_") for k in keys):
-        return state, "musubi"
+        converted = _musubi_to_original(state)
+        return (converted, "musubi") if converted is not None else (state, "musubi")
     diffsynth = any(".default." in k for k in keys)
     renamed = {}
     for key, value in state.items():
         for part in (".lora_A", ".lora_B", ".lora_down", ".lora_up"):
             key = key.replace(f"{part}.default.", f"{part}.")
+            # `.lora.A.weight` / `.lora.down.weight`: the dotted spelling Wan2GP's loader (mmgp) also reads.
+            key = key.replace(part.replace("_", ".", 1) + ".", part + ".")
         renamed[key] = value
     bare = {_strip_prefix(k): v for k, v in renamed.items()}
     original = any(m in k for k in bare for m in _ORIGINAL_MARKS)

@@ -259,6 +259,15 @@ def unload_all(pipe: Any, state: LoraState) -> None:
     state.key, state.loaded, state.current, state.deltas = (), [], {}, {}
 
 
+def _no_layer_message(request: LoraRequest, expert: Expert, layout: str, raw: dict[str, Any]) -> str:
+    return (
+        f"LoRA {request.name!r} ({request.path}) matches no layer of the model's {_COMPONENTS[expert]} "
+        f"({layout} key layout, {describe_keys(raw)}): it was made for another model family, or its "
+        "layout is not one of diffusers/peft, original Wan (ComfyUI, Kijai, lightx2v), musubi-tuner or "
+        "DiffSynth. Use a Wan LoRA of this model's size in one of those layouts."
+    )
+
+
 def _load_one(pipe: Any, index: int, request: LoraRequest, experts: tuple[Expert, ...], state: LoraState) -> LoadedLora:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -287,18 +296,15 @@ def _load_one(pipe: Any, index: int, request: LoraRequest, experts: tuple[Expert
                         dict(state_dict), adapter_name=adapter, load_into_transformer_2=expert == "low"
                     )
             except (ValueError, KeyError, IndexError, RuntimeError) as exc:  # malformed or mismatched tensors
+                if layout == "unknown" or "not found in the base model" in str(exc):  # peft: no target module
+                    raise InvalidRequestError(_no_layer_message(request, expert, layout, raw)) from exc
                 raise InvalidRequestError(
                     f"LoRA {request.name!r} ({layout} layout) cannot be applied to this model: {exc!r}"
                 ) from exc
             peft_layers[expert] = _count_layers(module, adapter)
         if peft_layers[expert] == 0 and not deltas:
             # diffusers only warns when no key matches: a silent no-op LoRA would be a fake result.
-            raise InvalidRequestError(
-                f"LoRA {request.name!r} ({request.path}) matches no layer of the model's {_COMPONENTS[expert]} "
-                f"({layout} key layout, {describe_keys(raw)}): it was made for another model family, or its "
-                "layout is not one of diffusers/peft, original Wan (ComfyUI, Kijai, lightx2v), musubi-tuner or "
-                "DiffSynth."
-            )
+            raise InvalidRequestError(_no_layer_message(request, expert, layout, raw))
         table = state.deltas.setdefault(expert, DeltaTable(module))
         layers[expert] = peft_layers[expert] + (table.add(adapter, deltas, request.name) if deltas else 0)
     return LoadedLora(request.name, request.path, adapter, experts, layers, peft_layers, layout)

@@ -6,7 +6,9 @@ A source is one of
   and in the local HF cache;
 - a single-file `.safetensors` transformer (original Wan or ComfyUI layout): a path, a repo file
   `owner/name/file.safetensors`, or a `https://huggingface.co/<owner>/<name>/resolve/<rev>/<file>` URL
-  (Wan2GP style), looked up under the models dir (full path, then file name) and in the HF cache.
+  (Wan2GP style), looked up under the models dir (full path, then file name, then the file name in
+  ComfyUI's `diffusion_models/` and `unet/` folders, so --models-dir may be a ComfyUI `models/`) and
+  in the HF cache.
   The rest of the pipeline (VAE, text encoder, tokenizer, scheduler) and the transformer's config come
   from the preset's `model.base` diffusers folder / repo id (default: the `URLs` folder, when that is one).
 
@@ -54,6 +56,8 @@ DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
 DOWNLOAD_HOSTS_ENV = "WAN_DOWNLOAD_HOSTS"
 DEFAULT_DOWNLOAD_HOSTS = ("huggingface.co",)
 Status = Literal["present", "missing", "corrupted"]
+# ComfyUI's folders of diffusion-model files under its models/ (unet/ is the older name).
+COMFYUI_MODEL_FOLDERS = ("diffusion_models", "unet")
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,7 @@ def candidate_paths(source: str, models_dir: Path) -> list[Candidate]:
         name = Path(parsed.filename).name
         candidates = [_candidate(models_dir / parsed.repo_id / parsed.filename, "models dir")]
         candidates.append(_candidate(models_dir / name, "models dir"))
+        candidates += [_candidate(models_dir / sub / name, "models dir") for sub in COMFYUI_MODEL_FOLDERS]
         cached = _hf_cache_file(parsed.repo_id, parsed.filename, parsed.revision)
         where = cached or _hf_cache_dir(parsed.repo_id) / "snapshots" / "<revision>" / parsed.filename
         candidates.append(Candidate(where, "HF cache", cached is not None))
@@ -214,6 +219,8 @@ def candidate_paths(source: str, models_dir: Path) -> list[Candidate]:
     if path.is_absolute():
         return [_candidate(path, "file" if parsed.is_file else "folder")]
     candidates = [_candidate(models_dir / path, "models dir")]
+    if parsed.is_file and len(path.parts) == 1:
+        candidates += [_candidate(models_dir / sub / path, "models dir") for sub in COMFYUI_MODEL_FOLDERS]
     if parsed.kind == "repo":
         assert parsed.repo_id is not None
         candidates.append(_candidate(models_dir / parsed.repo_id.split("/", 1)[1], "models dir"))

@@ -216,11 +216,15 @@ def _write_mp4(frames: Iterator[np.ndarray], first: np.ndarray, tmp: Path, fps: 
         raise full from exc
 
 
-def write_video(frames: np.ndarray | Iterable[np.ndarray], path: Path, fps: int) -> Path:
+def write_video(
+    frames: np.ndarray | Iterable[np.ndarray], path: Path, fps: int, *, staging: StagedOutputs | None = None
+) -> Path:
     """Write frames (F, H, W, 3) uint8 or float in [0, 1] to `path`; return the path written.
 
     One frame is written as a PNG (`path` with suffix `.png`), more as an H.264 MP4 (yuv420p, no
-    resizing). The file appears under its final name only once complete.
+    resizing). The file appears under its final name only once complete. `staging` (default: the
+    enclosing `staged_outputs()` block's) keeps the finished file staged instead; a write that runs on
+    another thread than the block (the worker's output finisher) passes the block's `StagedOutputs` here.
     """
     path = Path(path)
     iterator = _frames_iter(frames)
@@ -233,7 +237,7 @@ def write_video(frames: np.ndarray | Iterable[np.ndarray], path: Path, fps: int)
     elif path.suffix.lower() != ".mp4":
         path = path.with_suffix(".mp4")
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = _STAGING.get()
+    staging = staging if staging is not None else _STAGING.get()
     tmp = staging.path_for(path) if staging is not None else partial_path_for(path)
     try:
         if second is None:

@@ -266,6 +266,11 @@ def test_quanto_int8_bf16_keeps_fp32_modules_like_from_pretrained(models: Path) 
     }
     _assert_same_state(loaded, reference)
     assert loaded.wan_checkpoint["dequantized_to"] == "bfloat16"
+    # result_data says what was read and how it was loaded (issue 14): dequantized to bf16, not kept int8.
+    assert loaded.wan_checkpoint["checkpoint_format"] == "quanto_int8"
+    assert loaded.wan_checkpoint["resident_dtype"] == "bfloat16"
+    assert loaded.wan_checkpoint["loaded_as"].startswith("dequantized to bfloat16 at load (")
+    assert loaded.wan_checkpoint["loaded_as"].endswith("quantized weights; not kept quantized)")
 
 
 def test_quanto_preset_generates_the_frames_of_its_folder_and_reports_the_format(models: Path, tmp_path: Path) -> None:
@@ -282,6 +287,7 @@ def test_quanto_preset_generates_the_frames_of_its_folder_and_reports_the_format
     assert np.abs(plain.astype(np.float32) - frames.astype(np.float32)).max() > 0  # int8 really differs
     report = result["extra"]["checkpoint"]["transformer"]
     assert report["checkpoint_format"] == "quanto_int8" and report["dequantized_to"] == "float32"
+    assert report["loaded_as"].startswith("dequantized to float32 at load")
     assert report["files"] == [str(models / "ckpts" / "wan2.1_text2video_tiny_quanto_mbf16_int8.safetensors")]
     assert ref_result["extra"]["checkpoint"] is None
 
@@ -316,12 +322,14 @@ def test_fp8_scaled_preset_generates_the_frames_of_its_folder(models: Path, tmp_
 
 def test_unscaled_fp8_and_fp16_files_still_load(models: Path, tiny_models_dir: Path, tmp_path: Path) -> None:
     t2v = _transformer(tiny_models_dir, T2V)
-    for dtype, fmt in ((torch.float8_e4m3fn, "fp8_e4m3fn"), (torch.float16, "fp16")):
+    loads = {"fp8_e4m3fn": "cast to float32 at load", "fp16": "cast to float32 at load", "fp32": "as stored (float32)"}
+    for dtype, fmt in ((torch.float8_e4m3fn, "fp8_e4m3fn"), (torch.float16, "fp16"), (torch.float32, "fp32")):
         state = {COMFYUI_PREFIX + k: v.to(dtype) if v.dim() == 2 else v for k, v in _original_state(t2v).items()}
         path = tmp_path / f"t2v_{fmt}.safetensors"
         save_file(state, str(path))
         loaded = load_single_file_transformer(path, WanTransformer3DModel, models / T2V, "transformer", torch.float32)
         assert loaded.wan_checkpoint["checkpoint_format"] == fmt and "dequantized_to" not in loaded.wan_checkpoint
+        assert loaded.wan_checkpoint["loaded_as"] == loads[fmt]
         want = {k: state[COMFYUI_PREFIX + diffusers_key_to_wan(k)].float() for k in loaded.state_dict()}
         assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
 

@@ -16,6 +16,7 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
 from headless_wgp import WanOrchestrator
+from tests.support import real_formats as rf
 from wan_engine.errors import InvalidRequestError
 from wan_engine.lora_formats import DeltaTable, normalize_lora, split_weight_deltas
 from wan_engine.presets import BUILTIN_PRESETS_DIR, PresetRegistry, load_presets
@@ -24,60 +25,13 @@ from wan_engine.video_io import read_video_frames
 
 PROMPT = "a paper boat on a river"
 T2V = "tiny-wan2.1-t2v"
-INNER = 24  # 2 heads x 12 (wan_engine.tiny_models)
-PROJECTIONS = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o"}
 
 
-def lora_pairs(seed: int, rank: int = 4) -> dict[str, torch.Tensor]:
-    """Self-attention LoRA of both tiny blocks in diffusers/peft names (`transformer.blocks.N.attn1.to_q...`)."""
-    generator = torch.Generator().manual_seed(seed)
-    weights = {}
-    for block in range(2):
-        for proj in PROJECTIONS:
-            prefix = f"transformer.blocks.{block}.attn1.{proj}"
-            weights[f"{prefix}.lora_A.weight"] = torch.randn(rank, INNER, generator=generator)
-            weights[f"{prefix}.lora_B.weight"] = torch.randn(INNER, rank, generator=generator)
-    return weights
-
-
-def as_diffsynth(weights: dict[str, torch.Tensor], *, default: bool = True) -> dict[str, torch.Tensor]:
-    """The same LoRA as DiffSynth-Studio saves it: peft on its WanModel (original names, no prefix), with the
-    peft adapter name `default` in every key (`blocks.0.self_attn.q.lora_A.default.weight`)."""
-    out = {}
-    for key, value in weights.items():
-        _, _, block, _, proj, *_rest = key.split(".")
-        kind = "lora_A" if "lora_A" in key else "lora_B"
-        name = f"blocks.{block}.self_attn.{PROJECTIONS[proj] if proj != 'to_out' else 'o'}.{kind}"
-        out[f"{name}.default.weight" if default else f"{name}.weight"] = value
-    return out
-
-
-def deltas(seed: int) -> dict[str, torch.Tensor]:
-    """lightx2v-style full deltas in original names: norm weights and biases, the blocks' modulation tables."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator) * 0.5
-
-    return {
-        "diffusion_model.blocks.0.norm3.diff": rand(INNER),
-        "diffusion_model.blocks.0.norm3.diff_b": rand(INNER),
-        "diffusion_model.blocks.1.self_attn.norm_q.diff": rand(INNER),
-        "diffusion_model.blocks.1.cross_attn.norm_k.diff": rand(INNER),
-        "diffusion_model.blocks.0.diff_m": rand(1, 6, INNER),
-        "diffusion_model.blocks.1.modulation.diff_m": rand(1, 6, INNER),
-    }
-
-
-# diffusers names of the weights `deltas` changes.
-DELTA_TARGETS = {
-    "diffusion_model.blocks.0.norm3.diff": "blocks.0.norm2.weight",
-    "diffusion_model.blocks.0.norm3.diff_b": "blocks.0.norm2.bias",
-    "diffusion_model.blocks.1.self_attn.norm_q.diff": "blocks.1.attn1.norm_q.weight",
-    "diffusion_model.blocks.1.cross_attn.norm_k.diff": "blocks.1.attn2.norm_k.weight",
-    "diffusion_model.blocks.0.diff_m": "blocks.0.scale_shift_table",
-    "diffusion_model.blocks.1.modulation.diff_m": "blocks.1.scale_shift_table",
-}
+# The builders of these layouts live in tests/support/real_formats.py (shared with the issue-14 case matrix).
+lora_pairs = rf.lora_pairs
+as_diffsynth = rf.as_diffsynth
+deltas = rf.norm_deltas
+DELTA_TARGETS = rf.DELTA_TARGETS
 
 
 def _presets(tmp_path: Path, **models: dict) -> PresetRegistry:

@@ -249,3 +249,20 @@ class TcpRelay:
         self._closed = True
         self.down()
         self._listener.close()
+
+
+# ---- the output stage (issue 15) ---------------------------------------------------------------------
+
+
+def pause_writes_env(directory: Path) -> dict[str, str]:
+    """The environment that makes a worker's deferred writes pause half-way (wan_engine.generation_run's
+    `WAN_TEST_PAUSE_IN_WRITE` hook): `<directory>/<stem>.paused` appears, the write waits for `<stem>.resume`."""
+    from wan_engine.generation_run import PAUSE_IN_WRITE_ENV
+
+    directory.mkdir(parents=True, exist_ok=True)
+    return {PAUSE_IN_WRITE_ENV: str(directory)}
+
+
+def resume_write(directory: Path, stem: str) -> None:
+    """Let the paused (or a future) deferred write of output `stem` go on."""
+    (directory / f"{stem}.resume").touch()

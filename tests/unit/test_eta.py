@@ -1,36 +1,59 @@
 """worker.live.eta: learned and static time estimates; the ETA error figure on tiny real models.
 
+The stage split (a compile or a LoRA fuse in step 1 never learned as step time, loads and compiles per
+model), the stage walk while a task runs, the queue walk in claim order (switches, compiles, a travel
+orchestrator's segments), the static H200 calibration, and two threads at once (a finished task's write
+beside the next task's steps). tests/unit/test_eta_replay.py replays a whole scripted H200 queue.
+
 The figure: a worker runs the same kind of task several times on the tiny Wan model (real diffusers
-pipeline, CPU). The first task is predicted from the static FLOP estimate, every later one from the
-timings the earlier ones left in the `eta_stats` table. Printed with `-s`:
+pipeline, CPU). The first tasks are predicted from the static FLOP estimate (the second starts while the
+first one's video is still being written), every later one from the timings the earlier ones left in
+the `eta_stats` table. Printed with `-s`:
 
     task  basis               predicted  actual  error
 """
 
 from __future__ import annotations
 
+import json
 import statistics
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.db import migrated_engine
 from worker.live.eta import (
     EtaEstimator,
     PresetShapes,
     StageTimes,
     TaskShape,
+    merge_model_sample,
     merge_sample,
+    row_device,
     sample_from_result,
 )
-from worker.live.eta_static import step_flops
+from worker.live.eta_static import ModelSizes, StaticCostModel, static_times, step_flops
+from worker.store.repository import SqlTaskRepository
 from worker.task import Task, TaskStatus
 
 SHAPE = TaskShape("tiny_t2v", 64, 48, 9, 4, "cpu")
+H200 = "NVIDIA H200"
+TEXT, VAE = 5_680_910_336, 126_892_531
+SMALL_TEXT = 385_000_000  # the benchmarks' small random UMT5 (0.77 GB): a 4.1 GB pipeline, loads in a few s
+WAN_1_3B = ModelSizes(1_418_996_800, 30, 1536, VAE, SMALL_TEXT, 2 * 1_418_996_800 + 4 * VAE + 2 * SMALL_TEXT)
+WAN_14B = ModelSizes(14_288_491_584, 40, 5120, VAE, TEXT, 2 * 14_288_491_584 + 4 * VAE + 2 * TEXT)
+SIZES = {"t2v_1.3B": WAN_1_3B, "t2v": WAN_14B, "vace_1.3B": WAN_1_3B}
 
 
-def task(task_id: str = "a", params: str = '{"model": "tiny_t2v", "prompt": "x"}') -> Task:
-    return Task(task_id, "t2v", params, TaskStatus.QUEUED)
+def task(task_id: str = "a", params: str = '{"model": "tiny_t2v", "prompt": "x"}', kind: str = "t2v") -> Task:
+    return Task(task_id, kind, params, TaskStatus.QUEUED)
+
+
+def t2v(task_id: str, **params: Any) -> Task:
+    base = {"model": "t2v_1.3B", "prompt": "x", "resolution": "832x480", "video_length": 81}
+    return task(task_id, json.dumps({**base, "num_inference_steps": 20, **params}))
 
 
 class Clock:
@@ -41,128 +64,129 @@ class Clock:
         return self.now
 
 
-def estimator_with(times: StageTimes | None, clock: Clock, shape: TaskShape = SHAPE) -> EtaEstimator:
-    estimator = EtaEstimator(None, lambda _task: shape, "cpu", None, clock=clock)
-    estimator.times_for = lambda _shape: times  # type: ignore[method-assign]
-    return estimator
+@pytest.fixture(scope="module")
+def builtin_presets() -> Any:
+    from wan_engine.presets import load_presets
+
+    return load_presets()
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> SqlTaskRepository:
+    return SqlTaskRepository(migrated_engine(f"sqlite:///{tmp_path / 'tasks.db'}"))
+
+
+def h200(repository: SqlTaskRepository, presets: Any, tmp_path: Path, clock: Clock | None = None) -> EtaEstimator:
+    """The real estimator on an H200 with the real static model over full-size architectures."""
+    static = StaticCostModel(presets, tmp_path, H200, sizes_of=SIZES.get)
+    return EtaEstimator(repository, PresetShapes(presets, "gpu"), H200, static, clock=clock or Clock())
+
+
+def learn(repository: SqlTaskRepository, model: str, resolution: str, frames: int, **values: Any) -> None:
+    key = {
+        "model": model,
+        "resolution": resolution,
+        "frames": frames,
+        "memory_profile": "cpu",
+        "device": row_device("cpu"),
+    }
+    repository.update_eta_stats(key, lambda _old: {"samples": 3, **values})
+
+
+def result(step_times: list[float], **extra: Any) -> dict[str, Any]:
+    timings = {"inputs": 0.1, "loras": 0.0, "encode": 0.5, "decode": 2.0, "write": 0.3, "step_times": step_times}
+    timings["total"] = 2.9 + sum(step_times)
+    return {
+        "model": "t2v_1.3B",
+        "resolution": "832x480",
+        "frames": 81,
+        "memory_profile": "gpu",
+        "guidance_scale": 5.0,
+        "timings": timings,
+        "model_loaded": False,
+        "load_seconds": 0.0,
+        "extra": {"transformer_calls_per_step": [2] * len(step_times)},
+        **extra,
+    }
+
+
+def speed(compiled: bool, expected_compile_s: float = 0.0) -> dict[str, Any]:
+    brief = {"dynamic": "mark", "compiled": compiled, "layout": "L", "expected_compile_s": expected_compile_s}
+    return {"enabled": True, "compiled": ["transformer"] if compiled else [], "compile": brief}
 
 
 # ---- learning from results ----------------------------------------------------------------------------
 
 
-def test_sample_separates_the_first_step_and_the_worker_overhead() -> None:
-    result = {
-        "timings": {
-            "inputs": 0.1,
-            "loras": 0.0,
-            "encode": 0.5,
-            "decode": 2.0,
-            "write": 0.3,
-            "total": 6.9,
-            "step_times": [1.5, 1.0, 1.0, 1.0],
-        },
-        "model_loaded": True,
-        "load_seconds": 3.0,
-    }
-    sample = sample_from_result(result, wall_s=10.4)
-    assert sample["step_s"] == pytest.approx(1.0)
-    assert sample["first_step_extra_s"] == pytest.approx(0.5)
-    assert sample["load_s"] == 3.0
-    assert sample["other_s"] == pytest.approx(0.1 + (10.4 - 6.9 - 3.0))
-    assert sample_from_result({**result, "model_loaded": False})["load_s"] is None
+def test_a_compile_in_step_one_is_the_models_compile_never_step_time() -> None:
+    compiled = result([12.0, 1.0, 1.1, 1.0, 0.9], extra={"speed": speed(True, 10.0)})
+    sample = sample_from_result(compiled, wall_s=30.0)
+    assert sample["step_s"] == pytest.approx(1.0 / 2)  # the median step, per forward (CFG: two)
+    assert sample["compile_s"] == pytest.approx(11.0) and sample["first_step_extra_s"] is None
+    assert sample["other_s"] == pytest.approx(0.1 + 30.0 - compiled["timings"]["total"])
+    warm = sample_from_result(result([1.2, 1.0, 1.0], extra={"speed": speed(True)}))
+    assert warm["compile_s"] is None and warm["first_step_extra_s"] == pytest.approx(0.2)  # warm-up only
+    eager = sample_from_result(result([1.26, 1.26, 1.26], extra={"speed": speed(False)}))
+    assert eager["step_s"] == pytest.approx(1.26 * 0.84 / 2)  # learned as the compiled step it would be
 
 
-def test_merge_is_a_mean_at_first_then_an_exponential_average() -> None:
-    row = merge_sample(None, {"step_s": 1.0, "load_s": None})
-    assert row["samples"] == 1 and row["step_s"] == 1.0 and row["load_s"] is None
-    row = merge_sample(row, {"step_s": 2.0, "load_s": 5.0})
-    assert row["samples"] == 2 and row["step_s"] == pytest.approx(1.5) and row["load_s"] == 5.0
-    row = merge_sample(row, {"step_s": 3.5})
-    assert row["step_s"] == pytest.approx(2.5)  # weight max(1/3, 1/2)
-    row = merge_sample({**row, "samples": 10}, {"step_s": 4.0})
-    assert row["step_s"] == pytest.approx(2.5 + 0.5 * 1.5)  # weight floor: follows drift
-    assert row["load_s"] == 5.0  # a task that loaded nothing keeps the known load time
+def test_loads_and_loras_are_the_models_costs() -> None:
+    loaded = sample_from_result(result([1.5, 1.0, 1.0], model_loaded=True, load_seconds=3.0), wall_s=10.0)
+    assert loaded["cold"] and loaded["load_s"] == 3.0 and loaded["first_step_extra_s"] is None
+    lora = result([1.1, 1.0, 1.0], loras=[{"name": "a"}, {"name": "b"}])
+    lora["timings"]["loras"] = 0.6
+    sample = sample_from_result(lora)
+    assert sample["lora_load_s"] == pytest.approx(0.3) and sample["lora_step_s"] == pytest.approx(0.1)
+    assert sample["first_step_extra_s"] is None  # the fuse is not the kind's warm-up
+    row = merge_model_sample(None, {"load_s": 3.0, "compile_s": 10.0})
+    row = merge_model_sample(row, {"reload_s": 0.2, "load_s": 5.0})
+    assert (row["load_s"], row["other_s"], row["first_step_extra_s"]) == (4.0, 0.2, 10.0)  # MODEL_COLUMNS
 
 
-def test_a_cold_run_stands_in_until_a_warm_one_and_then_charges_its_extra_to_the_load() -> None:
-    cold = {"step_s": 2.0, "encode_s": 3.0, "load_s": 4.0, "steps": 2, "cold": True}
-    row = merge_sample(None, cold)
-    assert row["samples"] == 0 and row["step_s"] == 2.0 and row["encode_s"] == 3.0 and row["load_s"] == 4.0
-    row = merge_sample(row, {"step_s": 1.0, "encode_s": 1.0, "steps": 2, "cold": False})
+def test_kind_rows_average_and_a_cold_run_stands_in_until_a_warm_one() -> None:
+    row = merge_sample(None, {"step_s": 2.0, "encode_s": 3.0, "cold": True})
+    assert row["samples"] == 0 and row["step_s"] == 2.0  # the first run after a load stands in
+    row = merge_sample(row, {"step_s": 1.0, "encode_s": 1.0})
     assert row["samples"] == 1 and row["step_s"] == 1.0 and row["encode_s"] == 1.0  # replaced, not averaged
-    row = merge_sample(row, cold)  # the model was loaded again (after a switch)
-    assert row["samples"] == 1 and row["step_s"] == 1.0  # warm history kept
-    assert row["load_s"] == pytest.approx(0.5 * 4.0 + 0.5 * (4.0 + (3 + 2 * 2) - (1 + 2 * 1)))
+    row = merge_sample(row, {"step_s": 2.0, "cold": True})
+    assert row["samples"] == 1 and row["step_s"] == 1.0  # a later cold run leaves warm history alone
+    row = merge_sample(row, {"step_s": 2.0})
+    assert row["samples"] == 2 and row["step_s"] == pytest.approx(1.5)
+    row = merge_sample({**row, "samples": 10}, {"step_s": 3.5})
+    assert row["step_s"] == pytest.approx(1.5 + 0.5 * 2.0)  # weight floor: follows drift
 
 
-def test_learned_rows_are_found_by_kind_and_fall_back_across_profiles() -> None:
-    rows = [
-        {
-            "model": "m",
-            "resolution": "64x48",
-            "frames": 9,
-            "memory_profile": "model_offload",
-            "device": "cpu",
-            "samples": 2,
-            "step_s": 1.0,
-            "load_s": 7.0,
-            "updated_at": "2026-01-01",
-        },
-        {
-            "model": "m",
-            "resolution": "64x48",
-            "frames": 9,
-            "memory_profile": "cpu",
-            "device": "cpu",
-            "samples": 1,
-            "step_s": 2.0,
-            "updated_at": "2026-01-02",
-        },
-        {
-            "model": "m",
-            "resolution": "64x48",
-            "frames": 9,
-            "memory_profile": "cpu",
-            "device": "H100",
-            "samples": 1,
-            "step_s": 0.1,
-            "updated_at": "2026-01-03",
-        },
-    ]
-
-    class Store:
-        def eta_stats(self) -> list[dict[str, Any]]:
-            return rows
-
-        def update_eta_stats(self, key: dict[str, Any], merge: Any) -> None:
-            raise AssertionError
-
-    estimator = EtaEstimator(Store(), lambda _task: None, "cpu", None)
+def test_learned_rows_are_found_by_kind_profile_and_device(repository: SqlTaskRepository) -> None:
+    learn(repository, "m", "64x48", 9, step_s=1.0)
+    key = {"model": "m", "resolution": "64x48", "frames": 9, "memory_profile": "cpu", "device": row_device("H100")}
+    repository.update_eta_stats(key, lambda _old: {"samples": 1, "step_s": 0.01})
+    old_format = {**key, "device": "cpu"}  # written by an older wan-worker (step time per step): ignored
+    repository.update_eta_stats(old_format, lambda _old: {"samples": 9, "step_s": 50.0})
+    model_key = {**key, "resolution": "*", "frames": 0, "memory_profile": "*", "device": row_device("cpu")}
+    repository.update_eta_stats(model_key, lambda _old: {"samples": 1, "load_s": 7.0})
+    estimator = EtaEstimator(repository, lambda _task: None, "cpu", None)
     estimator.refresh()
     exact = estimator.times_for(TaskShape("m", 64, 48, 9, 4, "cpu"))
-    assert exact is not None and exact.step_s == 2.0 and exact.load_s == 7.0  # load known for the model
-    offload = estimator.times_for(TaskShape("m", 64, 48, 9, 4, "gpu"))
-    assert offload is not None and offload.step_s == 2.0  # the same kind, as it ran last on this device
-    assert estimator.times_for(TaskShape("m", 64, 48, 13, 4, "cpu")) is None  # another kind, no static model
+    assert exact is not None and exact.step_s == 2.0 and exact.source == "learned"  # 1.0 per forward, CFG
+    assert exact.load_s == 7.0  # the model's load
+    other_profile = estimator.times_for(TaskShape("m", 64, 48, 9, 4, "gpu", cfg=False))
+    assert other_profile is not None and other_profile.step_s == 1.0  # one forward per step without CFG
+    scaled = estimator.times_for(TaskShape("m", 128, 96, 9, 4, "cpu"))
+    assert scaled is not None and scaled.step_s > 2 * 4.0  # 4x the tokens, attention on top: no static here
+    assert scaled.scaled_from == "64x48x9"
+    assert estimator.times_for(TaskShape("other", 64, 48, 9, 4, "cpu")) is None  # nothing known, no static
 
 
 # ---- remaining time while a task runs ------------------------------------------------------------------
 
 
-def test_remaining_walks_the_stages_and_counts_down_exactly_with_matching_history() -> None:
+def test_remaining_walks_the_stages_and_counts_down_exactly_with_matching_history(
+    repository: SqlTaskRepository,
+) -> None:
+    learn(repository, "tiny_t2v", "64x48", 9, step_s=0.5, encode_s=2.0, decode_s=3.0, write_s=1.0, other_s=0.5)
+    learn(repository, "tiny_t2v", "*", 0, first_step_extra_s=None, step_s=0.5, load_s=4.0)  # new shape: +0.5
     clock = Clock()
-    times = StageTimes(
-        step_s=1.0,
-        first_step_extra_s=0.5,
-        encode_s=2.0,
-        decode_s=3.0,
-        write_s=1.0,
-        other_s=0.5,
-        load_s=4.0,
-        source="learned",
-        samples=3,
-    )
-    estimator = estimator_with(times, clock)
+    estimator = EtaEstimator(repository, lambda _task: SHAPE, "cpu", None, clock=clock)
     assert estimator.begin(task(), resident_model=None) == pytest.approx(0.5 + 4 + 2 + 0.5 + 4 + 3 + 1)
     assert estimator.basis("a") == "learned (3 tasks)"
     clock.now += 0.5
@@ -185,15 +209,23 @@ def test_remaining_walks_the_stages_and_counts_down_exactly_with_matching_histor
     assert estimator.finish("a") == pytest.approx(15.0)
 
 
-def test_observed_steps_take_over_from_a_static_guess() -> None:
+class FixedStatic:
+    """A static estimate that is 20x too optimistic (the StaticEstimator protocol)."""
+
+    def times(self, shape: TaskShape) -> StageTimes | None:
+        return StageTimes(step_s=0.1, decode_s=1.0)
+
+
+def test_observed_steps_after_step_one_take_over_from_a_static_guess() -> None:
     clock = Clock()
-    static = StageTimes(step_s=0.1, decode_s=1.0, source="static")
-    estimator = estimator_with(static, clock, TaskShape("m", 64, 48, 9, 20, "cpu"))
+    shape = TaskShape("m", 64, 48, 9, 20, "cpu", cfg=False)
+    estimator = EtaEstimator(None, lambda _task: shape, "cpu", FixedStatic(), clock=clock)
     estimator.begin(task(), resident_model="m")
     assert estimator.basis("a") == "static"
+    clock.now += 30.0  # step 1 carries a one-off cost: never observed as step time
     estimator.remaining("a", {"stage": "denoising", "step": 1, "total_steps": 20})
     for step in range(2, 11):
-        clock.now += 2.0  # the guess was 20x too optimistic
+        clock.now += 2.0
         left = estimator.remaining("a", {"stage": "denoising", "step": step, "total_steps": 20})
     assert left == pytest.approx(10 * (0.1 + 9 * 2.0) / 10 + 1.0)  # prior weight 1 vs 9 observed steps
     clock.now += 1.0
@@ -203,47 +235,77 @@ def test_observed_steps_take_over_from_a_static_guess() -> None:
 
 def test_unknown_stage_extrapolates_linearly_and_unknown_task_has_no_eta() -> None:
     clock = Clock()
-    estimator = estimator_with(None, clock)
+    estimator = EtaEstimator(None, lambda _task: None, "cpu", None, clock=clock)
     estimator.begin(task(), None)
-    estimator.remaining("a", {"stage": "stitch", "step": 0, "total_steps": 4})
+    estimator.remaining("a", {"stage": "stitching", "step": 0, "total_steps": 4})
     clock.now += 3.0
-    assert estimator.remaining("a", {"stage": "stitch", "step": 1, "total_steps": 4}) == pytest.approx(9.0)
+    assert estimator.remaining("a", {"stage": "stitching", "step": 1, "total_steps": 4}) == pytest.approx(9.0)
     assert estimator.remaining("nobody", {"stage": "denoising", "step": 1, "total_steps": 4}) is None
 
 
 # ---- the queue ------------------------------------------------------------------------------------------
 
 
-def test_queue_eta_counts_every_task_ahead_and_model_switches() -> None:
-    shapes = {
-        "a": TaskShape("m1", 64, 48, 9, 4, "cpu"),
-        "b": TaskShape("m1", 64, 48, 9, 4, "cpu"),
-        "c": TaskShape("m2", 64, 48, 9, 2, "cpu"),
+def test_queue_walks_claim_order_counting_switches_and_compiles(
+    repository: SqlTaskRepository, builtin_presets: Any, tmp_path: Path
+) -> None:
+    estimator = h200(repository, builtin_presets, tmp_path)
+    big, small, small_again = t2v("big", model="t2v"), t2v("small"), t2v("small2")
+    etas = estimator.queue_etas(0.0, "t2v_1.3B", [big, small, small_again])
+    # The resident model's tasks are claimed first (ModelAffinity), the 14B one after them.
+    assert etas["small"].start_in == 0.0
+    assert etas["small2"].start_in == pytest.approx(etas["small"].finish_in - 2.0, abs=0.1)  # its write overlaps
+    assert etas["big"].start_in == pytest.approx(etas["small2"].finish_in - 2.0, abs=0.1)
+    first = etas["small"].finish_in - etas["small"].start_in
+    second = etas["small2"].finish_in - etas["small2"].start_in
+    assert first - second == pytest.approx(10.7, abs=0.5)  # only the first compiles (dynamic shapes after)
+    switch = etas["big"].finish_in - etas["big"].start_in
+    assert switch > 10 * 6.0  # a 14B step each, its load from disk, parking the 1.3B model, its compile
+    unknown = estimator.queue_etas(None, "t2v_1.3B", [small])
+    assert unknown["small"].start_in is None and unknown["small"].finish_in is None
+
+
+def test_a_travel_orchestrator_counts_its_segments_and_stitch(
+    repository: SqlTaskRepository, builtin_presets: Any, tmp_path: Path
+) -> None:
+    estimator = h200(repository, builtin_presets, tmp_path)
+    params = {
+        "model": "vace_1.3B",
+        "input_images": ["a.png", "b.png", "c.png", "d.png"],
+        "base_prompts": "x",
+        "segment_frames": 33,
+        "num_inference_steps": 20,
     }
-    times = StageTimes(step_s=1.0, decode_s=1.0, load_s=10.0)
-    estimator = EtaEstimator(None, lambda t: shapes[t.id], "cpu", None)
-    estimator.times_for = lambda _shape: times  # type: ignore[method-assign]
-    etas = estimator.queue_etas(7.0, "m1", [task("a"), task("b"), task("c")])
-    assert (etas["a"].start_in, etas["a"].finish_in) == (7.0, 12.0)
-    assert (etas["b"].start_in, etas["b"].finish_in) == (12.0, 17.0)
-    assert (etas["c"].start_in, etas["c"].finish_in) == (17.0, 30.0)  # loads m2 first
-    unknown = estimator.queue_etas(None, "m1", [task("a")])
-    assert unknown["a"].start_in is None and unknown["a"].finish_in is None
+    orchestrator = task("travel", json.dumps(params), kind="travel_orchestrator")
+    plan = PresetShapes(builtin_presets, "gpu").travel_plan(orchestrator)
+    assert plan is not None and [c.task_type for c in plan.children] == ["travel_segment"] * 3 + ["travel_stitch"]
+    assert [json.loads(c.params_text)["frames"] for c in plan.children[:3]] == [33, 41, 41]
+    assert plan.stitch.frames == 33 + 33 + 33
+    whole = estimator.estimate(orchestrator, "vace_1.3B")
+    one = estimator.estimate(plan.children[0], "vace_1.3B")
+    assert whole is not None and one is not None and whole > 3 * one  # three segments, each at least this long
+    alone = estimator.queue_etas(0.0, "vace_1.3B", [orchestrator])
+    assert alone["travel"].start_in == 0.0 and alone["travel"].finish_in == pytest.approx(whole)
+    # A task queued behind it runs between two segments: the next segment waits for the previous one's
+    # write (it depends on it being Complete) while the loop is free, so the walk counts two switches.
+    etas = estimator.queue_etas(0.0, "vace_1.3B", [orchestrator, t2v("after")])
+    assert 0.0 < etas["after"].start_in < etas["travel"].finish_in
+    assert etas["travel"].finish_in > whole + 0.9 * (etas["after"].finish_in - etas["after"].start_in)
 
 
-def test_preset_shapes_apply_defaults_alignment_and_profile(builtin_presets: Any) -> None:
+def test_preset_shapes_apply_defaults_alignment_loras_and_travel(builtin_presets: Any) -> None:
     shapes = PresetShapes(builtin_presets, "cpu")
     shape = shapes(task(params='{"model": "tiny_t2v", "prompt": "x", "video_length": 10, "guidance_scale": 1}'))
     assert shape == TaskShape("tiny_t2v", 64, 48, 13, 4, "cpu", cfg=False)
+    lora = shapes(task(params='{"model": "tiny_t2v", "prompt": "x", "lora_names": ["a.safetensors"]}'))
+    assert lora is not None and lora.loras == 1
+    segment = shapes(task(params='{"model": "tiny_vace", "frames": 41, "prompt": "x"}', kind="travel_segment"))
+    assert segment is not None and segment.frames == 41
     assert shapes(task(params="not json")) is None
-    assert shapes(Task("t", "travel_orchestrator", "{}", TaskStatus.QUEUED)) is None
+    assert shapes(Task("t", "travel_orchestrator", '{"model": "tiny_vace"}', TaskStatus.QUEUED)) is None
 
 
-@pytest.fixture(scope="module")
-def builtin_presets() -> Any:
-    from wan_engine.presets import load_presets
-
-    return load_presets()
+# ---- the static model ------------------------------------------------------------------------------------
 
 
 def test_static_flops_reproduce_the_h100_baselines() -> None:
@@ -256,12 +318,85 @@ def test_static_flops_reproduce_the_h100_baselines() -> None:
     assert large == pytest.approx(6.52, rel=0.3)
 
 
+def test_static_h200_1_3b_is_within_a_quarter_of_the_measured_stages() -> None:
+    """docs/BENCHMARKS.md, H200, 1.3B 832x480x81 CFG: 1.054 s per compiled step (1.258 eager), VAE decode
+    3.2 s, MP4 write ~2 s, the 4.1 GB pipeline from disk in a few seconds (1.4-3.5 s)."""
+    times = static_times(WAN_1_3B, TaskShape("t2v_1.3B", 832, 480, 81, 20, "gpu"), H200)
+    assert times.step_s == pytest.approx(1.054, rel=0.25)
+    assert times.step_s / 0.84 == pytest.approx(1.258, rel=0.25)
+    assert times.decode_s == pytest.approx(3.2, rel=0.25)
+    assert times.write_s == pytest.approx(2.0, rel=0.25)
+    assert 1.4 <= (times.load_s or 0) <= 3.5
+
+
+def test_before_any_history_the_queue_page_is_within_a_quarter(
+    repository: SqlTaskRepository, builtin_presets: Any, tmp_path: Path
+) -> None:
+    """Issue 16: before any history the page's ETA for a queued task was 4.5x too long. Measured on the
+    H200: the first task loads (3.5 s) and probes (3.7 s), compiles in step 1 (10.7 s), 20 steps of 1.054 s,
+    encode 0.25 s, decode 3.2 s; the second starts at the first's decode end (the write overlaps it)."""
+    estimator = h200(repository, builtin_presets, tmp_path)
+    etas = estimator.queue_etas(0.0, None, [t2v("first"), t2v("second")])
+    first_hold = 3.5 + 3.7 + 0.25 + 10.7 + 20 * 1.054 + 3.2
+    second = 0.25 + 20 * 1.054 + 3.2 + 2.0
+    assert etas["second"].start_in == pytest.approx(first_hold, rel=0.25)
+    assert etas["second"].finish_in == pytest.approx(first_hold + second, rel=0.25)
+
+
+# ---- two threads: the finisher's write beside the next task ----------------------------------------------
+
+
+def test_a_write_in_progress_beside_the_next_task(repository: SqlTaskRepository) -> None:
+    learn(repository, "tiny_t2v", "64x48", 9, step_s=0.5, encode_s=1.0, decode_s=1.0, write_s=5.0)
+    clock = Clock()
+    estimator = EtaEstimator(repository, lambda _task: SHAPE, "cpu", None, clock=clock)
+    first, second = task("first"), task("second")
+    estimator.begin(first, "tiny_t2v")
+    estimator.remaining("first", {"stage": "writing_video", "step": 0, "total_steps": 1})
+    estimator.begin(second, "tiny_t2v")  # the loop moves on while the finisher writes
+    clock.now += 1.0
+    assert estimator.remaining("first", {"stage": "writing_video"}) == pytest.approx(4.0)  # still tracked
+    # The second's own stages take 1 + 4 + 1 = 6 s before its write, which waits for nothing then.
+    assert estimator.remaining("second", {"stage": "encoding_prompt"}) == pytest.approx(6.0 + 5.0)
+    estimator.record(first, {"model": "tiny_t2v", "resolution": "64x48", "frames": 9, "timings": {}})
+    assert estimator.remaining("second", {"stage": "decoding"}) is not None  # the first's end kept it
+
+
+def test_record_and_remaining_from_two_threads(repository: SqlTaskRepository) -> None:
+    estimator = EtaEstimator(repository, lambda _task: SHAPE, "cpu", None)
+    done = result([0.2, 0.1, 0.1], model="tiny_t2v", resolution="64x48", frames=9, memory_profile="cpu")
+    errors: list[BaseException] = []
+
+    def finisher() -> None:
+        try:
+            for index in range(40):
+                estimator.begin(task(f"w{index}"), "tiny_t2v")
+                estimator.record(task(f"w{index}"), done)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    estimator.begin(task("loop"), "tiny_t2v")  # the kind's first run in this process (its row: 40 warm runs)
+    thread = threading.Thread(target=finisher)
+    thread.start()
+    step = 0
+    while thread.is_alive():
+        step += 1
+        estimator.remaining("loop", {"stage": "denoising", "step": step % 4, "total_steps": 4})
+        estimator.queue_etas(1.0, "tiny_t2v", [task("q1"), task("q2")])
+    thread.join()
+    assert not errors, errors
+    rows = [r for r in repository.eta_stats() if r["resolution"] == "64x48"]
+    assert rows and rows[0]["samples"] == 40  # every completed run counted once
+    assert estimator.begin(task("next"), "tiny_t2v") is not None  # learned from what the other thread recorded
+
+
 # ---- the figure: ETA error over repeated tasks on the tiny real model ------------------------------------
 
 FIGURE_TASKS = 6
 FIGURE_PARAMS = {"resolution": "128x96", "video_length": 17, "num_inference_steps": 30}
-# The target: within 10% after the first task of a kind. No estimate beats the machine's own noise, so
-# the limit widens by twice the spread (coefficient of variation) of the identical tasks' durations.
+# The target: within 10% once a task of the kind has completed (the second task starts while the first
+# one's video is written, so the third is the first with history). No estimate beats the machine's own
+# noise, so the limit widens by twice the spread (coefficient of variation) of those tasks' durations.
 FIGURE_TARGET = 0.10
 
 
@@ -301,7 +436,7 @@ def test_eta_error_figure_on_tiny_models(tmp_path: Path, tiny_models_dir: Path, 
         predicted = started["eta_seconds"]
         error = abs(predicted - actual) / actual
         rows.append((index + 1, started["eta_basis"], predicted, actual, error))
-        if index:
+        if index >= 2:
             errors.append(error)
             durations.append(actual)
             # Every progress report's remaining time against the time that really remained.
@@ -319,19 +454,20 @@ def test_eta_error_figure_on_tiny_models(tmp_path: Path, tiny_models_dir: Path, 
         for number, basis, predicted, actual, error in rows:
             print(f"{number:>4}  {basis:20} {predicted:>11.2f} {actual:>9.2f} {100 * error:>6.1f}%")
         print(
-            f"after the first task: median {100 * statistics.median(errors):.1f}%, max {100 * max(errors):.1f}%"
+            f"from the third task: median {100 * statistics.median(errors):.1f}%, max {100 * max(errors):.1f}%"
             f" (durations vary {100 * spread:.1f}%: limit {100 * limit:.0f}%); remaining-time error over"
             f" {len(progress_errors)} progress reports: median {100 * statistics.median(progress_errors):.1f}%"
             " of the task's duration"
         )
 
     assert rows[0][1] == "static"
-    # The first run loaded the model (a cold run); the warm runs after it replace and refine it.
-    expected = ["learned (1 cold run)"] + [f"learned ({n} tasks)" for n in range(1, FIGURE_TASKS - 1)]
-    assert [row[1] for row in rows[1:]] == expected
-    learned = queue.repository.eta_stats()
-    assert [(r["model"], r["resolution"], r["frames"], r["samples"]) for r in learned] == [
-        ("tiny_t2v", "128x96", 17, FIGURE_TASKS - 1)
-    ]
-    assert learned[0]["load_s"] > 0
+    # The second starts before or after the first one's write ended; the first run loaded the model (a cold
+    # run, standing in), the warm runs after it replace and refine it.
+    assert rows[1][1] in ("static", "learned (1 cold run)")
+    assert all(row[1].startswith("learned (") for row in rows[2:]), rows
+    assert rows[-1][1] in (f"learned ({FIGURE_TASKS - 2} tasks)", f"learned ({FIGURE_TASKS - 3} tasks)"), rows
+    learned = {(r["model"], r["resolution"], r["frames"]): r for r in queue.repository.eta_stats()}
+    assert set(learned) == {("tiny_t2v", "128x96", 17), ("tiny_t2v", "*", 0)}  # the kind's row, the model's
+    assert learned[("tiny_t2v", "128x96", 17)]["samples"] == FIGURE_TASKS - 1
+    assert learned[("tiny_t2v", "*", 0)]["load_s"] > 0  # the model's load, learned apart from its steps
     assert statistics.median(errors) <= limit, rows

@@ -273,17 +273,33 @@ def test_every_route_needs_the_token_the_docs_included(server: LiveServer) -> No
 
 
 def test_healthz_reports_database_loop_and_model(repo: SqlTaskRepository, tmp_path: Path) -> None:
-    alive = {"loop": True}
-    live = LiveServer(repo, LiveSink(outbox_size=10), "127.0.0.1", 0, loop_alive=lambda: alive["loop"])
+    from worker.live.http_server import LOOP_STALL_S
+
+    alive: dict[str, Any] = {"loop": True, "silent": 2.0}
+    live = LiveServer(
+        repo,
+        LiveSink(outbox_size=10),
+        "127.0.0.1",
+        0,
+        loop_alive=lambda: alive["loop"],
+        loop_activity=lambda: alive["silent"],
+    )
     live.sink.unavailable["big_model"] = "missing"
     live.start()
     try:
         status, body, _ = call(live.port, "GET", "/healthz")
         health = json.loads(body)
         assert status == 200 and health["ok"] and health["model"]["unavailable"][0]["model"] == "big_model"
-        alive["loop"] = False
+        assert health["worker_loop"]["seconds_since_activity"] == 2.0
+        alive["silent"] = LOOP_STALL_S + 1  # running, but silent past the limit: a hung call
         status, body, _ = call(live.port, "GET", "/healthz")
-        assert status == 503 and json.loads(body)["worker_loop"] == {"ok": False}
+        loop = json.loads(body)["worker_loop"]
+        assert status == 503 and loop["ok"] is False and loop["running"] is True
+        assert 'wan_worker_up{worker_id=""} 0.0' in call(live.port, "GET", "/metrics")[1].decode()
+        alive.update(loop=False, silent=1.0)
+        status, body, _ = call(live.port, "GET", "/healthz")
+        loop = json.loads(body)["worker_loop"]
+        assert status == 503 and loop["ok"] is False and loop["running"] is False
         with repo.engine.begin() as conn:
             conn.execute(sa.text("DROP TABLE tasks"))
         alive["loop"] = True

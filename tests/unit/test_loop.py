@@ -168,7 +168,14 @@ class FakeRepository:
             row = self.rows.get(task_id)
             return row.status if row else None
 
-    def mark_complete(self, task_id: str, worker_id: str, output: str | None, result: dict[str, Any]) -> bool:
+    def mark_complete(
+        self,
+        task_id: str,
+        worker_id: str,
+        output: str | None,
+        result: dict[str, Any],
+        publish: Callable[[], None] | None = None,
+    ) -> bool:
         with self._lock:
             self._reachable()
             if self.write_errors:
@@ -177,6 +184,8 @@ class FakeRepository:
             row = self._held(task_id, worker_id)
             if row is None:
                 return False
+            if publish is not None:  # as the SQL one: after the guard matched, before the write; raising aborts it
+                publish()
             row.status, row.output_location, row.result_data = C, output, result
             row.error_message, row.lease_expires_at = None, None
             return True
@@ -655,3 +664,25 @@ def test_database_outage_longer_than_a_lease_during_the_final_write_is_survived(
     assert row.status is P, "the Complete write was given up; the row waits for the stale sweep"
     assert (outputs / f"{task_id}.mp4").exists(), "status unknown: the output must not be deleted"
     assert repo.workers["worker-a"]["status"] == "stopped"
+
+
+def test_activity_clock_ticks_with_loop_iterations_and_task_progress(outputs: Path) -> None:
+    """`seconds_since_activity` (/healthz's stall check) restarts at every loop pass and every progress report,
+    and keeps growing while a task makes none (a hung call)."""
+    repo = FakeRepository()
+    repo.add()
+    seen: list[float] = []
+    hang = threading.Event()
+    worker: Worker | None = None
+
+    def behaviour(task: Task, context: RunContext) -> TaskOutcome:
+        assert worker is not None
+        hang.wait(0.3)  # silent: no report
+        seen.append(worker.seconds_since_activity())
+        context.report("denoise", 1, 1)
+        seen.append(worker.seconds_since_activity())
+        return writes_output(outputs, steps=1)(task, context)
+
+    worker = Worker(repo, FakeRunner(behaviour), settings())
+    worker.run_forever(until_idle=True)
+    assert seen[0] >= 0.3 and seen[1] < seen[0]

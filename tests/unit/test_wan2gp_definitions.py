@@ -18,7 +18,6 @@ import pytest
 
 from headless_wgp import WanOrchestrator
 from wan_engine import model_sources
-from wan_engine import single_file as single_file_loader
 from wan_engine.errors import ModelUnavailableError, PresetError, UnknownModelError
 from wan_engine.model_sources import check_model, resolve_model
 from wan_engine.presets import load_presets
@@ -246,7 +245,7 @@ def test_a_missing_default_base_says_which_folder_to_put_where(tmp_path: Path) -
     assert any(str(tmp_path / "models" / "Wan2.2-T2V-A14B-Diffusers") in m for m in check.missing), check.missing
 
 
-def test_modules_are_resolved_and_their_loading_is_refused_until_supported(
+def test_modules_are_resolved_to_their_present_variant(
     tiny_models_dir: Path, single_file: Path, tmp_path: Path
 ) -> None:
     models = tmp_path / "ckpts"
@@ -265,11 +264,6 @@ def test_modules_are_resolved_and_their_loading_is_refused_until_supported(
     check = check_model(presets.get("vace_14B"), models)
     assert check.status == "present", check
     assert check.modules == (models / "wan2.1_Vace_14B_module_quanto_mbf16_int8.safetensors",)
-    if hasattr(single_file_loader, "load_transformer_with_modules"):
-        pytest.skip("the loader merges module files: covered by the checkpoint-format tests")
-    orchestrator = WanOrchestrator(models, presets)
-    with pytest.raises(ModelUnavailableError, match=r"module files .* not supported yet.*Vace_14B_module"):
-        orchestrator.load_model("vace_14B")
 
 
 # ----- every definition of a Wan2GP checkout ------------------------------------------------------------

@@ -176,6 +176,7 @@ def _start_live_server(
         # POST /tasks validates as the runner does (the same function, presets and models dir).
         validate_task=partial(validate_task, presets=queue.presets, models_dir=queue.settings.models_dir),
         loop_alive=lambda: not queue.stop_requested,  # /healthz, wan_worker_up
+        loop_activity=queue.seconds_since_loop_activity,
     )
     server.start()
     events.models_unavailable(unavailable)

@@ -364,17 +364,18 @@ def _add_page_routes(app: FastAPI, server: Any) -> None:
 
     @app.get("/healthz", tags=["status"])
     def healthz() -> JSONResponse:
-        """200 when the database answers and the worker loop runs; 503 otherwise (the body says which)."""
+        """200 when the database answers and the worker loop runs and is not stalled; 503 otherwise (the body
+        says which)."""
         try:
             server.repository.counts_by_status()
             database: dict[str, Any] = {"ok": True}
         except Exception as exc:  # the class only: a driver's message may name hosts and users
             database = {"ok": False, "error": exc.__class__.__name__}
-        loop_ok = bool(server.loop_alive())
+        loop = server.loop_health()
         body = {
-            "ok": database["ok"] and loop_ok,
+            "ok": database["ok"] and loop["ok"],
             "database": database,
-            "worker_loop": {"ok": loop_ok},
+            "worker_loop": loop,
             "model": {
                 "resident": server.resident_model(),
                 "unavailable": [{"model": k, "detail": v} for k, v in server.sink.unavailable.items()],

@@ -3,8 +3,12 @@
 A Wan step costs 2 x params x tokens for the linear layers plus 4 x tokens^2 x dim per block for
 self-attention (and cross-attention to the 512 text tokens), once per transformer pass (two with CFG).
 The sizes come from the safetensors headers (wan_engine.vram, nothing is loaded). The throughput is a
-per-GPU table calibrated on the H100 baselines of docs/DESIGN.md, or a matmul measured once on this CPU.
-These are rough; the learned timings (worker.live.eta) replace them after the first task of a kind.
+per-GPU table calibrated on the measured H200 / H100 runs of docs/BENCHMARKS.md (a compiled 1.3B
+832x480x81 CFG step: 566 TFLOP in 1.05 s), or a matmul measured once on this CPU. The VAE decode scales
+with latent frames x pixels, the MP4 write with frames x pixels (it runs on the host, not the GPU), a
+load with the weight bytes. Compile costs (first time per block layout, ~0.4 s per new shape with the
+token dimension dynamic) are not here: the estimator adds them when it predicts a compile
+(worker.live.eta). These are rough; the learned timings replace them after the first task of a kind.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +27,15 @@ from worker.live.eta import StageTimes, TaskShape
 log = logging.getLogger(__name__)
 
 TEXT_TOKENS = 512
-# Effective bf16 throughput of a Wan transformer step (FLOP/s), calibrated on the H100 baseline of
-# docs/DESIGN.md (1.3B: 1.23 s/step, 14B: 6.52 s/step at 832x480x81 with CFG, ~5e14 FLOP/s) and scaled by
-# each GPU's dense bf16 peak. Matched by substring of the device name, first match wins.
+# Effective bf16 throughput of a compiled Wan transformer step (FLOP/s, `step_flops` over the measured
+# step): H200 1.3B 832x480x81 CFG 1.054 s/step compiled (docs/BENCHMARKS.md "Queues"), H100 1.075 s
+# ("Seconds per step"), scaled by each GPU's dense bf16 peak for the others. An eager step is ~1/0.84 of
+# it (wan_engine.compile_policy.COMPILED_SAVING; the estimator applies that). Matched by substring of the
+# device name, first match wins (GH200 before H200, L40S before L40).
 GPU_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H200", 5.5e14),
-    ("H100", 5.0e14),
     ("GH200", 5.5e14),
+    ("H200", 5.5e14),
+    ("H100", 5.4e14),
     ("B200", 9.0e14),
     ("A100", 2.0e14),
     ("L40S", 2.3e14),
@@ -39,11 +47,23 @@ GPU_FLOPS: tuple[tuple[str, float], ...] = (
     ("T4", 0.2e14),
 )
 DEFAULT_GPU_FLOPS = 1.0e14
-# VAE decode, H100: 2.07 s for 832x480x81 with the 127M-parameter Wan 2.1 VAE -> FLOPs per pixel-frame
-# per VAE parameter at the throughput above.
-VAE_FLOPS_PER_PIXEL_PARAM = 2.07 * 5.0e14 / (832 * 480 * 81 * 127e6)
-# Fixed costs the FLOP count misses (kernel launches, Python per block, ffmpeg); rough, replaced by history.
-OVERHEAD = {"gpu": {"block": 1e-4, "frame": 2e-3, "encode": 0.3}, "cpu": {"block": 1e-3, "frame": 0.02, "encode": 0.1}}
+H200_FLOPS = 5.5e14
+# VAE decode (float32 convolutions, not at the matmul rate): H200, 3.2 s for 832x480x81 (21 latent frames)
+# with the 127M-parameter Wan 2.1 VAE -> seconds per latent frame x pixel x VAE parameter at H200 speed.
+DECODE_S_PER_UNIT = 3.2 / (21 * 832 * 480 * 127e6)
+VACE_ENCODE_SHARE = 0.4  # a VACE task encodes its guide and mask video first: ~this share of a decode
+# MP4 write (x264 veryfast, the host's CPU): ~2 s for 81 frames at 832x480; a 1-frame task writes a PNG.
+WRITE_FIXED_S = 0.15
+WRITE_S_PER_PIXEL_FRAME = (2.0 - WRITE_FIXED_S) / (81 * 832 * 480)
+# The travel stitch (decode each clip, cross-fade, encode): 1.0-1.1 s for 66 frames at 832x480.
+STITCH_FIXED_S = 0.2
+STITCH_S_PER_PIXEL_FRAME = 0.85 / (66 * 832 * 480)
+# Loading from disk: ~1.2 GB/s with a cold page cache, ~3 GB/s warm (docs/BENCHMARKS.md "Switching").
+LOAD_FIXED_S = 0.5
+LOAD_BYTES_PER_S = 2.0e9
+# Fixed costs the FLOP count misses (kernel launches, Python per block and pass): on the H200 a 1-frame
+# 1.3B CFG step takes 0.040 s where its FLOPs take 0.02 s; rough, replaced by history.
+OVERHEAD = {"gpu": {"block": 3.5e-4, "encode": 0.3}, "cpu": {"block": 1e-3, "encode": 0.1}}
 
 
 def gpu_throughput(device: str) -> float:
@@ -76,46 +96,105 @@ def cpu_throughput() -> float:
 
 
 def step_flops(params: int, tokens: int, layers: int, dim: int, cfg: bool) -> float:
-    """FLOPs of one denoising step: linear layers (2 x params x tokens), self-attention (4 x L^2 x dim per
-    block) and cross-attention to the 512 text tokens, once per transformer pass (two with CFG)."""
+    """FLOPs of one denoising step: linear layers (2 x params x tokens, less the cross-attention key and
+    value projections, which see the 512 text tokens only), self-attention (4 x L^2 x dim per block) and
+    cross-attention to the text, once per transformer pass (two with CFG)."""
     passes = 2 if cfg else 1
+    per_token_params = max(params - layers * 2 * dim * dim, params // 2)
     attention = layers * (4.0 * tokens * tokens * dim + 4.0 * tokens * TEXT_TOKENS * dim)
-    return passes * (2.0 * params * tokens + attention)
+    return passes * (2.0 * per_token_params * tokens + attention)
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """What the static estimate needs of a model: sizes from its headers and configs (nothing loaded)."""
+
+    transformer_params: int
+    layers: int
+    dim: int
+    vae_params: int = 0
+    text_params: int = 0
+    weight_bytes: int = 0
+    spatial: int = 8  # VAE scale factors and the transformer's patch, for the token count
+    temporal: int = 4
+    patch: tuple[int, int, int] = (1, 2, 2)
+    vace: bool = False  # encodes a guide video before denoising
+
+    def tokens(self, width: int, height: int, frames: int) -> int:
+        latent_frames = 1 + (frames - 1) // self.temporal
+        h, w = height // self.spatial, width // self.spatial
+        return max(1, latent_frames // self.patch[0]) * max(1, h // self.patch[1]) * max(1, w // self.patch[2])
+
+
+def static_times(sizes: ModelSizes, shape: TaskShape, device: str, flops_per_s: float | None = None) -> StageTimes:
+    """Stage times of one task from the model's sizes on this device ("cpu" or a GPU name)."""
+    kind = "cpu" if device == "cpu" else "gpu"
+    flops = flops_per_s if flops_per_s is not None else gpu_throughput(device)
+    overhead = OVERHEAD[kind]
+    passes = 2 if shape.cfg else 1
+    tokens = sizes.tokens(shape.width, shape.height, shape.frames)
+    step = step_flops(sizes.transformer_params, tokens, sizes.layers, sizes.dim, shape.cfg) / flops
+    step += overhead["block"] * sizes.layers * passes
+    latent_frames = 1 + (shape.frames - 1) // sizes.temporal
+    # The VAE runs in float32 convolutions: scaled from the H200 measurement by the device's matmul rate.
+    decode = DECODE_S_PER_UNIT * latent_frames * shape.width * shape.height * sizes.vae_params * H200_FLOPS / flops
+    encode = overhead["encode"] + 2.0 * sizes.text_params * TEXT_TOKENS * passes / flops
+    pixel_frames = shape.width * shape.height * shape.frames
+    return StageTimes(
+        step_s=step,
+        first_step_extra_s=VACE_ENCODE_SHARE * decode if sizes.vace else 0.0,
+        encode_s=encode,
+        decode_s=decode,
+        write_s=WRITE_FIXED_S + WRITE_S_PER_PIXEL_FRAME * pixel_frames,
+        load_s=LOAD_FIXED_S + sizes.weight_bytes / LOAD_BYTES_PER_S,
+    )
+
+
+def static_stitch_s(frames: int, width: int, height: int) -> float:
+    """Seconds of a travel stitch producing `frames` frames at width x height (host CPU work)."""
+    return STITCH_FIXED_S + STITCH_S_PER_PIXEL_FRAME * frames * width * height
 
 
 class StaticCostModel:
-    """Stage times from the model's size (safetensors headers, no loading) and the device's throughput."""
+    """Stage times from the model's size (safetensors headers, no loading) and the device's throughput.
 
-    def __init__(self, presets: Any, models_dir: Path, device: str) -> None:
+    `sizes_of` replaces reading the model folder (a model's sizes given directly, e.g. full-size
+    architectures whose weights are not on this machine)."""
+
+    def __init__(
+        self,
+        presets: Any,
+        models_dir: Path,
+        device: str,
+        sizes_of: Callable[[str], ModelSizes | None] | None = None,
+    ) -> None:
         self.presets = presets
         self.models_dir = Path(models_dir)
         self.device = device
-        self._cache: dict[tuple[str, int, int, int, bool], StageTimes | None] = {}
+        self.sizes_of = sizes_of or self._read_sizes
+        self._sizes: dict[str, ModelSizes | None] = {}
         self._lock = threading.Lock()
 
     def times(self, shape: TaskShape) -> StageTimes | None:
-        """Static stage times, or None when the model's size cannot be read."""
-        key = (shape.model, shape.width, shape.height, shape.frames, shape.cfg)
+        """Static stage times, or None when the model's size cannot be read (read once per model)."""
         with self._lock:
-            if key not in self._cache:
+            if shape.model not in self._sizes:
                 try:
-                    self._cache[key] = self._compute(shape)
+                    self._sizes[shape.model] = self.sizes_of(shape.model)
                 except Exception as exc:  # an estimate is never worth failing a task over
                     log.debug("no static estimate for %s: %s", shape.model, exc)
-                    self._cache[key] = None
-            return self._cache[key]
+                    self._sizes[shape.model] = None
+            sizes = self._sizes[shape.model]
+        if sizes is None:
+            return None
+        device = "cpu" if shape.memory_profile == "cpu" else self.device
+        return static_times(sizes, shape, device)
 
-    def _compute(self, shape: TaskShape) -> StageTimes | None:
+    def _read_sizes(self, model: str) -> ModelSizes | None:
         from wan_engine.vram import model_report
 
-        report = model_report(
-            self.presets.get(shape.model),
-            self.models_dir,
-            None,
-            width=shape.width,
-            height=shape.height,
-            frames=shape.frames,
-        )
+        preset = self.presets.get(model)
+        report = model_report(preset, self.models_dir, None)
         if report.vram is None:
             return None
         sizes = {c.name: c for c in report.vram.components}
@@ -123,28 +202,20 @@ class StaticCostModel:
         if transformer is None:
             return None
         config = _read_config(report.check.path, "transformer")
-        layers = int(config.get("num_layers") or 1)
-        dim = int(config.get("num_attention_heads") or 1) * int(config.get("attention_head_dim") or 1)
-        tokens = report.vram.tokens
-        device = "cpu" if shape.memory_profile == "cpu" else self.device
-        kind = "cpu" if device == "cpu" else "gpu"
-        flops_per_s = gpu_throughput(device)
-        overhead = OVERHEAD[kind]
-        passes = 2 if shape.cfg else 1
-        step = step_flops(transformer.params, tokens, layers, dim, shape.cfg) / flops_per_s
-        step += overhead["block"] * layers * passes
-        pixel_frames = shape.width * shape.height * shape.frames
-        vae = sizes.get("vae")
-        decode = (VAE_FLOPS_PER_PIXEL_PARAM * pixel_frames * vae.params / flops_per_s) if vae else 0.0
-        text = sizes.get("text_encoder")
-        encode = overhead["encode"] + (2.0 * text.params * TEXT_TOKENS * passes / flops_per_s if text else 0.0)
-        weights = sum(c.weight_bytes for c in report.vram.components)
-        return StageTimes(
-            step_s=step,
-            encode_s=encode,
-            decode_s=decode + overhead["frame"] * shape.frames,
-            write_s=overhead["frame"] * shape.frames * 0.5,
-            load_s=1.0 + weights / 1.5e9,  # disk to memory at ~1.5 GB/s
+        vae_config = _read_config(report.check.path, "vae")
+        downsample = vae_config.get("temperal_downsample", [False, True, True])
+        vae, text = sizes.get("vae"), sizes.get("text_encoder")
+        return ModelSizes(
+            transformer_params=transformer.params,
+            layers=int(config.get("num_layers") or 1),
+            dim=int(config.get("num_attention_heads") or 1) * int(config.get("attention_head_dim") or 1),
+            vae_params=vae.params if vae else 0,
+            text_params=text.params if text else 0,
+            weight_bytes=sum(c.weight_bytes for c in report.vram.components),
+            spatial=int(vae_config.get("scale_factor_spatial") or 2 ** len(downsample)),
+            temporal=int(vae_config.get("scale_factor_temporal") or 2 ** sum(bool(x) for x in downsample)),
+            patch=tuple(int(p) for p in config.get("patch_size", (1, 2, 2))),  # type: ignore[arg-type]
+            vace=preset.model.architecture == "vace",
         )
 
 

@@ -8,6 +8,12 @@ task into the learned ETA table, and, when a live server runs, publishes events 
 An event is a JSON-able dict: `{"event": name, "ts": unix seconds, "task_id": id or None, ...}` with
 names from `EVENT_TYPES`. The progress path does no I/O: events are put on the queue without blocking
 (dropped, and counted, if the server falls behind).
+
+Two threads call the hooks: the loop's (started, progress of the running task) and the output finisher's
+(progress `writing_video`, completed / failed / cancelled of the task whose output it finished, issue 15), so
+the hooks of two tasks interleave. Nothing here holds a lock across them (a finisher's `completed` does I/O and
+must not stall the step loop): the outbox is a thread-safe queue, `dropped` is counted under `_lock`, the
+monitor and the estimator guard their own state, and the monitor's window is closed only for its own task.
 """
 
 from __future__ import annotations
@@ -124,6 +130,9 @@ class LiveSink:
         try:
             if self.estimator is not None:
                 progress["eta_seconds"] = _round(self.estimator.remaining(task.id, progress), 2)
+                travel = self.estimator.travel_remaining(task.id) if task.parent_task_id else None
+                if travel is not None:  # a travel segment: its orchestrator's remaining (later segments + stitch)
+                    progress["travel_eta_seconds"] = _round(travel, 2)
             if self.monitor is not None:
                 progress["vram_gb"] = self.monitor.vram_gb()
         except Exception as exc:
@@ -131,7 +140,9 @@ class LiveSink:
         self.publish("progress", task.id, **progress)
 
     def result_extras(self, task: Task) -> dict[str, Any]:
-        if self.monitor is None:
+        # The loop asks when the task's GPU work ends (before its output is finished on the finisher thread,
+        # worker.loop.finisher): a window the next task already opened is never closed for this one.
+        if self.monitor is None or self.monitor.task_id != task.id:
             return {}
         summary = self._guard("monitor", self.monitor.end_task)
         return {"monitor": summary} if summary else {}

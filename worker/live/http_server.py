@@ -61,6 +61,9 @@ THUMB_CACHE = 256
 FINAL = [s.value for s in TaskStatus if s.is_final]
 STOP_TIMEOUT_S = 5.0
 PREVIEW_EVERY = 4  # a live preview frame every N denoising steps (wan_engine.latent_preview)
+# A loop silent this long (no iteration, no step, stage or written frame of its task) is reported stalled by
+# /healthz: longer than any model load, compile or VAE decode we measured, even with offloading.
+LOOP_STALL_S = 600.0
 LINGER_S = 10.0  # after refusing a too-big WebSocket message: at most this long, what the client still sends is dropped
 
 
@@ -288,6 +291,7 @@ class LiveServer:
         presets: Any = None,
         validate_task: Callable[[str, dict[str, Any]], Any] | None = None,
         loop_alive: Callable[[], bool] | None = None,
+        loop_activity: Callable[[], float | None] | None = None,
         preview_every: int | None = PREVIEW_EVERY,
     ) -> None:
         check_bind(host, token)
@@ -303,6 +307,7 @@ class LiveServer:
         self.presets = presets
         self.validate_task = validate_task
         self.loop_alive = loop_alive or (lambda: True)
+        self.loop_activity = loop_activity or (lambda: None)  # seconds since the loop last showed life
         self.started_at = time.time()
         self.hub = LiveHub(repository, sink, poll_interval_s)
         self.metrics = Metrics(self, worker_id)
@@ -492,6 +497,19 @@ class LiveServer:
         return image
 
     # ---- the token ----
+
+    def loop_health(self) -> dict[str, Any]:
+        """The worker loop's state for /healthz and `wan_worker_up`: running (no stop requested) and not
+        silent for LOOP_STALL_S (a hung driver call, a deadlock)."""
+        running = bool(self.loop_alive())
+        silent = self.loop_activity()
+        stalled = silent is not None and silent > LOOP_STALL_S
+        return {
+            "ok": running and not stalled,
+            "running": running,
+            "seconds_since_activity": None if silent is None else round(silent, 1),
+            "stalled_after_s": LOOP_STALL_S,
+        }
 
     def token_ok(self, given: str | None) -> bool:
         if not self.token:

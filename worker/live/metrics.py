@@ -64,7 +64,11 @@ class _ScrapeCollector:
             family.add_metric(worker, value)
             return family
 
-        yield gauge("wan_worker_up", "1 while this worker's loop runs", 1.0 if server.loop_alive() else 0.0)
+        yield gauge(
+            "wan_worker_up",
+            "1 while this worker's loop runs and is not stalled",
+            1.0 if server.loop_health()["ok"] else 0.0,
+        )
         yield gauge("wan_worker_start_time_seconds", "Unix time this worker's live server started", server.started_at)
         sample = server.sink.monitor.latest if server.sink.monitor else None
         if sample is not None:

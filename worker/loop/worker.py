@@ -12,6 +12,14 @@ stalled past its lease (SIGSTOP, a hung driver, a VM pause) and resumes after an
 task finds the guarded UPDATE unmatched, never renames, and deletes only its own staged file. No check-then-
 rename window exists for another worker to complete in, since that worker needs the same lock to re-claim
 or complete the row.
+
+Output stage off the critical path (issue 15): a runner may return a `PendingFinish` (worker.loop.finisher)
+once a generation's GPU work is done; its MP4 encode and write then run on the worker's one `OutputFinisher`
+thread while this loop claims and starts the next task. The pending task keeps its claim and its lease keeper
+until its outcome is persisted by the same code as above (the rename inside the guarded `Complete` write, a
+cancel / lost lease / abort discarding the staged file, an encode error going through the retry policy). At
+most one task is pending: handing off the next waits for it. A first stop waits for it; `run_forever` drains it
+before returning.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from worker.config import DB_RETRY_MAX_S, WorkerSettings
 from worker.loop.events import NULL_SINK, EventSink
+from worker.loop.finisher import OutputFinisher, PendingFinish
 from worker.loop.lease import LeaseKeeper
 from worker.loop.retry import RetryPolicy, describe
 from worker.loop.scheduling import ModelAffinity
@@ -69,6 +78,10 @@ class RunContext:
     abort: threading.Event
     events: EventSink = NULL_SINK
     staged: list[StagedFiles] = field(default_factory=list)
+    # The loop accepts a `PendingFinish` from this run (its output then finishes on the finisher thread).
+    can_defer: bool = False
+    travel_eta: float | None = None  # a travel segment's latest `travel_eta_seconds` (the sink adds it)
+    on_activity: Callable[[], None] | None = None  # the loop's liveness clock (`Worker.seconds_since_activity`)
 
     def stage(self, files: StagedFiles) -> None:
         """Register outputs to publish with the `Complete` write (and to discard on any other ending)."""
@@ -89,12 +102,17 @@ class RunContext:
         percent = round(100.0 * step / total_steps, 1) if total_steps else None
         progress = {"stage": stage, "step": step, "total_steps": total_steps, "percent": percent, **extra}
         self.events.progress(self.task, progress)  # adds eta_seconds / vram_gb; in memory only
+        self.travel_eta = progress.get("travel_eta_seconds", self.travel_eta)
+        if self.on_activity is not None:
+            self.on_activity()
         self.lease.set_progress(progress)
         self.check()
 
     def report_parent(self, progress: dict[str, Any]) -> None:
         """Record the progress of this task's orchestrator (segments done + this segment's step)."""
         if self.task.parent_task_id:
+            if self.travel_eta is not None:  # the orchestrator's remaining: this segment, later ones, the stitch
+                progress = {**progress, "eta_seconds": self.travel_eta}
             self.lease.set_parent_progress(self.task.parent_task_id, progress)
 
     def check(self) -> None:
@@ -121,7 +139,10 @@ class TaskRunner(Protocol):
 
     def resident_model(self) -> str | None: ...
     def device_name(self) -> str | None: ...
-    def run(self, task: Task, context: RunContext) -> TaskOutcome | TaskDeferred: ...
+    def run(self, task: Task, context: RunContext) -> TaskOutcome | TaskDeferred | PendingFinish: ...
+
+
+RunResult = TaskOutcome | TaskDeferred | PendingFinish
 
 
 class Worker:
@@ -135,6 +156,7 @@ class Worker:
         policy: RetryPolicy | None = None,
         affinity: ModelAffinity | None = None,
         events: EventSink | None = None,
+        overlap_outputs: bool = True,
     ) -> None:
         self.repository = repository
         self.events = events or NULL_SINK  # live progress: ETA, monitoring, WebSocket events (worker.live.events)
@@ -144,15 +166,25 @@ class Worker:
         self.affinity = affinity or ModelAffinity()
         self.stop_requested = threading.Event()
         self.abort_requested = threading.Event()
-        self.current_task: Task | None = None
+        self.current_task: Task | None = None  # the task this loop runs (see `finishing_task` too)
+        # Finishes outputs while the next task runs (issue 15); None: every output is written in the run.
+        self.finisher = OutputFinisher(f"finisher-{settings.worker_id}") if overlap_outputs else None
+        self._status_lock = threading.Lock()  # the `workers` row's busy/idle, written from both threads
         self.executed = 0
         self._next_sweep = 0.0
         self._log_extra = {"worker_id": settings.worker_id}
+        self._last_activity = time.monotonic()
 
     # ---- control ----------------------------------------------------------------------------------
 
+    @property
+    def finishing_task(self) -> Task | None:
+        """The task whose output the finisher is writing (In Progress, still ours), or None."""
+        return self.finisher.pending if self.finisher is not None else None
+
     def request_stop(self) -> None:
-        """First call: finish the current task, then exit. Second call: abandon it (re-queued)."""
+        """First call: finish the current task (and a pending output), then exit. Second call: abandon
+        them (re-queued, their staged files discarded)."""
         if self.stop_requested.is_set():
             self.abort_requested.set()
         self.stop_requested.set()
@@ -160,20 +192,40 @@ class Worker:
     # ---- the loop -----------------------------------------------------------------------------------
 
     def run_forever(self, until_idle: bool = False) -> None:
-        """Serve tasks until stopped (or, with until_idle, until no task is ready)."""
+        """Serve tasks until stopped (or, with until_idle, until no task is ready and no output is pending).
+        It returns only once a pending output is persisted (or, after a second stop, released)."""
         gpu = self.runner.device_name()
         self._with_db_retry(lambda: self.repository.register_worker(self.settings.worker_id, gpu))
         log.info("worker started", extra=self._log_extra)
         try:
             while not self.stop_requested.is_set():
+                self._note_activity()
                 ran = self.run_once()
                 if not ran:
                     if until_idle:
+                        if self._drain_finisher():
+                            continue  # its task completed: a dependant of it may be ready now
                         break
                     self.stop_requested.wait(self.settings.poll_interval_s)
         finally:
+            self._drain_finisher()  # a first stop still lets the pending output finish (an abort releases it)
             self._best_effort(lambda: self.repository.update_worker(self.settings.worker_id, "stopped", None))
             log.info("worker stopped after %d task(s)", self.executed, extra=self._log_extra)
+
+    def _note_activity(self) -> None:
+        self._last_activity = time.monotonic()
+
+    def seconds_since_activity(self) -> float:
+        """Seconds since the loop last showed life: a loop iteration, or a progress report of a task it runs
+        (a step, a stage, a frame written). /healthz reports a loop silent for too long as stalled."""
+        return time.monotonic() - self._last_activity
+
+    def _drain_finisher(self) -> bool:
+        """Wait for the pending output (if any) to be finished and persisted; True when there was one."""
+        if self.finisher is None or self.finisher.pending is None:
+            return False
+        self.finisher.wait_idle()
+        return True
 
     def run_once(self) -> bool:
         """Sweep if due, claim one task and execute it. False when nothing was ready."""
@@ -230,13 +282,40 @@ class Worker:
             self.settings.lease_s,
             self.settings.heartbeat_interval_s,
         ).start()
-        self._best_effort(
-            lambda: self.repository.update_worker(self.settings.worker_id, "busy", self.runner.resident_model())
-        )
+        self._set_status("busy")
         self.events.started(task, self.runner.resident_model())
-        context = RunContext(task, self.settings.worker_id, lease, self.abort_requested, self.events)
+        context = RunContext(
+            task,
+            self.settings.worker_id,
+            lease,
+            self.abort_requested,
+            self.events,
+            can_defer=self.finisher is not None,
+            on_activity=self._note_activity,
+        )
+        handed_off = False
         try:
-            outcome = self.runner.run(task, context)
+            handed_off = self._settle(task, lease, context, extra, lambda: self.runner.run(task, context))
+        finally:
+            if not handed_off:
+                _end_attempt(context, lease)
+            self.current_task = None
+            self.executed += 1
+            self._set_status("idle")
+
+    def _settle(
+        self,
+        task: Task,
+        lease: LeaseKeeper,
+        context: RunContext,
+        extra: dict[str, Any],
+        produce: Callable[[], RunResult],
+        result_extras: dict[str, Any] | None = None,
+    ) -> bool:
+        """Run `produce` (the run, or a pending run's finish) and persist how it ended, one `except` per way
+        out. True when it returned a `PendingFinish` that went to the finisher (which then owns the attempt)."""
+        try:
+            outcome = produce()
         except TaskCancelled:
             self.events.cancelled(task)
             log.info("task cancelled; stopped at %s", _progress_text(task, lease), extra=extra)
@@ -248,17 +327,50 @@ class Worker:
         except Exception as exc:
             self._persist_failure(task, exc, extra)
         else:
-            if isinstance(outcome, TaskDeferred):
+            if isinstance(outcome, PendingFinish) and result_extras is not None:  # a finish's own result
+                self._persist_failure(task, TypeError("an output finish returned another PendingFinish"), extra)
+            elif isinstance(outcome, PendingFinish):
+                return self._hand_off(task, lease, context, extra, outcome)
+            elif isinstance(outcome, TaskDeferred):
                 self._persist_deferral(task, outcome, extra)
             else:
-                self._persist_success(task, lease, outcome, extra, context)
-        finally:
-            context.discard_staged()  # a lost claim, a failure or an abort leaves no staged file behind
-            lease.stop()
-            self.current_task = None
-            self.executed += 1
+                self._persist_success(task, lease, outcome, extra, context, result_extras)
+        return False
+
+    def _hand_off(
+        self, task: Task, lease: LeaseKeeper, context: RunContext, extra: dict[str, Any], pending: PendingFinish
+    ) -> bool:
+        """Give a finished run's output stage to the finisher thread; True (it now owns the attempt).
+
+        Waits first while the previous task's output is still being finished (at most one pending)."""
+        # Monitor / ETA extras close with the GPU work, on this thread: the next task opens its own window.
+        result_extras = self.events.result_extras(task)
+        if self.finisher is None:  # a runner that defers without being allowed to: finish here
+            self._settle(task, lease, context, extra, pending.finish, result_extras)
+            return False
+
+        def job() -> None:
+            try:
+                self._settle(task, lease, context, extra, pending.finish, result_extras)
+            finally:
+                _end_attempt(context, lease)  # its staged file discarded unless published, its lease keeper stopped
+                self._set_status("idle", finishing_done=True)
+
+        log.info("output of %s task handed to the finisher", task.task_type, extra=extra)
+        self.finisher.submit(task, job)
+        return True
+
+    def _set_status(self, status: str, finishing_done: bool = False) -> None:
+        """The `workers` row: busy while the loop runs a task or the finisher holds one, idle otherwise."""
+        with self._status_lock:
+            if status == "idle":
+                pending = self.finisher.pending if self.finisher is not None else None
+                # The finisher's own job is still its pending task while it calls this.
+                busy = self.current_task is not None or (pending is not None and not finishing_done)
+                if busy:
+                    return
             self._best_effort(
-                lambda: self.repository.update_worker(self.settings.worker_id, "idle", self.runner.resident_model())
+                lambda: self.repository.update_worker(self.settings.worker_id, status, self.runner.resident_model())
             )
 
     def _persist_success(
@@ -268,9 +380,11 @@ class Worker:
         outcome: TaskOutcome,
         extra: dict[str, Any],
         context: RunContext | None = None,
+        result_extras: dict[str, Any] | None = None,
     ) -> None:
         lease.flush()
-        result = {**outcome.result_data, **self.events.result_extras(task)}
+        extras = self.events.result_extras(task) if result_extras is None else result_extras
+        result = {**outcome.result_data, **extras}
         worker_id = self.settings.worker_id
         staged = context is not None and bool(context.staged)
 
@@ -352,6 +466,12 @@ class Worker:
             operation()
         except SQLAlchemyError as exc:
             log.debug("best-effort write skipped: %s", exc.__class__.__name__, extra=self._log_extra)
+
+
+def _end_attempt(context: RunContext, lease: LeaseKeeper) -> None:
+    """Cleanup of every ending: a lost claim, a failure or an abort leaves no staged file behind."""
+    context.discard_staged()
+    lease.stop()
 
 
 def _is_expected(exc: BaseException) -> bool:

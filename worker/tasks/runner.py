@@ -8,6 +8,12 @@ plain-data `ClaimFilter` the claim applies, so no preset code runs inside a clai
 Outputs are staged, not published: every write of a run happens inside `staged_outputs()`, so the finished
 file stays under an attempt-unique hidden name, registered with the `RunContext`; the loop renames it to
 `<stem>.mp4` inside the guarded `Complete` write (see worker.loop.worker), only while the claim is still ours.
+
+A plain generation run by the daemon (t2v, vace, i2v, flf2v, ti2v) returns a `PendingFinish` once its frames are
+decoded: the engine's `PendingWrite` writes the MP4 (still under the staged name) on the loop's finisher thread
+while the next task runs. Travel segments and stitches write in the run: a segment's output is the next
+segment's guide and the stitch's input, so deferring them would only move the wait into the children's
+bookkeeping for no overlap.
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ from typing import Any
 import numpy as np
 
 from wan_engine.errors import ModelUnavailableError
+from wan_engine.generation_run import PendingWrite
+from wan_engine.generation_types import GenerationResult, ProgressEvent
 from wan_engine.loras import resolve_lora_path
 from wan_engine.video_io import OpenedInput, StagedOutputs, remove_partial_files, staged_outputs
+from worker.loop.finisher import PendingFinish
 from worker.loop.worker import RunContext
 from worker.task import Task, TaskDeferred, TaskOutcome
 from worker.tasks.claim_filter import ClaimFilter
@@ -107,7 +116,7 @@ class GenerationRunner:
         log.info("loaded model in %.2fs (previous: %s)", seconds, previous, extra={"model": model_key})
         return seconds
 
-    def run(self, task: Task, context: RunContext) -> TaskOutcome | TaskDeferred:
+    def run(self, task: Task, context: RunContext) -> TaskOutcome | TaskDeferred | PendingFinish:
         validate_priority(task.priority)  # rows from other programs: refused before anything loads
         translation = self._translate(task)
         if translation is None:
@@ -120,9 +129,11 @@ class GenerationRunner:
         )
         native = replace(task, task_type=translation.task_type, params_text=json.dumps(translation.params))
         outcome = self._run_native(native, context)
+        if isinstance(outcome, PendingFinish):
+            finish = outcome.finish
+            return PendingFinish(lambda: _with_hw_record(finish(), translation))
         if isinstance(outcome, TaskOutcome):
-            result = {**outcome.result_data, "headless_wan2gp": translation.record()}
-            return TaskOutcome(outcome.output_location, result)
+            return _with_hw_record(outcome, translation)
         return outcome
 
     def _translate(self, task: Task) -> HwTranslation | None:
@@ -161,7 +172,7 @@ class GenerationRunner:
         except ValueError:  # not there (or an unknown model, which validation names): fetch it
             fetch_url(url, dirs[0], f"LoRA {name}", MAX_LORA_BYTES, name=name)
 
-    def _run_native(self, task: Task, context: RunContext) -> TaskOutcome | TaskDeferred:
+    def _run_native(self, task: Task, context: RunContext) -> TaskOutcome | TaskDeferred | PendingFinish:
         if task.task_type in TRAVEL_TASK_TYPES:
             return self._run_travel(task, context)
         # The same checks as HeadlessTaskQueue.submit_task (schema, architecture, scheduler steps).
@@ -178,7 +189,7 @@ class GenerationRunner:
 
     def _run_generation(
         self, task: Task, context: RunContext, params: GenerationParams, mode: str, inputs: dict[str, Any]
-    ) -> TaskOutcome:
+    ) -> TaskOutcome | PendingFinish:
         """Load the model and generate with the opened `inputs` (see `run`)."""
         context.check()
         _ran, load_s, fallback = self._ensure_model_or_fallback(str(params.model), context)
@@ -192,20 +203,47 @@ class GenerationRunner:
             generate = self.orchestrator.generate_vace
         elif mode in ("i2v", "flf2v") or (mode == "ti2v" and "image_start" in inputs):
             generate = self.orchestrator.generate_i2v
+        # Daemon runs write the MP4 on the loop's finisher thread, overlapping the next task (issue 15); a
+        # context-parallel group's proxy (no `supports_deferred_write`) and direct callers write in the run.
+        deferred = context.can_defer and bool(getattr(self.orchestrator, "supports_deferred_write", False))
+        report = partial(_report_event, context)
         with _staging(context):
             result = generate(
                 params.prompt,
                 output_path=output_path,
-                progress=lambda event: context.report(event.stage, event.step, event.total_steps),
+                progress=report,
+                **({"deferred_write": True} if deferred else {}),
                 **inputs,
                 **params.generation_kwargs(),
             )
+        # Read now: by the time a deferred write finishes, the next task's ensure_model has reset it.
+        loaded = {"load_s": load_s, "fallback": fallback, "reloaded_because": self.last_reload_reason}
+        if isinstance(result, PendingWrite):
+            pending = result
+
+            def finish() -> TaskOutcome:
+                # On the finisher thread: a cancel, lost lease or abort stops the encode at the next frame.
+                written = pending.finish(progress=report, check=context.check)
+                return self._outcome(task, context, written, **loaded)
+
+            return PendingFinish(finish)
+        return self._outcome(task, context, result, **loaded)
+
+    def _outcome(
+        self,
+        task: Task,
+        context: RunContext,
+        result: GenerationResult,
+        load_s: float | None,
+        fallback: dict[str, str] | None,
+        reloaded_because: str | None,
+    ) -> TaskOutcome:
         result_data = {
             **result.to_dict(),
             "model_loaded": load_s is not None,
             "load_seconds": round(load_s or 0.0, 3),
             "model_fallback": fallback,
-            "model_reloaded_because": self.last_reload_reason,  # weight files changed under the resident model
+            "model_reloaded_because": reloaded_because,  # weight files changed under the resident model
             "attempt": task.attempts,
             "worker_id": context.worker_id,
         }
@@ -314,6 +352,16 @@ class GenerationRunner:
                 f"parallel = {parallel}: this worker runs generations on {self.group_size} GPU(s); start a group "
                 f"with `wan-worker run --parallel {parallel}`"
             )
+
+
+def _with_hw_record(outcome: TaskOutcome, translation: HwTranslation) -> TaskOutcome:
+    """A translated Headless-Wan2GP row's outcome, recording what was translated."""
+    return TaskOutcome(outcome.output_location, {**outcome.result_data, "headless_wan2gp": translation.record()})
+
+
+def _report_event(context: RunContext, event: ProgressEvent) -> None:
+    """The engine's progress events as the task's progress (and its cancel / stop checks)."""
+    context.report(event.stage, event.step, event.total_steps)
 
 
 def _staging(context: RunContext) -> AbstractContextManager[StagedOutputs]:
