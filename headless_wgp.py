@@ -185,9 +185,11 @@ class WanOrchestrator:
                 self.dtype,
                 fp8=self.fp8,
                 resident=self._load_resident(preset, check),  # type: ignore[arg-type]
+                models_dir=self.models_dir,
             )
             loaded.reloaded_because = reason
             self._loaded = loaded
+            self.model_cache.reserve(model_key, loaded)  # pin the slab its next park needs, in the background
             seconds = time.perf_counter() - started
             logger.info("model loaded", extra={"model": model_key, "seconds": round(seconds, 3)})
             return seconds

@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +28,13 @@ from PIL import Image
 
 from wan_engine.limits import MAX_FRAMES, MAX_SEED
 from wan_engine.video_io import (
+    OpenedInput,
+    VideoInfo,
     disk_full_error,
-    iter_video_frames,
+    iter_opened_video_frames,
     mp4_encoding,
     partial_path_for,
-    read_video_info,
+    probe_video,
     to_uint8,
 )
 
@@ -416,7 +418,7 @@ def _blend(prev: np.ndarray, nxt: np.ndarray, weight: float) -> np.ndarray:
 
 
 def stitch_videos(
-    paths: Sequence[Path],
+    paths: Sequence[Path | OpenedInput],
     overlaps: Sequence[int],
     output_path: Path,
     fps: int,
@@ -429,28 +431,32 @@ def stitch_videos(
     are held. Output length = sum(clip frames) - sum(overlaps). The file is written under a temporary
     name and renamed into place; on any failure the temporary file is removed. `progress` is called
     as progress(frames_written, total_frames). A non-.mp4 `output_path` gets the .mp4 suffix.
+
+    A clip is a path or an `OpenedInput` (the worker's, checked where it was opened): each is opened once
+    and probed and decoded through that one descriptor, by ffmpeg children spawned without fork.
     """
     started = time.perf_counter()
-    paths = [Path(p) for p in paths]
     overlaps = list(overlaps)
-    _check_stitch_args(paths, overlaps, fps)
+    _check_stitch_args(list(paths), overlaps, fps)
     weights = [crossfade_weights(int(o), sharpen) for o in overlaps]
-    width, height, total = _check_clips(paths, overlaps)
-    output_path = _mp4_path(Path(output_path))
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path_for(output_path)
-    pipe: _Mp4Pipe | None = None
-    try:
-        pipe = _Mp4Pipe(tmp, width, height, fps)
-        _encode_clips(_emitter(pipe, progress, total), paths, overlaps, weights, (width, height))
-        pipe.finish()
-        os.replace(tmp, output_path)
-    except BaseException:
-        # Also on KeyboardInterrupt or a cancel raised from `progress`: never leave the temporary file.
-        if pipe is not None:
-            pipe.abort()
-        tmp.unlink(missing_ok=True)
-        raise
+    with contextlib.ExitStack() as opened:
+        clips = [p if isinstance(p, OpenedInput) else opened.enter_context(OpenedInput.open(Path(p))) for p in paths]
+        width, height, total = _check_clips(clips, overlaps)
+        output_path = _mp4_path(Path(output_path))
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = partial_path_for(output_path)
+        pipe: _Mp4Pipe | None = None
+        try:
+            pipe = _Mp4Pipe(tmp, width, height, fps)
+            _encode_clips(_emitter(pipe, progress, total), clips, overlaps, weights, (width, height))
+            pipe.finish()
+            os.replace(tmp, output_path)
+        except BaseException:
+            # Also on KeyboardInterrupt or a cancel raised from `progress`: never leave the temporary file.
+            if pipe is not None:
+                pipe.abort()
+            tmp.unlink(missing_ok=True)
+            raise
     return StitchResult(
         output_path=output_path,
         frames=pipe.frames,
@@ -459,6 +465,23 @@ def stitch_videos(
         encoding=pipe.encoding,
         seconds=round(time.perf_counter() - started, 3),
     )
+
+
+def _clip_info(clip: OpenedInput) -> VideoInfo:
+    """A clip's frame count and size: one demux-only ffmpeg run (a PNG is one frame)."""
+    if clip.suffix.lower() == ".png":
+        with Image.open(clip.rewound()) as image:
+            return VideoInfo(frames=1, width=image.width, height=image.height, fps=0.0)
+    return probe_video(clip)
+
+
+def clip_frames(clip: OpenedInput) -> Iterator[np.ndarray]:
+    """A clip's frames, one at a time, decoded through its descriptor (a PNG is one frame)."""
+    if clip.suffix.lower() == ".png":
+        with Image.open(clip.rewound()) as image:
+            yield np.asarray(image.convert("RGB"))
+        return
+    yield from iter_opened_video_frames(clip)
 
 
 def _emitter(pipe: _Mp4Pipe, progress: Callable[[int, int], None] | None, total: int) -> Callable[[np.ndarray], None]:
@@ -481,7 +504,7 @@ def _mp4_path(output_path: Path) -> Path:
     return output_path if output_path.suffix.lower() == ".mp4" else output_path.with_suffix(".mp4")
 
 
-def _check_stitch_args(paths: list[Path], overlaps: list[int], fps: int) -> None:
+def _check_stitch_args(paths: list[Path | OpenedInput], overlaps: list[int], fps: int) -> None:
     """The arguments themselves: at least one clip, one non-negative integer overlap per join, fps >= 1."""
     if not paths:
         raise ValueError("stitch_videos needs at least one clip")
@@ -494,12 +517,13 @@ def _check_stitch_args(paths: list[Path], overlaps: list[int], fps: int) -> None
         raise ValueError(f"fps={fps!r} is invalid; allowed: an integer >= 1")
 
 
-def _check_clips(paths: list[Path], overlaps: list[int]) -> tuple[int, int, int]:
+def _check_clips(clips: list[OpenedInput], overlaps: list[int]) -> tuple[int, int, int]:
     """Check every clip before encoding anything; return (width, height, stitched frame count).
 
     Sizes must agree (and be even, for yuv420p) and each clip must cover its overlaps.
     """
-    infos = [read_video_info(p) for p in paths]
+    infos = [_clip_info(clip) for clip in clips]
+    paths = [clip.path for clip in clips]
     width, height = infos[0].width, infos[0].height
     if width % 2 or height % 2:
         raise ValueError(f"clip 0 ({paths[0]}) is {width}x{height}; H.264 (yuv420p) needs an even width and height")
@@ -520,22 +544,22 @@ def _check_clips(paths: list[Path], overlaps: list[int]) -> tuple[int, int, int]
 
 def _encode_clips(
     emit: Callable[[np.ndarray], None],
-    paths: list[Path],
+    clips: list[OpenedInput],
     overlaps: list[int],
     weights: list[np.ndarray],
     size: tuple[int, int],
 ) -> None:
     """Stream every clip through `emit`, cross-fading each join."""
     tail: list[np.ndarray] = []  # the previous clip's last `overlap` frames, the only frames held back
-    for i, path in enumerate(paths):
+    for i, clip in enumerate(clips):
         fade_in = weights[i - 1] if i else np.zeros(0, dtype=np.float32)
-        tail = _encode_clip(emit, i, path, _joins_of(overlaps, i), tail, fade_in, size)
+        tail = _encode_clip(emit, i, clip, _joins_of(overlaps, i), tail, fade_in, size)
 
 
 def _encode_clip(
     emit: Callable[[np.ndarray], None],
     i: int,
-    path: Path,
+    clip: OpenedInput,
     joins: tuple[int, int],
     tail: list[np.ndarray],
     fade_in: np.ndarray,
@@ -546,9 +570,10 @@ def _encode_clip(
     Returns the held-back frames, the next clip's `tail`.
     """
     (width, height), (need_in, need_out) = size, joins
+    path = clip.path
     held: deque[np.ndarray] = deque()
     read = 0
-    with contextlib.closing(iter_video_frames(path)) as frames:
+    with contextlib.closing(clip_frames(clip)) as frames:
         for frame in frames:
             if frame.shape != (height, width, 3):
                 raise ValueError(f"clip {i} ({path}) frame {read} is {frame.shape}, expected {width}x{height}")

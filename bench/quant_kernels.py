@@ -53,22 +53,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from gpu_bench import _COMMON, CONFIG_13B  # noqa: E402  (the official 1.3B config, as every bench builds it)
+
 from wan_engine.fp8 import FP8_DTYPE, FP8_MAX, Fp8Linear, quantize_transformer  # noqa: E402
 from wan_engine.speed import SpeedSettings, apply_speed_path  # noqa: E402
 
-_COMMON = {
-    "patch_size": (1, 2, 2),
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "rope_max_seq_len": 1024,
-}
-CONFIG_13B = {**_COMMON, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}
 TINY = {**_COMMON, "num_attention_heads": 2, "attention_head_dim": 16, "ffn_dim": 32, "num_layers": 2}
 TINY = {**TINY, "text_dim": 32, "rope_max_seq_len": 32}
 # Latent (frames, height, width) of 832x480x81 and of the tiny dry run; 512 text tokens as Wan pads to.

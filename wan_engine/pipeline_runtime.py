@@ -190,12 +190,14 @@ def load_pipeline(
     *,
     fp8: bool = False,
     resident: bool = True,
+    models_dir: Path | None = None,
 ) -> LoadedModel:
     """Load the preset's pipeline from a checked folder (VAE kept in float32).
 
     `resident`: move it onto `device` now; otherwise it stays in host RAM (`loaded_on_device` False)
     and the first task's memory profile places it, so a model larger than the VRAM budget never has
     to fit whole. `fp8`: quantise the transformer blocks (wan_engine.fp8) before they reach the device.
+    `models_dir`: the worker's models folder (its `.compile_cache` holds the compile caches).
     """
     import diffusers
 
@@ -234,7 +236,8 @@ def load_pipeline(
     if resident:
         pipe.to(device)
     detach_weights(pipe)  # after the move: what went to the GPU is a copy already; the rest is copied here
-    speed = apply_speed_path(pipe, device)  # CUDA only: probed attention kernel + regional compile (WAN_SPEED)
+    # CUDA only: probed attention kernel + regional compile (WAN_SPEED); caches in <models dir>/.compile_cache
+    speed = apply_speed_path(pipe, device, models_dir=models_dir)
     return LoadedModel(
         preset=preset,
         pipe=pipe,

@@ -8,7 +8,9 @@ Applied once per loaded model (`pipeline_runtime.load_pipeline`), on CUDA only:
    at ~600 TFLOP/s against ~345 for FlashAttention-2, and `native` SDPA already picks cuDNN).
    `probe_attention_backends` times each one on the model's head layout at a representative
    sequence length, checks its output against a float32 reference, and the fastest one within bf16
-   noise is set on every transformer (diffusers' default unless another is >3% faster).
+   noise is set on every transformer (diffusers' default unless another is >3% faster). The result is
+   kept in the compile cache folder (`wan_attention_probe.json`, keyed by GPU, torch, cuDNN, diffusers,
+   the installed flash-attention modules, heads, head_dim and dtype), so a restarted worker skips it.
 2. **Regional torch.compile.** `compile_repeated_blocks` compiles the transformer block once; all
    blocks (and both Wan 2.2 experts, and every later model with the same block shapes) reuse the
    compiled code. The token dimension is compiled dynamic (`WAN_COMPILE_DYNAMIC`, default `mark`:
@@ -17,7 +19,8 @@ Applied once per loaded model (`pipeline_runtime.load_pipeline`), on CUDA only:
    so a long-lived worker that sees several models keeps every variant compiled.
 3. **On-disk compile caches.** Inductor's FX graph cache, the AOTAutograd cache, the autotune cache and
    dynamo's profile of dynamic dimensions are kept in one folder (`WAN_COMPILE_CACHE_DIR`, default
-   `.compile_cache/` in the models folder), so a restarted worker skips the compilation done before.
+   `<models dir>/.compile_cache`), so a restarted worker skips the compilation done before; the block
+   layouts compiled there are recorded in it (`wan_engine.compile_policy.LAYOUTS_FILE`).
 4. **Compile where it pays** (`wan_engine.compile_policy`, via `task_compile`): a task runs compiled
    when compiled code covers its shape or its forwards earn the compile back, else eagerly; LoRA tasks
    run compiled with the LoRAs fused, a schedule re-fused where it changes (`wan_engine.lora_fusion`). The
@@ -34,9 +37,12 @@ reach and the MFU the benchmark reports.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -57,6 +63,10 @@ DYNAMIC_ENV = "WAN_COMPILE_DYNAMIC"
 POLICY_ENV = "WAN_COMPILE_POLICY"
 CACHE_ENV = "WAN_COMPILE_CACHE_DIR"
 CACHE_FOLDER = ".compile_cache"  # in the models folder unless WAN_COMPILE_CACHE_DIR says otherwise
+PROBE_FILE = "wan_attention_probe.json"  # in the compile cache folder: probe results by GPU and head layout
+PROBE_FORMAT = 1
+PROBE_ENTRIES_KEPT = 32  # bounds the file: GPUs x head layouts x dtypes x versions a folder has seen
+KERNEL_MODULES = ("flash_attn", "flash_attn_interface")  # a new one installed makes the old probe foreign
 _OFF = {"0", "off", "false", "no", "none"}
 
 # Exact attention kernels only (SageAttention and other quantised kernels are not lossless). Kernels
@@ -79,7 +89,7 @@ class SpeedSettings:
     compile: bool = True
     require_cuda: bool = True  # only tests and the CPU dry run of the benchmark turn this off
     dynamic: str = "mark"  # token dimension: "mark" dynamic from the start, "auto" (torch's), "off" static
-    cache_dir: str | None = None  # None: .compile_cache/ in the models folder; "off": torch's default
+    cache_dir: str | None = None  # None: <models dir>/.compile_cache; "off": torch's default
     policy: str = "pays"  # compile a task only where it pays ("always": every task)
 
     @classmethod
@@ -133,6 +143,7 @@ class SpeedReport:
     compiled: tuple[str, ...] = ()  # components whose repeated blocks are compiled
     probes: tuple[BackendProbe, ...] = field(default_factory=tuple)
     seconds: float = 0.0  # probe + setup time at load (compilation itself happens at the first step)
+    probe_source: str | None = None  # "measured", "cache file" or "this process"; None: no probe ran
     dynamic: str = "off"
     cache_dir: str | None = None
     tracker: CompileTracker | None = field(default=None, compare=False)  # per-task compile decisions
@@ -147,6 +158,7 @@ class SpeedReport:
         return {
             "enabled": self.enabled,
             "attention_backend": self.attention_backend,
+            "attention_probe": self.probe_source,
             "compiled": list(self.compiled) if ran else [],
             "compile": {
                 "dynamic": self.dynamic,
@@ -251,19 +263,99 @@ def choose_backend(probes: Sequence[BackendProbe]) -> str | None:
     return fastest.name
 
 
-_PROBE_CACHE: dict[tuple[Any, ...], tuple[BackendProbe, ...]] = {}
+_PROBE_CACHE: dict[str, tuple[BackendProbe, ...]] = {}
 
 
-def _probe_cached(heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[BackendProbe, ...]:
-    # One probe per GPU and head layout per process: reloading a model does not probe again.
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    key = (name, heads, head_dim, dtype, PROBE_TOKENS if device.type == "cuda" else 256)
-    if key not in _PROBE_CACHE:
+def _probe_key(heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """What a probe's result depends on; a stored result with another key is foreign (probed again)."""
+    import diffusers
+
+    cuda = device.type == "cuda"
+    cudnn = torch.backends.cudnn.version() if cuda and torch.backends.cudnn.is_available() else None
+    return {
+        "gpu": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "torch": torch.__version__,
+        "cudnn": cudnn,
+        "diffusers": diffusers.__version__,
+        "kernels": [m for m in KERNEL_MODULES if importlib.util.find_spec(m) is not None],
+        "heads": heads,
+        "head_dim": head_dim,
+        "dtype": str(dtype),
         # On a CPU (tests, dry runs) a short sequence is enough to exercise the probe.
-        _PROBE_CACHE[key] = probe_attention_backends(
-            heads=heads, head_dim=head_dim, tokens=key[-1], dtype=dtype, device=device
-        )
-    return _PROBE_CACHE[key]
+        "tokens": PROBE_TOKENS if cuda else 256,
+        "candidates": list(CANDIDATE_BACKENDS),
+    }
+
+
+def _read_probe_entries(folder: Path) -> list[dict[str, Any]]:
+    """The probe file's entries; [] when absent, corrupt or another format (then it is rewritten)."""
+    path = folder / PROBE_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring the attention probe file %s: %s", path, exc)
+        return []
+    entries = data.get("entries") if isinstance(data, dict) and data.get("format") == PROBE_FORMAT else None
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def _probes_from(raw: Any) -> tuple[BackendProbe, ...] | None:
+    """Stored probes back as BackendProbe; None when any field is not what a probe writes."""
+    if not isinstance(raw, list) or not raw:
+        return None
+    probes = []
+    for item in raw:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return None
+        seconds, rel, error = item.get("seconds"), item.get("rel_error"), item.get("error")
+        if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in (seconds, rel)):
+            return None
+        if error is not None and not isinstance(error, str):
+            return None
+        probes.append(BackendProbe(item["name"], seconds, rel, error))
+    return tuple(probes)
+
+
+def _write_probe(folder: Path, key: dict[str, Any], probes: Sequence[BackendProbe]) -> None:
+    """Store a probe's result (atomically; other keys' entries kept); a failure only logs."""
+    entries = [e for e in _read_probe_entries(folder) if e.get("key") != key]
+    entries.append({"key": key, "probes": [asdict(p) for p in probes]})
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=".probe-", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                json.dump({"format": PROBE_FORMAT, "entries": entries[-PROBE_ENTRIES_KEPT:]}, out, indent=1)
+            os.replace(tmp, folder / PROBE_FILE)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        log.warning("could not store the attention probe in %s: %s", folder, exc)
+
+
+def _probe_cached(
+    heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, folder: Path | None = None
+) -> tuple[tuple[BackendProbe, ...], str]:
+    """The probe for this GPU and head layout, and where it came from: "this process" (probed by an
+    earlier load), "cache file" (`folder`'s PROBE_FILE, written by an earlier process) or "measured"."""
+    key = _probe_key(heads, head_dim, dtype, device)
+    memo = json.dumps(key, sort_keys=True)
+    if memo in _PROBE_CACHE:
+        return _PROBE_CACHE[memo], "this process"
+    if folder is not None:
+        stored = next((e for e in _read_probe_entries(folder) if e.get("key") == key), None)
+        probes = _probes_from(stored.get("probes")) if stored is not None else None
+        if probes is not None:
+            _PROBE_CACHE[memo] = probes
+            return probes, "cache file"
+    probes = probe_attention_backends(heads=heads, head_dim=head_dim, tokens=key["tokens"], dtype=dtype, device=device)
+    _PROBE_CACHE[memo] = probes
+    if folder is not None:
+        _write_probe(folder, key, probes)
+    return probes, "measured"
 
 
 # ---- applying the path ---------------------------------------------------------------------------
@@ -298,11 +390,14 @@ def _configure_dynamo() -> None:
         inductor_config.emulate_precision_casts = True
 
 
-def compile_cache_dir(pipe: Any, settings: SpeedSettings) -> Path | None:
-    """Where the on-disk compile caches live: WAN_COMPILE_CACHE_DIR, else `.compile_cache/` in the models
-    folder (the parent of the model's folder); None for `off` or when the pipeline names no folder."""
+def compile_cache_dir(pipe: Any, settings: SpeedSettings, models_dir: str | Path | None = None) -> Path | None:
+    """Where the on-disk compile caches live: WAN_COMPILE_CACHE_DIR, else `<models_dir>/.compile_cache`;
+    without a models dir (a script loading one folder), next to the model's folder; None for `off` or
+    when neither is known."""
     if settings.cache_dir is not None:
         return None if settings.cache_dir.lower() in _OFF else Path(settings.cache_dir).expanduser()
+    if models_dir is not None:
+        return Path(models_dir).expanduser().resolve() / CACHE_FOLDER
     source = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
     if not source or not Path(str(source)).is_dir():
         return None
@@ -353,14 +448,6 @@ def configure_compile_cache(
     if hasattr(dynamo_config, "automatic_dynamic_local_pgo"):
         dynamo_config.automatic_dynamic_local_pgo = True  # remembers which dims were dynamic, per code
     return env.get("TORCHINDUCTOR_CACHE_DIR")
-
-
-def cache_is_warm(cache_dir: str | None) -> bool:
-    """True when the inductor cache folder holds compiled graphs (an earlier process compiled there)."""
-    if cache_dir is None:
-        return False
-    graphs = Path(cache_dir) / "fxgraph"
-    return graphs.is_dir() and any(graphs.iterdir())
 
 
 def _mark_token_dims(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -431,12 +518,19 @@ def _set_backend_locally(transformers: list[tuple[str, Any]], backend: str) -> N
         _AttentionBackendRegistry.set_active_backend(previous)
 
 
-def apply_speed_path(pipe: Any, device: torch.device | str, settings: SpeedSettings | None = None) -> SpeedReport:
+def apply_speed_path(
+    pipe: Any,
+    device: torch.device | str,
+    settings: SpeedSettings | None = None,
+    *,
+    models_dir: str | Path | None = None,
+) -> SpeedReport:
     """Set the fastest exact attention kernel and compile the repeated blocks of every transformer.
 
     A no-op (with the reason in the report) off CUDA, when disabled, or for a pipeline without a
     Wan transformer. Compilation is lazy: it happens during the first denoising step of the first
-    task at each new shape, and is reused by every later task.
+    task at each new shape, and is reused by every later task. `models_dir`: the worker's models
+    folder, whose `.compile_cache` holds the caches unless WAN_COMPILE_CACHE_DIR names another.
     """
     settings = settings or SpeedSettings.from_env()
     device = torch.device(device)
@@ -449,13 +543,21 @@ def apply_speed_path(pipe: Any, device: torch.device | str, settings: SpeedSetti
         return SpeedReport(False, "no transformer in the pipeline")
     started = time.perf_counter()
     main = transformers[0][1]
+    default_folder = compile_cache_dir(pipe, settings, models_dir)
+    cache_dir: str | None = None
+    if settings.compile:  # before the probe: the probe's result is kept in the same folder
+        _configure_dynamo()
+        cache_dir = configure_compile_cache(default_folder, explicit=settings.cache_dir is not None)
+    probe_folder = Path(cache_dir) if cache_dir is not None else default_folder
     probes: tuple[BackendProbe, ...] = ()
+    probe_source: str | None = None
     backend = settings.attention
     if backend == "auto":
         config = main.config
         dtype = main.dtype if device.type == "cuda" else torch.float32  # what the pipeline feeds attention
+        heads, head_dim = int(config.num_attention_heads), int(config.attention_head_dim)
         try:
-            probes = _probe_cached(int(config.num_attention_heads), int(config.attention_head_dim), dtype, device)
+            probes, probe_source = _probe_cached(heads, head_dim, dtype, device, probe_folder)
         except torch.OutOfMemoryError as exc:
             # No room for the probe's tensors (a small GPU or a VRAM cap, with the model resident): keep
             # diffusers' default kernel; the next load probes again.
@@ -465,11 +567,7 @@ def apply_speed_path(pipe: Any, device: torch.device | str, settings: SpeedSetti
     if backend is not None:
         _set_backend_locally(transformers, backend)
     compiled: list[str] = []
-    cache_dir: str | None = None
     if settings.compile:
-        _configure_dynamo()
-        explicit = settings.cache_dir is not None
-        cache_dir = configure_compile_cache(compile_cache_dir(pipe, settings), explicit=explicit)
         for name, module in transformers:
             try:
                 # Not fullgraph: an unexpected graph break (a new diffusers attention path, say) then
@@ -485,11 +583,18 @@ def apply_speed_path(pipe: Any, device: torch.device | str, settings: SpeedSetti
         compiled=tuple(compiled),
         probes=probes,
         seconds=time.perf_counter() - started,
+        probe_source=probe_source,
         dynamic=settings.dynamic if compiled else "off",
         cache_dir=cache_dir,
-        tracker=_tracker(settings.dynamic, cache_is_warm(cache_dir), settings.policy) if compiled else None,
+        tracker=_tracker(settings.dynamic, settings.policy, cache_dir, _toolchain(device)) if compiled else None,
     )
-    log.info("speed path: attention=%s compiled=%s (%.2fs)", backend, ",".join(compiled) or "none", report.seconds)
+    log.info(
+        "speed path: attention=%s (probe %s) compiled=%s (%.2fs)",
+        backend,
+        probe_source or "not run",
+        ",".join(compiled) or "none",
+        report.seconds,
+    )
     return report
 
 
@@ -509,15 +614,35 @@ def eager_blocks(active: bool) -> Iterator[None]:
         yield
 
 
-_TRACKERS: dict[tuple[str, bool, str], CompileTracker] = {}
+_TRACKERS: dict[tuple[str, str], CompileTracker] = {}
 
 
-def _tracker(dynamic: str, disk_cache: bool, policy: str) -> CompileTracker:
-    # One per process and mode: compiled block code is shared by every model with the same block layout.
-    key = (dynamic, disk_cache, policy)
-    if key not in _TRACKERS:
-        _TRACKERS[key] = CompileTracker(dynamic=dynamic, disk_cache=disk_cache, policy=policy)
-    return _TRACKERS[key]
+def _tracker(dynamic: str, policy: str, cache_dir: str | None, toolchain: str) -> CompileTracker:
+    # One per process (the mode and policy come from its environment): compiled block code is shared by
+    # every model with the same block layout, so a model loaded after another keeps what was compiled.
+    key = (dynamic, policy)
+    tracker = _TRACKERS.get(key)
+    if tracker is None:
+        tracker = _TRACKERS[key] = CompileTracker(
+            dynamic=dynamic, policy=policy, disk_cache=cache_dir is not None, cache_dir=cache_dir, toolchain=toolchain
+        )
+    elif tracker.cache_dir != cache_dir:  # the caches moved (WAN_COMPILE_CACHE_DIR): read that folder's record
+        tracker.disk_cache = cache_dir is not None
+        tracker.attach(cache_dir)
+    return tracker
+
+
+def _toolchain(device: torch.device) -> str:
+    """What compiled code on disk is only valid for: the torch build and the GPU."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"torch {torch.__version__} on {name}"
+
+
+def block_kinds(transformer: Any) -> int:
+    """Distinct repeated block classes of a transformer (a cold compile compiles each)."""
+    names = set(getattr(transformer, "_repeated_blocks", None) or ())
+    present = {type(m).__name__ for m in transformer.modules()} & names if names else set()
+    return max(1, len(present))
 
 
 def block_layout(transformer: Any) -> str:
@@ -571,7 +696,8 @@ def task_compile(
             from wan_engine import lora_fusion
 
             plan = lora_fusion.fusion_plan(lora_state, lora_requests, experts_per_step)
-        decision = tracker.decide(layout, tokens, forwards, wan_transformer_flops(dict(main.config), tokens))
+        flops = wan_transformer_flops(dict(main.config), tokens)
+        decision = tracker.decide(layout, tokens, forwards, flops, block_kinds=block_kinds(main))
         if decision.compiled and lora_requests:
             fusion = stack.enter_context(lora_fusion.fused_loras(pipe, plan, lora_state))
             if not fusion.fused:

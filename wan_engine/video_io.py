@@ -10,6 +10,7 @@ later, inside the guarded `Complete` write, so that only the attempt that still 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import itertools
@@ -19,6 +20,8 @@ import secrets
 import shutil
 import stat
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -173,47 +176,73 @@ def mp4_output_params(encoding: dict[str, Any]) -> list[str]:
     return ["-crf", str(encoding["crf"]), "-preset", str(encoding["preset"]), "-movflags", str(encoding["movflags"])]
 
 
+def _spawn_kwargs() -> dict[str, Any]:
+    """Popen arguments that put ffmpeg in its own process group (a Ctrl-C meant for the worker must not kill a
+    write the worker is finishing) without `preexec_fn`.
+
+    imageio-ffmpeg uses `preexec_fn=os.setpgrp`, which makes Python fork() instead of vfork(); since Linux 5.8
+    a fork copies every DMA-pinned page of the parent, so in a worker holding pinned host memory (the model
+    cache's slabs) each spawn took ~1.5 s per 4 GB pinned, with the GPU idle (measured on the H200 queue).
+    `process_group=0` (Python 3.11+) sets the group in the child and keeps the vfork path.
+    """
+    if os.name != "posix":
+        return {}
+    if sys.version_info >= (3, 11):
+        return {"process_group": 0}
+    return {"preexec_fn": os.setpgrp}  # Python 3.10: the fork cost remains
+
+
 def _write_mp4(frames: Iterator[np.ndarray], first: np.ndarray, tmp: Path, fps: int) -> None:
     height, width = first.shape[:2]
     if width % 2 or height % 2:
         # yuv420p halves chroma resolution: odd sizes would need resizing, which we never do silently.
         raise ValueError(f"MP4 output needs an even width and height, got {width}x{height}")
     encoding = mp4_encoding()
-    writer = imageio_ffmpeg.write_frames(
-        str(tmp),
-        (width, height),
-        fps=fps,
-        codec=encoding["codec"],
-        pix_fmt_out=encoding["pix_fmt"],
-        quality=None,
-        macro_block_size=1,  # never resize to a multiple of 16
-        ffmpeg_log_level="error",
-        output_params=mp4_output_params(encoding),
-    )
-    writer.send(None)  # start ffmpeg
-    # imageio-ffmpeg's close() neither raises nor returns ffmpeg's exit status: an ffmpeg that died after reading
-    # every frame (a full disk while writing the header) would pass for a written video. Keep its process.
-    proc = writer.gi_frame.f_locals.get("p") if writer.gi_frame is not None else None
+    # The command imageio_ffmpeg.write_frames builds for these settings (raw rgb24 on stdin, no resizing),
+    # spawned by us so that it needs no fork (`_spawn_kwargs`) and its exit status is ours to check.
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo"]
+    cmd += ["-s", f"{width}x{height}", "-pix_fmt", "rgb24", "-r", f"{fps:.02f}", "-i", "-", "-an"]
+    cmd += ["-vcodec", encoding["codec"], "-pix_fmt", encoding["pix_fmt"], *mp4_output_params(encoding)]
+    cmd += ["-v", "error", str(tmp)]
     sent = 0
-    try:
+    with tempfile.TemporaryFile() as log:  # ffmpeg's messages: a file never fills up and stalls it like a pipe
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log, **_spawn_kwargs())
+        assert proc.stdin is not None
+        finished = broken = False
         try:
-            for frame in itertools.chain([first], frames):
-                frame = to_uint8(frame)
-                if frame.shape[:2] != (height, width):
-                    got = f"{frame.shape[1]}x{frame.shape[0]}"
-                    raise ValueError(f"all frames must be {width}x{height}, got {got}")
-                sent += 1  # counted before sending: a failed send had the disk take that frame too
-                writer.send(np.ascontiguousarray(frame).tobytes())
-        finally:
-            writer.close()  # waits for ffmpeg; the caller removes the file on error
-        if isinstance(proc, subprocess.Popen) and proc.returncode:
-            raise OSError(f"ffmpeg failed writing {tmp} (exit code {proc.returncode}; its messages are in the log)")
-    except OSError as exc:
-        # "Broken pipe" and the ffmpeg command line say nothing of a full disk: say that instead.
-        full = disk_full_error(exc, tmp, sent, width, height)
-        if full is None:
-            raise
-        raise full from exc
+            try:
+                for frame in itertools.chain([first], frames):
+                    frame = to_uint8(frame)
+                    if frame.shape[:2] != (height, width):
+                        got = f"{frame.shape[1]}x{frame.shape[0]}"
+                        raise ValueError(f"all frames must be {width}x{height}, got {got}")
+                    sent += 1  # counted before sending: a failed send had the disk take that frame too
+                    try:
+                        proc.stdin.write(np.ascontiguousarray(frame).tobytes())
+                    except BrokenPipeError:
+                        broken = True
+                        break  # ffmpeg exited: its exit status and messages say why (below)
+                with contextlib.suppress(BrokenPipeError):
+                    proc.stdin.close()
+                proc.wait()
+                finished = True
+            finally:
+                if not finished:  # an error, a cancel between frames: stop ffmpeg, the caller removes the file
+                    proc.kill()
+                    proc.wait()
+                if not proc.stdin.closed:
+                    with contextlib.suppress(OSError):
+                        proc.stdin.close()
+            if proc.returncode or broken:
+                log.seek(0)
+                messages = log.read()[-500:].decode(errors="replace").strip()
+                raise OSError(f"ffmpeg failed writing {tmp} (exit code {proc.returncode}): {messages}")
+        except OSError as exc:
+            # "Broken pipe" and the ffmpeg command line say nothing of a full disk: say that instead.
+            full = disk_full_error(exc, tmp, sent, width, height)
+            if full is None:
+                raise
+            raise full from exc
 
 
 def write_video(
@@ -515,6 +544,11 @@ def count_video_frames(
     that only needs to know "more than N" never reads past N. Raises RuntimeError if ffmpeg fails.
     An `OpenedInput` is read through its descriptor (the child inherits it), never by its name.
     """
+    return _demux(path, at_most, input_params)[0]
+
+
+def _demux(path: Path | OpenedInput, at_most: int | None, input_params: Iterable[str]) -> tuple[int, bytes]:
+    """(frames counted, ffmpeg's stderr, which holds the stream header) of one demux-only ffmpeg run."""
     target, fds = path.child_args() if isinstance(path, OpenedInput) else (str(path), ())
     label = path.path if isinstance(path, OpenedInput) else path
     cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", *FFMPEG_INPUT_PARAMS, *input_params]
@@ -526,7 +560,36 @@ def count_video_frames(
     if done.returncode != 0 or not counts:
         tail = done.stderr.decode(errors="replace")[-500:]
         raise RuntimeError(f"ffmpeg could not count the frames of {label} (exit {done.returncode}): {tail}")
-    return int(counts[-1])
+    return int(counts[-1]), done.stderr
+
+
+def probe_video(source: OpenedInput) -> VideoInfo:
+    """Frame count, size and fps of an opened MP4 from one demux-only ffmpeg run through its descriptor.
+
+    For the travel stitch, which checks every clip before encoding: one child per clip, spawned without
+    fork (imageio_ffmpeg.read_frames forks, for its setpgrp: in a worker holding pinned host memory each
+    fork copies that memory, ~1.5 s per 4 GB), and no decode.
+    """
+    frames, stderr = _demux(source, None, ())
+    try:
+        meta = parse_ffmpeg_header(stderr.decode(errors="replace"))
+        width, height = meta["size"]
+    except (IndexError, ValueError, AttributeError, KeyError, TypeError) as exc:
+        raise OSError(f"ffmpeg printed no usable video header for {source.name} ({exc})") from exc
+    return VideoInfo(frames=frames, width=int(width), height=int(height), fps=float(meta.get("fps") or 0.0))
+
+
+def iter_opened_video_frames(source: OpenedInput) -> Iterator[np.ndarray]:
+    """Yield the frames of an opened MP4 one at a time as (H, W, 3) uint8 arrays, read through its descriptor.
+
+    Like `iter_video_frames`, but the decoder reads the checked descriptor (never the path) and is spawned
+    without fork (`InputVideoReader`; see `probe_video` for why that matters in the worker).
+    """
+    with InputVideoReader(source, FFMPEG_INPUT_PARAMS) as reader:
+        width, height = reader.meta["size"]
+        for raw in reader:
+            # Copy: frombuffer over bytes is read-only, and callers may blend in place.
+            yield np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3).copy()
 
 
 def read_video_info(path: Path) -> VideoInfo:
@@ -535,14 +598,8 @@ def read_video_info(path: Path) -> VideoInfo:
     if path.suffix.lower() == ".png":
         with Image.open(path) as image:
             return VideoInfo(frames=1, width=image.width, height=image.height, fps=0.0)
-    reader = imageio_ffmpeg.read_frames(str(path), input_params=list(FFMPEG_INPUT_PARAMS))
-    try:
-        meta = next(reader)
-    finally:
-        reader.close()
-    frames = count_video_frames(path)
-    width, height = meta["size"]
-    return VideoInfo(frames=frames, width=width, height=height, fps=float(meta["fps"]))
+    with OpenedInput.open(path) as source:  # read through a descriptor: ffmpeg spawned without fork
+        return probe_video(source)
 
 
 def read_video_frames(path: Path) -> np.ndarray:
@@ -551,13 +608,9 @@ def read_video_frames(path: Path) -> np.ndarray:
     if path.suffix.lower() == ".png":
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))[None]
-    reader = imageio_ffmpeg.read_frames(str(path), input_params=list(FFMPEG_INPUT_PARAMS))
-    try:
-        meta = next(reader)
-        width, height = meta["size"]
+    with OpenedInput.open(path) as source, InputVideoReader(source, FFMPEG_INPUT_PARAMS) as reader:
+        width, height = reader.meta["size"]
         frames = [np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3) for raw in reader]
-    finally:
-        reader.close()
     return np.stack(frames) if frames else np.zeros((0, height, width, 3), dtype=np.uint8)
 
 
@@ -572,12 +625,5 @@ def iter_video_frames(path: Path) -> Iterator[np.ndarray]:
         with Image.open(path) as image:
             yield np.asarray(image.convert("RGB"))
         return
-    reader = imageio_ffmpeg.read_frames(str(path), input_params=list(FFMPEG_INPUT_PARAMS))
-    try:
-        meta = next(reader)
-        width, height = meta["size"]
-        for raw in reader:
-            # Copy: frombuffer over bytes is read-only, and callers may blend in place.
-            yield np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3).copy()
-    finally:
-        reader.close()
+    with OpenedInput.open(path) as source:
+        yield from iter_opened_video_frames(source)

@@ -78,6 +78,10 @@ def test_one_orchestrator_row_becomes_segments_and_a_stitched_video(stack: Stack
     assert segment_seeds == [s.seed for s in plan.segments] and len(set(segment_seeds)) == 2
     assert [r["result_data"]["frames"] for r in rows[:2]] == [s.frames for s in plan.segments]
     assert row["result_data"]["frames"] == plan.total_frames
+    # The daemon stitched on its output finisher thread (the stitch needs no GPU: the loop went on meanwhile).
+    stitch = rows[2]["result_data"]
+    assert stitch["write_overlapped"] is True and stitch["write_queued_s"] >= 0
+    assert stitch["frames"] == plan.total_frames and stitch["stitch_seconds"] > 0
 
 
 def test_kill_9_during_segment_2_does_not_regenerate_segment_1(sqlite_stack: Stack) -> None:

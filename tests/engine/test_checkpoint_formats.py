@@ -4,7 +4,6 @@ and compared with the same weights loaded from a diffusers folder."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -18,6 +17,9 @@ from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
 from safetensors.torch import save_file
 
 from headless_wgp import WanOrchestrator
+from tests.support import real_formats
+from tests.support.real_formats import original_state as _original_state
+from tests.support.real_formats import write_fp8_scaled, write_quanto_int8
 from wan_engine.checkpoint_formats import plan_file, wan_config_to_diffusers
 from wan_engine.errors import ModelUnavailableError
 from wan_engine.model_checks import read_safetensors_header
@@ -46,119 +48,9 @@ def _transformer(tiny_models_dir: Path, folder: str) -> torch.nn.Module:
     return cls.from_pretrained(tiny_models_dir / folder, subfolder="transformer")
 
 
-def _original_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {diffusers_key_to_wan(k): v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _linear_weights(model: torch.nn.Module) -> set[str]:
-    """Original Wan names of the block linears' weights (what Wan2GP and ComfyUI quantize)."""
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.startswith(("blocks.", "vace_blocks.")):
-            names.add(diffusers_key_to_wan(name + ".weight"))
-    return names
-
-
-def write_quanto_int8(
-    model: torch.nn.Module,
-    path: Path,
-    *,
-    other_dtype: torch.dtype,
-    map_beside: bool = False,
-    prefix: str = "",
-) -> dict[str, torch.Tensor]:
-    """A Wan2GP `*_quanto_m<bf16|fp16>_int8` file as mmgp writes it through optimum-quanto: each quantized
-    linear is `<layer>.weight._data` (int8, per output row) + `<layer>.weight._scale` ((out, 1), in the
-    unquantized dtype) + `input_scale` / `output_scale` buffers; other tensors in `other_dtype`; the
-    quantization map in the metadata (base64 JSON) or in `<file>_map.json`.
-
-    `prefix`: write only the weights whose original names start with it (a Wan2GP module file).
-    Returns the weights the file stands for (original names, float32): `_scale * _data` for quantized ones.
-    """
-    state = {k: v for k, v in _original_state(model).items() if k.startswith(prefix)}
-    quantized = _linear_weights(model)
-    tensors: dict[str, torch.Tensor] = {}
-    expected: dict[str, torch.Tensor] = {}
-    qmap = {}
-    for name, value in state.items():
-        if name in quantized:
-            layer = name[: -len(".weight")]
-            scale = (value.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-8).to(other_dtype)
-            data = torch.round(value / scale.float()).clamp(-127, 127).to(torch.int8)
-            tensors[name + "._data"] = data
-            tensors[name + "._scale"] = scale
-            tensors[layer + ".input_scale"] = torch.ones((), dtype=other_dtype)
-            tensors[layer + ".output_scale"] = torch.ones((), dtype=other_dtype)
-            qmap[layer] = {"weights": "qint8", "activations": "none"}
-            expected[name] = scale.float() * data.float()
-        else:
-            tensors[name] = value.to(other_dtype)
-            expected[name] = tensors[name].float()
-    encoded = base64.b64encode(json.dumps(qmap).encode()).decode()
-    metadata = {"format": "pt"}
-    if map_beside:
-        path.with_name(path.stem + "_map.json").write_text(json.dumps(qmap))
-    else:
-        metadata.update(quantization_format="quanto", quantization_map_base64=encoded)
-    save_file(tensors, str(path), metadata=metadata)
-    return expected
-
-
-def write_fp8_scaled(model: torch.nn.Module, path: Path, *, scale_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """A ComfyUI `*_fp8_scaled` file: linears in float8 e4m3fn with a float32 `scale_weight` (per tensor),
-    a `scale_input` on some, a `scaled_fp8` marker, the rest in fp16, all under `model.diffusion_model.`."""
-    state = _original_state(model)
-    quantized = _linear_weights(model)
-    tensors: dict[str, torch.Tensor] = {COMFYUI_PREFIX + "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
-    expected = {}
-    for index, (name, value) in enumerate(sorted(state.items())):
-        if name in quantized:
-            layer = name[: -len(".weight")]
-            scale = (value.abs().amax() / 448).clamp(min=1e-8).reshape(scale_shape).float()
-            weight = (value / scale).to(torch.float8_e4m3fn)
-            tensors[COMFYUI_PREFIX + name] = weight
-            tensors[COMFYUI_PREFIX + layer + ".scale_weight"] = scale
-            if index % 2:
-                tensors[COMFYUI_PREFIX + layer + ".scale_input"] = torch.ones(scale_shape)
-            expected[name] = weight.float() * scale
-        else:
-            tensors[COMFYUI_PREFIX + name] = value.to(torch.float16)
-            expected[name] = tensors[COMFYUI_PREFIX + name].float()
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    return expected
-
-
 def write_wan_folder(model: torch.nn.Module, folder: Path, *, shards: int = 2, model_type: str = "t2v") -> Path:
-    """The original Wan repository layout: Wan's own config.json (WanModel arguments) and original-layout
-    shards `diffusion_pytorch_model-0000N-of-0000M.safetensors` with their index."""
-    folder.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    wan_config = {
-        "_class_name": "WanModel",
-        "_diffusers_version": "0.30.0",
-        "model_type": model_type,
-        "dim": config.num_attention_heads * config.attention_head_dim,
-        "num_heads": config.num_attention_heads,
-        "num_layers": config.num_layers,
-        "ffn_dim": config.ffn_dim,
-        "freq_dim": config.freq_dim,
-        "in_dim": config.in_channels,
-        "out_dim": config.out_channels,
-        "eps": config.eps,
-        "text_len": 512,
-    }
-    (folder / "config.json").write_text(json.dumps(wan_config))
-    state = _original_state(model)
-    names = sorted(state)
-    weight_map = {}
-    for index in range(shards):
-        file = f"diffusion_pytorch_model-{index + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: state[n].contiguous() for n in names[index::shards]}
-        save_file(part, str(folder / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, file))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index_json))
+    """The original Wan repository layout (tests.support.real_formats.write_wan_folder); returns the folder."""
+    real_formats.write_wan_folder(model, folder, shards=shards, model_type=model_type)
     return folder
 
 

@@ -6,6 +6,7 @@ CPU: "mark" compiles once for every token count, "off" once per token count.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,17 @@ import pytest
 import torch
 
 from wan_engine import speed
-from wan_engine.compile_policy import AMORTIZE_TASKS, COMPILED_SAVING, EAGER_FLOPS_PER_S, CompileTracker
+from wan_engine.compile_policy import (
+    AMORTIZE_TASKS,
+    CACHED_COMPILE_S,
+    COLD_COMPILE_KIND_S,
+    COLD_COMPILE_S,
+    COMPILED_SAVING,
+    EAGER_FLOPS_PER_S,
+    LAYOUTS_FILE,
+    CompileTracker,
+    cold_compile_estimate,
+)
 from wan_engine.speed import SpeedReport, SpeedSettings, task_compile, wan_transformer_flops
 
 WAN_13B = {"num_attention_heads": 12, "attention_head_dim": 128, "ffn_dim": 8960, "num_layers": 30}
@@ -190,11 +201,117 @@ def test_task_compile_runs_eager_when_it_does_not_pay_and_records_it() -> None:
     assert report.brief()["compiled"] == ["transformer"] and report.brief()["compile"]["dynamic"] == "mark"
 
 
-def test_a_cache_folder_with_compiled_graphs_is_warm(tmp_path: Path) -> None:
-    assert not speed.cache_is_warm(None) and not speed.cache_is_warm(str(tmp_path))
-    (tmp_path / "fxgraph").mkdir()
-    assert not speed.cache_is_warm(str(tmp_path))  # the folder alone: nothing compiled yet
-    (tmp_path / "fxgraph" / "ab").mkdir()
-    assert speed.cache_is_warm(str(tmp_path))
-    cold, warm = CompileTracker(disk_cache=False), CompileTracker(disk_cache=True)
-    assert cold.compile_cost("L", 1) == cold.cold_compile_s > warm.compile_cost("L", 1) == warm.cached_compile_s
+class _Pipe:
+    """The pipeline parts the speed path reads: the transformer, the VAE scale factors, the folder."""
+
+    vae_scale_factor_spatial = 8
+    vae_scale_factor_temporal = 4
+
+    def __init__(self, transformer: torch.nn.Module, name_or_path: str = "") -> None:
+        self.transformer = transformer
+        self.name_or_path = name_or_path
+
+
+@pytest.fixture
+def fresh_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new worker process: no compile tracker or probe result kept from earlier tests."""
+    monkeypatch.setattr(speed, "_TRACKERS", {})
+    monkeypatch.setattr(speed, "_PROBE_CACHE", {})
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # set by configure_compile_cache: restored
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
+
+
+def _warm_folder(folder: Path) -> None:
+    """What a compile leaves: inductor's FX graph cache is not empty (another layout's graphs)."""
+    (folder / "fxgraph" / "ab").mkdir(parents=True)
+
+
+def test_warmth_is_per_layout_and_recorded_for_the_next_process(tmp_path: Path) -> None:
+    folder = tmp_path / "cache"
+    _warm_folder(folder)
+    tracker = CompileTracker(cache_dir=folder, toolchain="torch X on GPU")
+    t2v = tracker.decide("T2V", 32760, 40, FLOPS_81F)
+    assert t2v.expected_compile_s == COLD_COMPILE_S  # graphs in the folder, but none of this layout
+    tracker.ran(t2v)
+    # The second layout (two block kinds, as VACE) is cold although the folder is warm from the first.
+    vace = tracker.decide("VACE", 17160, 20, FLOPS_1F, block_kinds=2)
+    assert vace.expected_compile_s == cold_compile_estimate(2) == COLD_COMPILE_S + COLD_COMPILE_KIND_S
+    assert not vace.compiled
+    record = json.loads((folder / LAYOUTS_FILE).read_text())
+    assert [e["layout"] for e in record["layouts"]] == ["T2V"]
+    # A later process over the same folder: the layout compiled before costs the cached figure only.
+    later = CompileTracker(cache_dir=folder, toolchain="torch X on GPU")
+    assert later.compile_cost("T2V", 20280) == CACHED_COMPILE_S
+    assert later.compile_cost("VACE", 17160, block_kinds=2) == cold_compile_estimate(2)
+    # Another torch/GPU, another dynamic mode, or the record ignored: cold.
+    assert CompileTracker(cache_dir=folder, toolchain="torch Y on GPU").compile_cost("T2V", 1) == COLD_COMPILE_S
+    assert CompileTracker(dynamic="off", cache_dir=folder, toolchain="torch X on GPU").compile_cost("T2V", 1) == (
+        COLD_COMPILE_S
+    )
+    no_record = CompileTracker(cache_dir=folder, toolchain="torch X on GPU", disk_cache=False)
+    assert no_record.compile_cost("T2V", 1) == COLD_COMPILE_S
+    # A second layout is appended, the first kept (the file is re-read before each write).
+    later.ran(later.decide("VACE", 32760, 100, FLOPS_81F, block_kinds=2))  # it pays: compiled
+    assert {e["layout"] for e in json.loads((folder / LAYOUTS_FILE).read_text())["layouts"]} == {"T2V", "VACE"}
+    assert list(folder.glob(".layouts-*")) == []  # written through a temporary file, renamed
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"format": 99, "layouts": []}', '["T2V"]', ""])
+def test_a_corrupt_or_foreign_layout_record_counts_as_cold_and_is_rewritten(tmp_path: Path, content: str) -> None:
+    (tmp_path / LAYOUTS_FILE).write_text(content)
+    tracker = CompileTracker(cache_dir=tmp_path, toolchain="t")
+    assert tracker.recorded == set() and tracker.compile_cost("T2V", 1) == COLD_COMPILE_S
+    tracker.ran(tracker.decide("T2V", 32760, 40, FLOPS_81F))
+    assert CompileTracker(cache_dir=tmp_path, toolchain="t").compile_cost("T2V", 1) == CACHED_COMPILE_S
+    with pytest.raises(ValueError, match="block_kinds 0 must be at least 1"):
+        cold_compile_estimate(0)
+
+
+def test_one_tracker_per_process_across_model_loads(tmp_path: Path, fresh_process: None) -> None:
+    """Through apply_speed_path + task_compile (CPU, nothing runs): the VACE model loaded after the T2V
+    one shares its tracker and is costed cold; a T2V model loaded again finds its code compiled."""
+    from wan_engine.tiny_models import _transformer, _vace_transformer
+
+    settings = SpeedSettings(require_cuda=False, attention="native", policy="always", cache_dir=str(tmp_path))
+    _warm_folder(tmp_path)
+    kwargs = {"width": 48, "height": 32, "frames": 5, "steps": 2, "cfg": True}
+    t2v_pipe = _Pipe(_transformer(1))
+    first = speed.apply_speed_path(t2v_pipe, "cpu", settings)
+    assert first.tracker is not None and first.cache_dir == str(tmp_path)
+    with task_compile(first, t2v_pipe, **kwargs) as decision:
+        pass
+    assert decision is not None and decision.compiled and decision.expected_compile_s == COLD_COMPILE_S
+    vace_pipe = _Pipe(_vace_transformer(5))
+    assert speed.block_kinds(vace_pipe.transformer) == 2 and speed.block_kinds(t2v_pipe.transformer) == 1
+    second = speed.apply_speed_path(vace_pipe, "cpu", settings)
+    assert second.tracker is first.tracker
+    with task_compile(second, vace_pipe, **kwargs) as decision:
+        pass
+    assert decision is not None and decision.expected_compile_s == cold_compile_estimate(2)
+    assert decision.layout == speed.block_layout(vace_pipe.transformer) != speed.block_layout(t2v_pipe.transformer)
+    again = _Pipe(_transformer(1))
+    third = speed.apply_speed_path(again, "cpu", settings)
+    with task_compile(third, again, **{**kwargs, "frames": 9}) as decision:
+        pass
+    assert decision is not None and decision.reason == "compiled code covers this shape"
+    layouts = {e["layout"] for e in json.loads((tmp_path / LAYOUTS_FILE).read_text())["layouts"]}
+    assert layouts == {speed.block_layout(t2v_pipe.transformer), speed.block_layout(vace_pipe.transformer)}
+
+
+def test_the_cache_folder_is_in_the_models_dir_for_a_nested_model(tmp_path: Path, fresh_process: None) -> None:
+    from wan_engine.tiny_models import _transformer
+
+    models = tmp_path / "models"
+    repo = models / "Wan-AI" / "Wan2.1-T2V-1.3B-Diffusers"
+    repo.mkdir(parents=True)
+    pipe = _Pipe(_transformer(1), str(repo))
+    assert speed.compile_cache_dir(pipe, SpeedSettings(), models) == models / ".compile_cache"
+    explicit = SpeedSettings(cache_dir=str(tmp_path / "mine"))
+    assert speed.compile_cache_dir(pipe, explicit, models) == tmp_path / "mine"  # WAN_COMPILE_CACHE_DIR wins
+    report = speed.apply_speed_path(
+        pipe, "cpu", SpeedSettings(require_cuda=False, attention="native"), models_dir=models
+    )
+    assert report.cache_dir == str(models / ".compile_cache") and (models / ".compile_cache").is_dir()
+    assert not (models / "Wan-AI" / ".compile_cache").exists()
+    assert report.brief()["compile"]["cache_dir"] == str(models / ".compile_cache")

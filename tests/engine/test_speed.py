@@ -5,6 +5,7 @@ No timings are asserted: the probe's choice is checked against the probe's own n
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +152,43 @@ def test_no_room_for_the_probe_keeps_the_default_kernel(
     report = apply_speed_path(loaded.pipe, "cpu", SpeedSettings(compile=False, require_cuda=False))
     assert report.enabled and report.attention_backend is None, "diffusers' default stays"
     assert report.probes[0].error is not None and "OutOfMemoryError" in report.probes[0].error
+
+
+class _Pipe:
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.transformer = transformer
+
+
+def test_the_probe_is_kept_in_the_cache_folder_for_a_restarted_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Measured once, then read from `<models dir>/.compile_cache/wan_attention_probe.json` by a new
+    process; a corrupt or foreign file is ignored (probed again and rewritten)."""
+    from wan_engine.tiny_models import _transformer
+
+    monkeypatch.setattr(speed, "_PROBE_CACHE", {})
+    settings = SpeedSettings(compile=False, require_cuda=False)
+    pipe = _Pipe(_transformer(1))
+    first = apply_speed_path(pipe, "cpu", settings, models_dir=tmp_path)
+    assert first.probe_source == "measured" and first.brief()["attention_probe"] == "measured"
+    stored = tmp_path / ".compile_cache" / speed.PROBE_FILE
+    entry = json.loads(stored.read_text())["entries"][0]
+    assert entry["key"]["heads"] == 2 and entry["key"]["head_dim"] == 12 and entry["key"]["gpu"] == "cpu"
+    assert apply_speed_path(pipe, "cpu", settings, models_dir=tmp_path).probe_source == "this process"
+    monkeypatch.setattr(speed, "_PROBE_CACHE", {})  # a restarted worker
+    restarted = apply_speed_path(pipe, "cpu", settings, models_dir=tmp_path)
+    assert restarted.probe_source == "cache file" and restarted.probes == first.probes
+    assert restarted.attention_backend == first.attention_backend
+    # Another torch build wrote it: foreign, probed again, and this process's entry added beside it.
+    foreign = {**entry, "key": {**entry["key"], "torch": "0.0"}}
+    stored.write_text(json.dumps({"format": 1, "entries": [foreign]}))
+    monkeypatch.setattr(speed, "_PROBE_CACHE", {})
+    assert apply_speed_path(pipe, "cpu", settings, models_dir=tmp_path).probe_source == "measured"
+    assert len(json.loads(stored.read_text())["entries"]) == 2
+    for corrupt in ("{oops", json.dumps({"format": 1, "entries": [{**entry, "probes": [{"name": 3}]}]})):
+        stored.write_text(corrupt)
+        monkeypatch.setattr(speed, "_PROBE_CACHE", {})
+        assert apply_speed_path(pipe, "cpu", settings, models_dir=tmp_path).probe_source == "measured"
+        assert json.loads(stored.read_text())["entries"][-1]["key"] == entry["key"]  # rewritten whole
+    forced = apply_speed_path(pipe, "cpu", SpeedSettings(compile=False, require_cuda=False, attention="native"))
+    assert forced.probe_source is None and forced.brief()["attention_probe"] is None

@@ -1,9 +1,10 @@
 """Outputs on a full disk: the task's error says the disk is full, not "Broken pipe" and an ffmpeg command line.
 
 There is no small filesystem to fill here, so ffmpeg writes through a symlink to /dev/full (every write fails
-with ENOSPC, as on a full disk; the symlink is what the writers unlink afterwards, never /dev/full). imageio-
-ffmpeg does not capture ffmpeg's stderr, so `write_video` reads a broken pipe as a full disk when the directory
-has next to no free space left: those tests report the free space a full disk would (`shutil.disk_usage`).
+with ENOSPC, as on a full disk; the symlink is what the writers unlink afterwards, never /dev/full). ffmpeg's
+messages are captured, so its "No space left on device" says the disk is full; a broken pipe with nothing said
+is read as a full disk only when the directory has next to no free space left (`shutil.disk_usage` reports
+what a full disk would in those tests).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +75,31 @@ def test_write_video_on_a_full_disk_says_so(full_disk_target: Path, monkeypatch:
 def test_an_enospc_oserror_is_a_full_disk_whatever_the_free_space(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def write_frames(path: str, size: tuple[int, int], **_: Any) -> Iterator[None]:
-        Path(path).write_bytes(b"\0" * 5000)  # what ffmpeg had written when the disk filled
-        yield
-        yield
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    class Stdin:
+        def __init__(self, path: str) -> None:
+            self.path, self.sent, self.closed = path, 0, False
 
-    monkeypatch.setattr(video_io.imageio_ffmpeg, "write_frames", write_frames)
+        def write(self, _data: bytes) -> None:
+            Path(self.path).write_bytes(b"\0" * 5000)  # what ffmpeg had written when the disk filled
+            self.sent += 1
+            if self.sent == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def close(self) -> None:
+            self.closed = True
+
+    class Ffmpeg:  # the encoder process as `_write_mp4` drives it
+        def __init__(self, cmd: list[str], **_: Any) -> None:
+            self.stdin, self.returncode = Stdin(cmd[-1]), None
+
+        def wait(self) -> int:
+            self.returncode = -9
+            return self.returncode
+
+        def kill(self) -> None:
+            pass
+
+    monkeypatch.setattr(video_io.subprocess, "Popen", Ffmpeg)
     with pytest.raises(OutputDiskFull) as raised:
         write_video(FRAMES, tmp_path / "video.mp4", fps=8)
     _assert_disk_full(raised.value, tmp_path)
@@ -89,11 +107,23 @@ def test_an_enospc_oserror_is_a_full_disk_whatever_the_free_space(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_broken_pipe_with_free_space_left_is_not_called_a_full_disk(full_disk_target: Path) -> None:
-    with pytest.raises(OSError) as raised:
+def test_ffmpeg_saying_no_space_left_is_a_full_disk_whatever_the_free_space(full_disk_target: Path) -> None:
+    with pytest.raises(OutputDiskFull) as raised:  # free space left: ffmpeg's own message says why
         write_video(FRAMES, full_disk_target.parent / "video.mp4", fps=8)
+    _assert_disk_full(raised.value, full_disk_target.parent)
+
+
+def test_a_broken_pipe_with_free_space_left_is_not_called_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = video_io.mp4_encoding
+    # ffmpeg refuses the encoder and exits: the pipe breaks, but the disk is fine.
+    monkeypatch.setattr(video_io, "mp4_encoding", lambda: {**real(), "codec": "no_such_encoder"})
+    with pytest.raises(OSError) as raised:
+        write_video(FRAMES, tmp_path / "video.mp4", fps=8)
     assert not isinstance(raised.value, OutputDiskFull)
     assert "Broken pipe" in str(raised.value) or "ffmpeg failed writing" in str(raised.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_travel_stitch_on_a_full_disk_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ import pytest
 import travel_between_images as travel
 from travel_between_images import crossfade_weights, join_clips, plan_travel, stitch_videos
 from wan_engine.video_io import (
+    OpenedInput,
     iter_video_frames,
     partial_files_for,
     read_video_frames,
@@ -153,16 +154,16 @@ def test_failure_while_encoding_removes_the_temporary_file(tmp_path: Path) -> No
 def test_stitch_streams_frames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     clips = [_clip(tmp_path / f"c{i}.mp4", [40 * i] * 9) for i in range(3)]
     alive: list[int] = []
-    real = travel.iter_video_frames
+    real = travel.iter_opened_video_frames
 
-    def counting(path: Path):
+    def counting(clip: OpenedInput):
         alive.append(1)
         try:
-            yield from real(path)
+            yield from real(clip)
         finally:
             alive.pop()
 
-    monkeypatch.setattr(travel, "iter_video_frames", counting)
+    monkeypatch.setattr(travel, "iter_opened_video_frames", counting)
 
     max_alive = []
     result = stitch_videos(
@@ -179,3 +180,30 @@ def test_iter_video_frames_matches_read_video_frames(tmp_path: Path) -> None:
     png = write_video(frames[:1], tmp_path / "still.mp4", fps=8)
     np.testing.assert_array_equal(np.stack(list(iter_video_frames(mp4))), read_video_frames(mp4))
     np.testing.assert_array_equal(np.stack(list(iter_video_frames(png))), frames[:1])
+
+
+def test_a_stitch_first_progress_report_carries_its_estimate_then_its_own_rate() -> None:
+    from worker.live.eta import EtaEstimator
+    from worker.task import Task, TaskStatus
+
+    now = [100.0]
+    eta = EtaEstimator(None, lambda _task: None, clock=lambda: now[0])
+    task = Task(
+        id="t-stitch",
+        task_type="travel_stitch",
+        params_text="{}",
+        status=TaskStatus.IN_PROGRESS,
+        priority=0,
+        dependant_on=None,
+        parent_task_id="t",
+        attempts=1,
+        max_attempts=3,
+    )
+    estimate = eta.begin(task, None)
+    assert estimate is not None and estimate > 0
+    now[0] += 0.3  # probing the clips and starting ffmpeg: the first report comes with the first frame out
+    first = eta.remaining(task.id, {"stage": "stitching", "step": 1, "total_steps": 100})
+    assert first == pytest.approx(estimate * 99 / 100), "no rate yet: the estimate for the frames left"
+    now[0] += 2.0  # 20 more frames at 0.1 s each
+    assert eta.remaining(task.id, {"stage": "stitching", "step": 21, "total_steps": 100}) == pytest.approx(7.9)
+    assert eta.remaining(task.id, {"stage": "stitching", "step": 100, "total_steps": 100}) == 0.0

@@ -232,6 +232,19 @@ def test_until_idle_runs_a_dependant_of_the_pending_task(outputs: Path) -> None:
     assert repo.row(dependant).status is C
 
 
+def test_a_task_waiting_for_the_pending_output_is_claimed_before_others(outputs: Path) -> None:
+    """A queued task waiting for the pending output (an orchestrator for its stitch, a user's chain) comes
+    next: the loop finishes that output first instead of starting another model's task meanwhile."""
+    repo = FakeRepository()
+    prerequisite = repo.add(model="M", priority=5)
+    dependant = repo.add(model="M", priority=5, dependant_on=prerequisite)
+    other = repo.add(model="N", priority=1)
+    runner = DeferringRunner(outputs)
+    Worker(repo, runner, settings()).run_forever(until_idle=True)
+    assert runner.ran == [prerequisite, dependant, other]
+    assert [repo.row(t).status for t in (prerequisite, dependant, other)] == [C, C, C]
+
+
 # ---- endings while the output is written ------------------------------------------------------------
 
 
@@ -472,3 +485,155 @@ def test_without_the_finisher_a_pending_finish_is_finished_in_the_run(outputs: P
     assert all(ran == [first] for ran in during_first_write), "the next task ran before the first was written"
     assert [repo.row(t).status for t in (first, second)] == [C, C]
     assert worker.finisher is None and worker.finishing_task is None
+
+
+# ---- a travel stitch on the finisher (the real GenerationRunner, TravelCoordinator and SQLite store) ------
+
+
+class StitchRunner(BaseFakeRunner):
+    """Travel rows through the real `GenerationRunner` (its `_run_stitch`); any other row is a plain task."""
+
+    def __init__(self, repository: Any, outputs: Path) -> None:
+        from types import SimpleNamespace
+
+        from wan_engine.presets import BUILTIN_PRESETS_DIR, load_presets
+        from worker.tasks.runner import GenerationRunner
+
+        orchestrator = SimpleNamespace(presets=load_presets(BUILTIN_PRESETS_DIR), current_model=None)
+        self.real = GenerationRunner(orchestrator, outputs, store=repository)  # type: ignore[arg-type]
+        self.run_started: defaultdict[str, threading.Event] = defaultdict(threading.Event)
+        self.returned: list[tuple[str, str]] = []
+
+    def run(self, task: Task, context: RunContext) -> Any:
+        self.run_started[task.id].set()
+        if task.task_type.startswith("travel_"):
+            result = self.real.run(task, context)
+            self.returned.append((task.id, type(result).__name__))
+            return result
+        return TaskOutcome(None, {"task": task.id})
+
+
+class ProgressSink(RecordingSink):
+    """RecordingSink that also calls `on_progress(task, progress)` (from whichever thread reports)."""
+
+    def __init__(self, on_progress: Callable[[Task, dict[str, Any]], None]) -> None:
+        super().__init__()
+        self.on_progress = on_progress
+
+    def progress(self, task: Task, progress: dict[str, Any]) -> None:
+        self.on_progress(task, progress)
+
+
+def _travel_ready_to_stitch(repository: Any, tmp_path: Path, outputs: Path) -> str:
+    """A travel orchestrator waiting on its stitch, its two segments Complete with real 64x48 MP4s (9 frames each,
+    2 overlapping): the stitch row is the next ready task."""
+    import numpy as np
+    from PIL import Image
+
+    from wan_engine.video_io import write_video
+    from worker.task import NewTask
+
+    for index in range(3):
+        Image.fromarray(np.full((48, 64, 3), 60 * index, np.uint8)).save(outputs / f"k{index}.png")
+    params = {"input_images": [f"k{i}.png" for i in range(3)], "base_prompts": "p", "segment_frames": 9}
+    params |= {"frame_overlap": 2, "model": "vace_1.3B", "resolution": "64x48", "seed_base": 1}
+    parent = repository.insert(NewTask("travel_orchestrator", params, priority=5))
+    runner = StitchRunner(repository, outputs)
+
+    def claim(task_id: str) -> Task:
+        task = repository.claim_next("setup", 30, lambda c: next((t for t in c if t.id == task_id), None))
+        assert task is not None
+        return task
+
+    deferral = runner.real.travel.run_orchestrator(claim(parent))
+    assert repository.defer(parent, "setup", deferral.wait_for, deferral.progress)
+    for index, child in enumerate(c for c in repository.children_of(parent) if c.task_type == "travel_segment"):
+        frames = np.full((9, 48, 64, 3), 40 + 80 * index, np.uint8)
+        video = write_video(frames, outputs / f"{child.id}.mp4", 16)
+        assert repository.mark_complete(claim(child.id).id, "setup", str(video), {"frames": 9})
+    return parent
+
+
+@pytest.fixture
+def sql_repository(tmp_path: Path) -> Any:
+    from tests.support.db import open_engine
+    from worker.store.repository import SqlTaskRepository
+
+    with open_engine(f"sqlite:///{tmp_path / 'tasks.db'}") as engine:
+        yield SqlTaskRepository(engine)
+
+
+def test_a_travel_stitch_is_finished_on_the_finisher_and_its_orchestrator_completes_next(
+    sql_repository: Any, tmp_path: Path, outputs: Path
+) -> None:
+    """The stitch is encoded on the finisher thread; its orchestrator waits for it, so the loop finishes the
+    stitch before claiming again and completes the orchestrator before the next task starts (it would
+    otherwise wait a whole task for its 0.01 s Complete)."""
+    from wan_engine.video_io import partial_files_for
+    from worker.task import NewTask, TaskStatus
+
+    repo = sql_repository
+    parent = _travel_ready_to_stitch(repo, tmp_path, outputs)
+    stitch = f"{parent}-stitch"
+    following = repo.insert(NewTask("t2v", {"model": "t2v_1.3B", "prompt": "next"}, priority=1))
+    runner = StitchRunner(repo, outputs)
+    sink = RecordingSink()
+    Worker(repo, runner, settings(), events=sink).run_forever(until_idle=True)
+
+    assert (stitch, "PendingFinish") in runner.returned
+    stitch_row, parent_row = repo.get(stitch), repo.get(parent)
+    assert stitch_row.status is TaskStatus.COMPLETE and parent_row.status is TaskStatus.COMPLETE
+    assert stitch_row.result_data["write_overlapped"] is True and stitch_row.result_data["frames"] == 16
+    completed_stitch, completed_parent = (sink.events.index(("completed", t)) for t in (stitch, parent))
+    assert completed_stitch < completed_parent < sink.events.index(("started", following))
+    final = outputs / f"{parent}.mp4"
+    assert parent_row.output_location == stitch_row.output_location == str(final)
+    assert read_video_info(final).frames == 9 + 9 - 2
+    assert partial_files_for(parent, outputs) == [], "no staged file left"
+
+
+def test_cancel_during_a_deferred_stitch_stops_it_and_leaves_no_file(
+    sql_repository: Any, tmp_path: Path, outputs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.tasks.travel as travel_tasks
+    from wan_engine.video_io import partial_files_for
+    from worker.task import TaskStatus
+
+    monkeypatch.setattr(travel_tasks, "PROGRESS_EVERY_S", 0.0)  # every frame reports (and checks for a cancel)
+    repo = sql_repository
+    parent = _travel_ready_to_stitch(repo, tmp_path, outputs)
+    stitch = f"{parent}-stitch"
+    runner = StitchRunner(repo, outputs)
+    reports: list[int] = []
+    threads: list[str] = []
+    noticed = threading.Event()
+    real_heartbeat = repo.heartbeat
+
+    def heartbeat(task_id: str, *args: Any) -> bool:
+        ours = real_heartbeat(task_id, *args)
+        if task_id == stitch and not ours:
+            noticed.set()
+        return ours
+
+    repo.heartbeat = heartbeat
+
+    def on_progress(task: Task, progress: dict[str, Any]) -> None:
+        if task.id != stitch or progress["stage"] != "stitching":
+            return
+        reports.append(progress["step"])
+        if len(reports) == 1:
+            assert repo.cancel(stitch)  # a user's cancel while the finisher stitches
+            assert noticed.wait(WAIT_S), "the stitch's lease keeper never noticed the cancel"
+            threads.append(threading.current_thread().name)
+
+    sink = ProgressSink(on_progress)
+    Worker(repo, runner, settings(), events=sink).run_forever(until_idle=True)
+
+    assert (stitch, "PendingFinish") in runner.returned
+    assert threads == ["finisher-worker-a"], "the stitch ran on the finisher thread"
+    assert repo.get(stitch).status is TaskStatus.CANCELLED
+    assert ("cancelled", stitch) in sink.events and ("completed", stitch) not in sink.events
+    assert len(reports) < 16, f"the stitch was not stopped: {len(reports)} frames reported"
+    assert not (outputs / f"{parent}.mp4").exists()
+    assert partial_files_for(parent, outputs) == [], "no staged or temporary file of the cancelled stitch"
+    assert repo.get(parent).status is not TaskStatus.COMPLETE

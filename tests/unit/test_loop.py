@@ -162,6 +162,11 @@ class FakeRepository:
                 row.progress = progress
             return True
 
+    def has_queued_dependant(self, task_id: str) -> bool:
+        with self._lock:
+            self._reachable()
+            return any(r.status is Q and r.dependant_on == task_id for r in self.rows.values())
+
     def get_status(self, task_id: str) -> TaskStatus | None:
         with self._lock:
             self._reachable()

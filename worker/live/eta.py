@@ -20,10 +20,12 @@ with latent frames x pixels, write with frames x pixels. Before any history the 
 
 The estimator mirrors this process: which models it has loaded, which block layouts are compiled, which
 shapes have run. So it knows whether the next task will load or switch a model, compile (its layout is
-not compiled and, under the default policy, its forwards earn the compile back: wan_engine.compile_policy)
-or pay a new shape. `queue_etas` walks the queue in the order the worker claims it (priority, age, the
-resident model preferred: worker.loop.scheduling.ModelAffinity), counting each task's loads and compiles;
-a travel orchestrator counts its segments (planned from its params, as the orchestrator plans them) and
+not compiled and, under the default policy, its forwards earn the compile back: wan_engine.compile_policy,
+with the policy's own per-layout cost, cached only for a layout compiled here or that the policy costed so,
+and the policy's own saving per forward once a brief of the layout told it) or pay a new shape.
+`queue_etas` walks the queue in the order the worker claims it (priority, age, the resident model
+preferred: worker.loop.scheduling.ModelAffinity), counting each task's loads and compiles; a travel
+orchestrator counts its segments (planned from its params, as the orchestrator plans them) and
 the stitch. While a task runs, its own steps (after step 1) are blended in.
 
 Learned rows live in `eta_stats` (one table, no extra columns): a kind's row under its key, with
@@ -73,8 +75,8 @@ MODEL_COLUMNS = {
 }
 TRAVEL_DEFAULT_MODEL = "vace_14B_cocktail_2_2"  # worker.tasks.travel.DEFAULT_TRAVEL_MODEL (a higher layer)
 TRAVEL_DEFAULT_OVERLAP = 8  # frame_overlap's default (worker.tasks.travel.TravelOrchestratorParams)
-# Guesses for what nothing measured yet (GPU; a CPU never compiles): docs/BENCHMARKS.md, H200.
-STATIC_COMPILE_S = 10.7  # first compile of a block layout, cold caches ("Queues": 10.7-11.0 s)
+# Guesses for what nothing measured yet (GPU; a CPU never compiles): docs/BENCHMARKS.md, H200. A compile
+# is guessed as the compile policy expects it (wan_engine.compile_policy: cold per layout, or cached).
 STATIC_NEW_SHAPE_S = 0.4  # a new token count with the dimension dynamic
 STATIC_PROBE_S = 3.7  # the attention-kernel probe, once per process at the first load ("Why ours is faster")
 STATIC_LORA_LOAD_S = 0.3  # per LoRA file
@@ -502,7 +504,10 @@ class _Process:
     provisional: dict[str, tuple[str, int]] = field(default_factory=dict)
     dynamic: str = "mark"
     policy: str = "pays"
-    expected_compile_s: float | None = None  # what the compile policy expects a compile to cost
+    # layout -> what the compile policy costed its compile at (cold, or cached when its record said so)
+    compile_costs: dict[str, float] = field(default_factory=dict)
+    # layout -> (tokens, the policy's expected saving per forward at that token count)
+    savings: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     def copy(self) -> _Process:
         return replace(
@@ -514,10 +519,36 @@ class _Process:
             compiled_shapes=set(self.compiled_shapes),
             shapes=set(self.shapes),
             provisional=dict(self.provisional),
+            compile_costs=dict(self.compile_costs),
+            savings=dict(self.savings),
         )
 
     def layout(self, model: str) -> str:
         return self.layouts.get(model, model)
+
+    def expected_compile(self, model: str) -> tuple[float, bool]:
+        """(seconds, warm) the compile policy expects a compile of this model's layout to cost: the cached
+        figure once the layout compiled in this process, else what the policy's brief said for it, else
+        a cold compile (the policy's rule: warmth per layout, never per cache folder)."""
+        from wan_engine.compile_policy import CACHED_COMPILE_S, cold_compile_estimate
+
+        layout = self.layout(model)
+        if layout in self.covered or any(lay == layout for lay, _t in self.compiled_shapes):
+            return CACHED_COMPILE_S, True
+        if layout in self.compile_costs:
+            cost = self.compile_costs[layout]
+            return cost, cost <= CACHED_COMPILE_S
+        return cold_compile_estimate(), False
+
+    def policy_saving(self, model: str, tokens: int, forwards: int) -> float | None:
+        """The policy's expected saving for `forwards` forwards at `tokens`, scaled from its brief of this
+        layout (work ~ tokens x (1 + tokens / ATTENTION_TOKENS)); None before a brief told it."""
+        known = self.savings.get(self.layout(model))
+        if known is None:
+            return None
+        seen, per_forward = known
+        scale = (tokens * (1 + tokens / ATTENTION_TOKENS)) / max(seen * (1 + seen / ATTENTION_TOKENS), 1e-9)
+        return forwards * per_forward * scale
 
     def is_covered(self, model: str, tokens: int) -> bool:
         layout = self.layout(model)
@@ -550,8 +581,12 @@ class _Process:
             self.layouts[model] = str(brief["layout"])
         if brief.get("reason") == "policy always":
             self.policy = "always"
+        layout = self.layout(model)
         if float(brief.get("expected_compile_s") or 0) > 0:
-            self.expected_compile_s = float(brief["expected_compile_s"])
+            self.compile_costs[layout] = float(brief["expected_compile_s"])
+        forwards, saving = int(brief.get("forwards") or 0), float(brief.get("expected_saving_s") or 0)
+        if forwards > 0 and saving > 0 and int(brief.get("tokens") or 0) > 0:
+            self.savings[layout] = (int(brief["tokens"]), saving / forwards)
         self.ran(model, tokens, bool(brief.get("compiled")))
 
 
@@ -576,6 +611,7 @@ class _Running:
     observed_step_s: float | None = None
     observed_steps: int = 0  # steady-state steps behind observed_step_s
     last_remaining: float | None = None
+    stitch_s: float | None = None  # a stitch: its estimate (its remaining before a rate is seen)
 
 
 @dataclass(frozen=True)
@@ -695,7 +731,7 @@ class EtaEstimator:
     def _predict(self, shape: TaskShape, process: _Process, learned: _Learned) -> tuple[StageTimes, str, bool] | None:
         """Stage times of this shape run next in `process` (load, compile and new-shape costs as this
         process would pay them), its basis, and whether it runs compiled."""
-        from wan_engine.compile_policy import AMORTIZE_TASKS, COLD_COMPILE_S, COMPILED_SAVING
+        from wan_engine.compile_policy import AMORTIZE_TASKS, COMPILED_SAVING
 
         base = self._base(shape, learned)
         if base is None:
@@ -708,12 +744,16 @@ class EtaEstimator:
             if process.is_covered(shape.model, shape.tokens):
                 compiled = True
             else:
-                eager_forward = per_forward / (1.0 - COMPILED_SAVING)
-                saving = shape.steps * shape.forwards * COMPILED_SAVING * eager_forward
-                expected = process.expected_compile_s or COLD_COMPILE_S
+                # Decided as the policy decides: its saving estimate once a brief of this layout told it.
+                forwards = shape.steps * shape.forwards
+                saving = process.policy_saving(shape.model, shape.tokens, forwards)
+                if saving is None:
+                    saving = forwards * COMPILED_SAVING * per_forward / (1.0 - COMPILED_SAVING)
+                expected, warm = process.expected_compile(shape.model)
                 compiled = process.policy == "always" or saving * AMORTIZE_TASKS >= expected
                 if compiled:
-                    compile_s = _first(model.compile_s, learned.compile_any, STATIC_COMPILE_S)
+                    # A cached compile is the policy's figure; a learned compile is a cold one.
+                    compile_s = expected if warm else _first(model.compile_s, learned.compile_any, expected)
             if not compiled:
                 per_forward /= 1.0 - COMPILED_SAVING
         new_shape = (shape.model, shape.tokens) not in process.shapes
@@ -826,6 +866,7 @@ class EtaEstimator:
             elif task.task_type == "travel_stitch":
                 estimate, basis = self._stitch_s(StitchShape(), learned), "stitch"
         run = _Running(shape, times, with_load, self.clock(), basis, travel_tail_s=tail)
+        run.stitch_s = estimate if task.task_type == "travel_stitch" else None
         with self._lock:
             if shape is not None:
                 run.loaded_before = shape.model in self._process.loaded
@@ -899,6 +940,8 @@ class EtaEstimator:
             elif step > run.step_mark[0]:
                 run.observed_steps = step - run.step_mark[0]
                 run.observed_step_s = (now - run.step_mark[1]) / run.observed_steps
+        if stage == "stitching" and run.stitch_s is not None and total:
+            return _stitch_left(run, step, total, now)
         if stage not in STAGES or run.times is None or run.shape is None:
             elapsed = now - run.stage_started
             return elapsed * (total - step) / step if total and step else None
@@ -1106,6 +1149,17 @@ class EtaEstimator:
         for task in queued:
             etas.setdefault(task.id, QueueEta(started_at.get(task.id), None))
         return etas
+
+
+def _stitch_left(run: _Running, step: int, total: int, now: float) -> float:
+    """A stitch's remaining: its estimate for the frames left until a rate is seen, then the rate measured
+    from its first report (that report comes once a frame is out: the probe and startup are behind it)."""
+    if run.step_mark is None or step <= run.step_mark[0]:
+        if run.step_mark is None:
+            run.step_mark = (step, now)
+        return float(run.stitch_s or 0.0) * (total - step) / total
+    rate = (now - run.step_mark[1]) / (step - run.step_mark[0])
+    return rate * (total - step)
 
 
 def _claim_model(task: Task) -> str | None:

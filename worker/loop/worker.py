@@ -230,6 +230,7 @@ class Worker:
     def run_once(self) -> bool:
         """Sweep if due, claim one task and execute it. False when nothing was ready."""
         self._sweep_if_due()
+        self._finish_awaited_output()
         # Everything the claim needs is read now, as plain data: nothing calls back into the runner (or
         # preset / model code) while the claim transaction holds its lock.
         rule = self.runner.claim_filter
@@ -249,6 +250,20 @@ class Worker:
             return False
         self._execute(task)
         return True
+
+    def _finish_awaited_output(self) -> None:
+        """Wait for the pending output first when a queued task waits for it (a travel orchestrator for its
+        stitch, a user's `dependant_on` chain): claiming something else now would make that task wait a whole
+        task longer, or switch models twice."""
+        pending = self.finishing_task
+        if pending is None:
+            return
+        try:
+            awaited = self.repository.has_queued_dependant(pending.id)
+        except SQLAlchemyError:
+            return  # the claim that follows meets the outage and backs off
+        if awaited:
+            self._drain_finisher()
 
     def _sweep_if_due(self) -> None:
         if time.monotonic() < self._next_sweep:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import replace
@@ -79,6 +80,7 @@ class GenerationRunner:
         self.model_switches = 0
         self.load_seconds = 0.0
         self.last_reload_reason: str | None = None  # set by ensure_model
+        self.last_transfers: list[dict[str, Any]] = []  # the last load's park/restore records (model cache)
         self.travel = (
             TravelCoordinator(store, outputs_dir, self.input_roots, self._travel_resolution) if store else None
         )
@@ -101,6 +103,7 @@ class GenerationRunner:
         """Load `model_key` unless it is resident with unchanged weight files; returns the seconds spent
         loading (None: no load). `last_reload_reason` says why a resident model was loaded again (or None)."""
         self.last_reload_reason = None
+        self.last_transfers = []
         previous = self.orchestrator.current_model
         # Stat only: a resident model whose files were rewritten in place is loaded again (issue 18).
         needs_reload = getattr(self.orchestrator, "needs_reload", None)  # absent on test doubles
@@ -108,7 +111,11 @@ class GenerationRunner:
             return None
         if context is not None:
             context.report("loading_model", model=model_key)
+        cache = getattr(self.orchestrator, "model_cache", None)  # absent on test doubles and group proxies
+        count = cache.transfer_count if cache is not None else 0
         seconds = self.orchestrator.load_model(model_key)
+        # What the switch moved through pinned host RAM (and whether its slab was reserved ahead of time).
+        self.last_transfers = cache.transfers_since(count) if cache is not None else []
         self.model_loads += 1
         self.model_switches += previous is not None and previous != model_key  # a reload is not a switch
         self.load_seconds += seconds
@@ -217,7 +224,12 @@ class GenerationRunner:
                 **params.generation_kwargs(),
             )
         # Read now: by the time a deferred write finishes, the next task's ensure_model has reset it.
-        loaded = {"load_s": load_s, "fallback": fallback, "reloaded_because": self.last_reload_reason}
+        loaded = {
+            "load_s": load_s,
+            "fallback": fallback,
+            "reloaded_because": self.last_reload_reason,
+            "transfers": self.last_transfers,
+        }
         if isinstance(result, PendingWrite):
             pending = result
 
@@ -237,6 +249,7 @@ class GenerationRunner:
         load_s: float | None,
         fallback: dict[str, str] | None,
         reloaded_because: str | None,
+        transfers: list[dict[str, Any]],
     ) -> TaskOutcome:
         result_data = {
             **result.to_dict(),
@@ -244,6 +257,7 @@ class GenerationRunner:
             "load_seconds": round(load_s or 0.0, 3),
             "model_fallback": fallback,
             "model_reloaded_because": reloaded_because,  # weight files changed under the resident model
+            "model_transfers": transfers if load_s is not None else [],  # parks / restores of this switch
             "attempt": task.attempts,
             "worker_id": context.worker_id,
         }
@@ -275,15 +289,14 @@ class GenerationRunner:
 
     # ---- travel between images ---------------------------------------------------------------------
 
-    def _run_travel(self, task: Task, context: RunContext) -> TaskOutcome | TaskDeferred:
+    def _run_travel(self, task: Task, context: RunContext) -> TaskOutcome | TaskDeferred | PendingFinish:
         if self.travel is None:
             raise InvalidTaskError(f"{task.task_type} tasks need a worker with a task store (the daemon)")
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
         if task.task_type == "travel_orchestrator":
             return self.travel.run_orchestrator(task)
         if task.task_type == "travel_stitch":
-            with _staging(context):
-                return self.travel.run_stitch(task, context.report)
+            return self._run_stitch(task, context)
 
         def generate(
             params: TravelSegmentParams,
@@ -307,10 +320,30 @@ class GenerationRunner:
                 "model_loaded": load_s is not None,
                 "load_seconds": round(load_s or 0.0, 3),
                 "model_reloaded_because": self.last_reload_reason,
+                "model_transfers": self.last_transfers if load_s is not None else [],
             }
 
         with _staging(context):
             return self.travel.run_segment(task, generate, context.report, context.report_parent)
+
+    def _run_stitch(self, task: Task, context: RunContext) -> TaskOutcome | PendingFinish:
+        """A travel stitch: checked here; the stitch itself (decode, cross-fade, encode: CPU only) runs on the
+        loop's finisher thread when the loop offers it, so the next task's GPU work overlaps it (issue 15)."""
+        assert self.travel is not None
+        with _staging(context) as staging:
+            stitch = self.travel.prepare_stitch(task, context.report)
+            if not context.can_defer:
+                return stitch(staging)
+        queued = time.perf_counter()
+
+        def finish() -> TaskOutcome:
+            # On the finisher thread: a cancel, lost lease or abort stops the stitch at the next progress report.
+            waited = time.perf_counter() - queued
+            outcome = stitch(staging)
+            extra = {"write_overlapped": True, "write_queued_s": round(waited, 4)}
+            return TaskOutcome(outcome.output_location, {**outcome.result_data, **extra})
+
+        return PendingFinish(finish)
 
     def _travel_resolution(self, model: str, resolution: str | None) -> tuple[int, int]:
         """The (width, height) a travel runs at: its resolution param, else the VACE model's preset."""

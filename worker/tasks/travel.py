@@ -11,7 +11,8 @@
   the dependency sweep, whose message quotes the failing child's id and error.
 - a segment builds its VACE guide and mask (start/end images, the previous segment's tail) and
   generates through the runner's `SegmentGenerator`;
-- the stitch cross-fades the segment videos into `<parent>.mp4`.
+- the stitch cross-fades the segment videos into `<parent>.mp4` (needing no GPU, the daemon runs it on its output
+  finisher thread while the next task runs: `prepare_stitch`, worker.tasks.runner).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from wan_engine.limits import (
     RANDOM_SEED,
 )
 from wan_engine.presets import PresetRegistry
-from wan_engine.video_io import active_staging, iter_video_frames, remove_partial_files
+from wan_engine.video_io import OpenedInput, StagedOutputs, active_staging, remove_partial_files
 from worker.task import NewTask, Task, TaskDeferred, TaskOutcome, TaskStatus
 from worker.tasks.params import InvalidTaskError, describe_validation_error, parse_params_text
 from worker.tasks.paths import open_input, output_stem, resolve_input_path
@@ -393,20 +394,47 @@ class TravelCoordinator:
         if previous is None or previous.status is not TaskStatus.COMPLETE or not previous.output_file:
             raise InvalidTaskError(f"previous segment {params.previous_segment} has no completed output")
         tail: deque[np.ndarray] = deque(maxlen=max(1, params.overlap_in))
-        for frame in iter_video_frames(Path(previous.output_file)):
-            tail.append(frame)
+        # Opened once; decoded through that descriptor by an ffmpeg spawned without fork (travel.clip_frames).
+        with OpenedInput.open(Path(previous.output_file)) as opened:
+            for frame in travel.clip_frames(opened):
+                tail.append(frame)
         return np.stack(list(tail))
 
     # ---- travel_stitch ------------------------------------------------------------------------------
 
     def run_stitch(self, task: Task, report: Callable[..., None]) -> TaskOutcome:
+        """Stitch now, on this thread (inside a staging block the output stays staged, as `prepare_stitch`)."""
+        return self.prepare_stitch(task, report)(active_staging())
+
+    def prepare_stitch(self, task: Task, report: Callable[..., None]) -> Callable[[StagedOutputs | None], TaskOutcome]:
+        """Check a stitch row (params, every segment Complete with an output) and return the stitch itself.
+
+        The returned call needs no GPU, so the worker may run it on its output finisher thread while the
+        next task runs (worker.tasks.runner); it takes the attempt's `StagedOutputs` explicitly (a
+        ContextVar does not cross threads): the stitch is written under its staged name and published
+        with the Complete write, or (None: a direct call) renamed into place.
+        """
         params: TravelStitchParams = _validate(TravelStitchParams, task)
-        paths = []
+        outputs = []
         for child_id in params.segments:
             child = self.store.get(child_id)
             if child is None or child.status is not TaskStatus.COMPLETE or not child.output_file:
                 raise InvalidTaskError(f"segment {child_id} has no completed output to stitch")
-            paths.append(Path(child.output_file))
+            outputs.append(Path(child.output_file))
+
+        def stitch(staging: StagedOutputs | None) -> TaskOutcome:
+            return self._stitch(task, params, outputs, report, staging)
+
+        return stitch
+
+    def _stitch(
+        self,
+        task: Task,
+        params: TravelStitchParams,
+        outputs: list[Path],
+        report: Callable[..., None],
+        staging: StagedOutputs | None,
+    ) -> TaskOutcome:
         last_report = 0.0
 
         def progress(written: int, total: int) -> None:
@@ -418,11 +446,9 @@ class TravelCoordinator:
         started = time.perf_counter()
         output = self.outputs_dir / f"{output_stem(params.orchestrator)}.mp4"
         _remove_partials(output_stem(params.orchestrator), self.outputs_dir, task.id)
-        # Inside the worker's staging block the stitch is written under the attempt's staged name and
-        # published with the Complete write (worker.loop.worker); called directly, it is renamed into place.
-        staging = active_staging()
         target = staging.path_for(output) if staging is not None else output
-        result = travel.stitch_videos(paths, params.overlaps, target, params.fps, params.crossfade_sharpen, progress)
+        # Each segment file is opened once and probed and decoded through that descriptor (stitch_videos).
+        result = travel.stitch_videos(outputs, params.overlaps, target, params.fps, params.crossfade_sharpen, progress)
         if staging is not None:
             staging.add(result.output_path, output)
         return TaskOutcome(
