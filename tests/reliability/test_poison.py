@@ -74,7 +74,11 @@ def test_a_task_that_kills_its_worker_fails_after_max_attempts(sqlite_stack: Sta
     assert not [p for p in all_files(stack.outputs_dir) if p.name.startswith(poison)], "the poison left an output"
 
     rows = read_rows(stack, good)
-    assert all(r["status"] == "Complete" and r["attempts"] == 1 for r in rows.values()), rows
+    assert all(r["status"] == "Complete" and r["attempts"] in (1, 2) for r in rows.values()), rows
+    # Each kill -9 may also catch the one good task whose output the killed worker was still writing (the
+    # output finisher overlaps it with the next task): that task is re-run once, nothing else is touched.
+    rerun = [t for t, r in rows.items() if r["attempts"] == 2]
+    assert len(rerun) <= len(kills), (rerun, kills)
     assert good_done_at_first_kill is not None
     assert good_done_at_poison_end > good_done_at_first_kill, "no good task completed while the poison was retried"
     survivors = [name for name, worker in workers.items() if not worker.killed]
