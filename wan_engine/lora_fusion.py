@@ -137,8 +137,14 @@ def stash_device(weights: Sequence[torch.Tensor]) -> torch.device:
 @torch.no_grad()
 def _fuse_layer(layer: Any, adapters: dict[str, float], stash: torch.device) -> torch.Tensor:
     """Add the adapters' deltas to the base weight; return the original weight (a copy on `stash`)."""
+    original = layer.base_layer.weight.detach().to(stash, copy=True)
+    _add_deltas(layer, adapters)
+    return original
+
+
+def _add_deltas(layer: Any, adapters: dict[str, float]) -> None:
+    """Base weight += sum(multiplier * scaling * B @ A) over `adapters`, summed in float32 and cast once."""
     weight = layer.base_layer.weight
-    original = weight.detach().to(stash, copy=True)
     total = weight.detach().float()
     for adapter, multiplier in adapters.items():
         if adapter not in layer.lora_A or multiplier == 0.0:
@@ -147,7 +153,6 @@ def _fuse_layer(layer: Any, adapters: dict[str, float], stash: torch.device) -> 
         b = layer.lora_B[adapter].weight.detach().to(weight.device, torch.float32)
         total = total + (b @ a) * (multiplier * _base_scaling(layer, adapter))
     weight.data.copy_(total.to(weight.dtype))
-    return original
 
 
 @dataclass
@@ -242,16 +247,8 @@ def _fused_reason(plan: FusionPlan) -> str:
 @torch.no_grad()
 def _refuse_layer(item: _Fused, adapters: dict[str, float]) -> None:
     """The layer's weight set again to its original plus the adapters' deltas at these multipliers."""
-    weight = item.layer.base_layer.weight
-    weight.data.copy_(item.original)
-    total = weight.detach().float()
-    for adapter, multiplier in adapters.items():
-        if multiplier == 0.0:
-            continue
-        a = item.layer.lora_A[adapter].weight.detach().to(weight.device, torch.float32)
-        b = item.layer.lora_B[adapter].weight.detach().to(weight.device, torch.float32)
-        total = total + (b @ a) * (multiplier * _base_scaling(item.layer, adapter))
-    weight.data.copy_(total.to(weight.dtype))
+    item.layer.base_layer.weight.data.copy_(item.original)
+    _add_deltas(item.layer, adapters)
 
 
 @torch.no_grad()
