@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch
 
 from wan_engine import generation_run as gen
 from wan_engine import single_file
+from wan_engine.decode_overlap import VAE_FREE_MODES, OverlappedDecode, decode_overlaps
 from wan_engine.errors import InvalidRequestError, ModelUnavailableError
 from wan_engine.experts import plan_experts
 from wan_engine.fp8 import check_fp8_device, fp8_from_env
@@ -57,7 +59,13 @@ from wan_engine.memory_profiles import (
 )
 from wan_engine.model_cache import ModelCache
 from wan_engine.model_sources import check_model, resolve_model
-from wan_engine.pipeline_runtime import LoadedModel, check_image_conditioning, detach_weights, load_pipeline
+from wan_engine.pipeline_runtime import (
+    LoadedModel,
+    check_image_conditioning,
+    detach_weights,
+    expected_frame_shape,
+    load_pipeline,
+)
 from wan_engine.presets import BUILTIN_PRESETS_DIR, PresetRegistry, load_presets, split_dirs
 from wan_engine.video_io import OpenedInput
 from wan_engine.vram import estimate_vram
@@ -172,8 +180,10 @@ class WanOrchestrator:
             # Free the device before the new weights arrive: park the old model in pinned RAM if it fits
             # (only a resident one: an offloaded model's weights already live in host RAM).
             old = self._loaded
-            if old is None or not old.resident or not self.model_cache.park(old.preset.key, old, keep=model_key):
-                self.unload_model()
+            # An overlapped decode of the old model's last task must end before its VAE moves or goes.
+            with old.vae_lock if old is not None else nullcontext():
+                if old is None or not old.resident or not self.model_cache.park(old.preset.key, old, keep=model_key):
+                    self.unload_model()
             self._loaded = None
             restored = self.model_cache.take(model_key) if parked else None
             if restored is not None:
@@ -231,11 +241,13 @@ class WanOrchestrator:
             if self._loaded is None:
                 return
             key = self._loaded.preset.key
-            self._loaded = None
-            self.model_cache.discard(key)  # its pinned copy too, if it had one
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            # An overlapped decode still using this model's VAE ends first, so its memory really is returned.
+            with self._loaded.vae_lock:
+                self._loaded = None
+                self.model_cache.discard(key)  # its pinned copy too, if it had one
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             logger.info("model unloaded", extra={"model": key})
 
     def is_vace(self) -> bool:
@@ -446,7 +458,8 @@ class WanOrchestrator:
         requested = profile_for_device(requested, loaded.device)
         current = loaded.profile or ("gpu" if loaded.device.type == "cuda" and loaded.loaded_on_device else "cpu")
         if requested != current:
-            apply_profile(loaded.pipe, requested, loaded.device, current=current)
+            with loaded.vae_lock:  # moving the VAE: an overlapped decode of the previous task must end first
+                apply_profile(loaded.pipe, requested, loaded.device, current=current)
         loaded.profile = requested
         return requested
 
@@ -461,7 +474,8 @@ class WanOrchestrator:
         if vae is not None and vae.weight_bytes + vae.activation_bytes > budget * self.vram_fraction:
             # The decode alone would not fit untiled: tile it, and choose the profile with the tiled decode
             # (otherwise the full-frame decode would push every task down to the slowest profile).
-            tile_vae(loaded.pipe)
+            with loaded.vae_lock:
+                tile_vae(loaded.pipe)
             estimate = estimate_vram(loaded.preset, check, tiled_vae=True, **size)
         return choose_profile(estimate.profiles if estimate else None, budget, self.vram_fraction)
 
@@ -496,28 +510,37 @@ class WanOrchestrator:
         clock.mark("encode")
         state = gen.DenoiseState()
 
-        def attempt() -> np.ndarray:
+        def attempt() -> np.ndarray | OverlappedDecode:
             # 5. Denoise: per-step timing, progress (and cancel), LoRA schedule per expert.
             latents = gen.denoise(
                 loaded, p, call=call, embeds=embeds, plan=plan, loras=loras, state=state, progress=progress, pipe=pipe
             )
             clock.mark("denoise")
-            # 6. Decode with the VAE. It stays on this call's critical path even when the write is deferred:
-            # it runs on the GPU the next task needs, and under the memory ladder (an OOM here steps down).
+            if deferred and decode_overlaps(loaded.device.type, loaded.profile):
+                # 6, overlapped (issue 15): the finisher decodes on its own CUDA stream while the next task starts.
+                return OverlappedDecode.after_denoise(loaded, latents, num_reference_images)
+            # 6. Decode with the VAE here, under the memory ladder (an OOM here steps down).
             return gen.decode(loaded, latents, num_reference_images, progress)
 
-        # 5-6 run as one attempt: on out-of-memory, again one memory profile lower (same seed).
-        profile = self._place(loaded, p)
-        frames, profile, ladder = gen.memory_ladder(loaded, profile, attempt, on_retry=state.reset)
-        clock.mark("decode")
+        # 5-6 run as one attempt: on out-of-memory, again one memory profile lower (same seed). A pipeline call
+        # that encodes with the VAE (every mode but t2v) first waits for an overlapped decode still using it.
+        with nullcontext() if mode in VAE_FREE_MODES else loaded.vae_lock:
+            profile = self._place(loaded, p)
+            decoded, profile, ladder = gen.memory_ladder(loaded, profile, attempt, on_retry=state.reset)
+        if isinstance(decoded, OverlappedDecode):
+            frame_shape = expected_frame_shape(loaded.pipe, decoded.latents, num_reference_images)
+        else:
+            clock.mark("decode")
+            frame_shape = decoded.shape
         if not deferred:
             # 7. Write atomically (temp name + rename).
-            output_path = gen.write(frames, output_path, p.fps, progress)
+            assert isinstance(decoded, np.ndarray)
+            output_path = gen.write(decoded, output_path, p.fps, progress)
             clock.mark("write")
         result = gen.build_result(
             loaded,
             p,
-            frames=frames,
+            frame_shape=frame_shape,
             written_path=output_path,  # deferred: the requested path until the write ran
             clock=clock,
             state=state,
@@ -531,7 +554,7 @@ class WanOrchestrator:
             inputs_seconds=inputs_seconds,
         )
         # 7, deferred: the caller writes later (PendingWrite.finish), off this lock and this thread.
-        return gen.defer_write(frames, output_path, p.fps, result, clock) if deferred else result
+        return gen.defer_write(decoded, output_path, p.fps, result, clock) if deferred else result
 
 
 def _control_scale(value: Any) -> float:

@@ -12,21 +12,42 @@ One realistic mixed queue, side by side in one run, on random-weight full-size m
   multipliers 0.8 and 1.0), a 1-frame T2V task (20), a 3-segment travel on VACE 1.3B with segments of
   different lengths (10 steps; the switch to the second model) and T2V 832x480x81 again (10; the switch back).
 
-**ours**: `python3 -m worker run --db sqlite:///... --http 127.0.0.1:PORT` is started, the rows are inserted
-with raw SQL into its `tasks` table, and the bench follows the WebSocket events (`/ws`) and polls the table
-(progress, status) while NVML samples GPU utilisation every 0.1 s. After the queue: result_data timings
-are read back from the table.
-**plain**: a fresh process runs the same tasks in the same order with `WanPipeline` / `WanVACEPipeline`
-`.from_pretrained` (VAE float32, the rest bf16), eager, LoRAs through `load_lora_weights`, each model loaded
-once, the travel segments built with the same guide/mask rules and stitched, and the same writer
-(`wan_engine.video_io.write_video`).
+Phases (`--phases`, a comma list run in its order; default `plain,ours,ours_warm`):
 
-Reported: queue wall, GPU busy % (first task's first step to the last task's end), time in compile, time per
-stage, per-task ETA at the first progress report against the real remaining time, and the LoRA s/step
-ratio. One JSON (`worker_queue.json`) and a markdown table (`summary.md`) in --out; a deadline
-(`--deadline-s`) stops what would not finish, saving what was measured.
+- **plain**: a fresh process runs the same tasks in the same order with `WanPipeline` / `WanVACEPipeline`
+  `.from_pretrained` (VAE float32, the rest bf16), eager, LoRAs through `load_lora_weights`, each model
+  loaded once, the travel segments built with the same guide/mask rules and stitched, and the same writer
+  (`wan_engine.video_io.write_video`).
+- **ours** (cold: a worker's first queue): fresh database, empty `<models dir>/.compile_cache`;
+  `python3 -m worker run --db sqlite:///... --http 127.0.0.1:PORT` is started, the rows (ids `q00-...`)
+  are inserted with raw SQL into its `tasks` table, and the bench follows the WebSocket events (`/ws`) and
+  polls the table (progress, status) while NVML samples GPU utilisation every 0.1 s. Right after the
+  insert, `/api/status` gives each queued task's predicted start (`queue[].starts_in`, `done_in`), compared
+  afterwards with its real start (its first `generation_started` event). After the queue (SIGTERM, the
+  worker exits) result_data timings are read back from the table.
+- **ours_warm** (a restarted worker): a new worker process over the same models dir (its compile cache,
+  `wan_attention_probe.json` and `wan_compiled_layouts.json` reused) and the same database (the learned
+  `eta_stats` kept); the same queue again with ids `w00-...` (so new output names).
+- **ours_warm_nooverlap**: ours_warm with `WAN_OVERLAP_DECODE=off` in the worker's environment (ids
+  `n00-...`), for an A/B of the decode overlap over the same warm state.
 
-Device:   bash bench/worker_queue_run.sh --deadline-s 450
+A warm phase needs the database and compile cache that an `ours` phase left in --work: `ours` earlier in
+the same list, or earlier on the same machine with the same --work (recorded in `<work>/worker_state.json`);
+without it the run stops at once, before building anything, and says so. `--worker-env KEY=VALUE`
+(repeatable) is added to every worker phase's environment (a phase's own setting wins).
+
+Reported per worker phase: queue wall, GPU busy % (first task's first step to the last task's end), time in
+compile, time per stage, per-task ETA at the first progress report against the real remaining time, the
+queued-task start predictions against the real starts (median and worst |error| %; issue 15's target is
+25%), and the LoRA s/step ratio; wall ratios against plain. One JSON (`worker_queue.json`, written after
+each phase) and a markdown table (`summary.md`) in --out; a deadline (`--deadline-s`) is shared among the
+phases left, so a phase stops what would not finish and the later ones still run, saving what was measured.
+A phase that fails is recorded under its key (`error`) and the next one runs.
+
+Device:   bash bench/worker_queue_run.sh --deadline-s 540
+Decode-overlap A/B (on a machine where the default phases just ran, same --work):
+          bash bench/worker_queue_run.sh --phases ours_warm,ours_warm_nooverlap --deadline-s 400
+  or in one call from scratch:  --phases ours,ours_warm,ours_warm_nooverlap --deadline-s 560
 CPU dry run with the tiny models:  python bench/worker_queue_bench.py --tiny --out /tmp/wq --work /tmp/wq_work
 """
 
@@ -56,29 +77,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+BENCH = Path(__file__).resolve().parent  # gpu_bench (the shared full-size builders) is imported from here
+if str(BENCH) not in sys.path:
+    sys.path.append(str(BENCH))
 
 PROMPT = "a red fox running through fresh snow at dawn, cinematic lighting"
 TRAVEL_PROMPTS = ["dawn over a calm sea", "the sea turns into a forest", "the forest burns into sunset"]
 TERMINAL = {"Complete", "Failed", "Cancelled"}
 T2V_DIR = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # where the built-in presets look in the models dir
 VACE_DIR = "Wan-AI/Wan2.1-VACE-1.3B-diffusers"
-CONFIG_13B = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 12,
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 8960,
-    "num_layers": 30,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "rope_max_seq_len": 1024,
-}
 VACE_LAYERS_13B = list(range(0, 30, 2))  # Wan2.1-VACE-1.3B-diffusers: a VACE block beside every second block
-UMT5_SMALL = {"d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 2, "num_heads": 64}
 LORA_RANK = 32
 FPS = 16
 
@@ -151,38 +159,6 @@ def preset_negative(model: str) -> str:
 # ---- assets: models, LoRAs, key images -----------------------------------------------------------------
 
 
-def _umt5_and_vae(device: str) -> dict[str, Any]:
-    import torch
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from wan_engine.tiny_models import _tokenizer
-
-    tokenizer = _tokenizer()
-    torch.manual_seed(1)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            config = UMT5Config(
-                vocab_size=len(tokenizer),
-                **UMT5_SMALL,
-                feed_forward_proj="gated-gelu",
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-            text_encoder = UMT5EncoderModel(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    with torch.device(device):
-        vae = AutoencoderKLWan().eval()  # the full Wan 2.1 VAE, float32 like the real one
-    scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
-    )
-    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "scheduler": scheduler}
-
-
 def _random_transformer(cls: Any, config: dict[str, Any], seed: int, device: str) -> Any:
     import torch
 
@@ -205,9 +181,11 @@ def build_full_models(models_dir: Path) -> dict[str, Any]:
     """The two 1.3B pipelines as diffusers folders (random weights, official architectures)."""
     import torch
     from diffusers import WanPipeline, WanTransformer3DModel, WanVACEPipeline, WanVACETransformer3DModel
+    from gpu_bench import CONFIG_13B, FULL, build_common
 
     started = time.perf_counter()
-    common = _umt5_and_vae("cuda")
+    # gpu_bench's tokenizer, UMT5 (UMT5_SMALL, seed 1, bf16), full VAE (float32) and UniPC shift 3, on cuda.
+    common = build_common(FULL)
     t2v = _random_transformer(WanTransformer3DModel, CONFIG_13B, 3, "cuda")
     WanPipeline(transformer=t2v, transformer_2=None, boundary_ratio=None, **common).save_pretrained(
         models_dir / T2V_DIR, safe_serialization=True
@@ -265,6 +243,8 @@ def build_assets(work: Path, scale: Scale) -> dict[str, Any]:
             build_tiny_models(models)
         config, rank, dtype = dict(_TRANSFORMER_KWARGS), 4, torch.float32
     else:
+        from gpu_bench import CONFIG_13B
+
         if not (models / VACE_DIR / "model_index.json").is_file():
             report["models"] = build_full_models(models)
         config, rank, dtype = CONFIG_13B, LORA_RANK, torch.bfloat16
@@ -403,11 +383,17 @@ class EventListener:
         self._thread.join(timeout=5)
 
 
-class TablePoller:
-    """Polls the tasks table: when each row was first seen running / ended, and its first progress value."""
+def owned(task_id: str, ids: list[str]) -> bool:
+    """A row of this phase: one it inserted, or a child the worker made of one (`<parent id>-seg000`)."""
+    return task_id in ids or any(task_id.startswith(f"{parent}-") for parent in ids)
 
-    def __init__(self, db: Path, period: float = 0.2) -> None:
+
+class TablePoller:
+    """Polls the tasks table: when each of this phase's rows was first seen running / ended, its first progress."""
+
+    def __init__(self, db: Path, ids: list[str], period: float = 0.2) -> None:
         self.db = db
+        self.ids = ids
         self.period = period
         self.first_progress: dict[str, tuple[float, Any]] = {}
         self.first_running: dict[str, float] = {}
@@ -429,6 +415,8 @@ class TablePoller:
             except sqlite3.Error:
                 rows = []
             for task_id, status, progress in rows:
+                if not owned(task_id, self.ids):
+                    continue
                 self.statuses[task_id] = status
                 if status == "In Progress":
                     self.first_running.setdefault(task_id, now)
@@ -474,21 +462,21 @@ def row_params(task: QueueTask, images: list[str]) -> dict[str, Any]:
     return params
 
 
-def insert_rows(db: Path, scale: Scale, images: list[str]) -> list[str]:
+def task_ids(scale: Scale, prefix: str) -> list[str]:
+    return [f"{prefix}{index:02d}-{task.key}" for index, task in enumerate(scale.tasks)]
+
+
+def insert_rows(db: Path, scale: Scale, images: list[str], ids: list[str]) -> None:
     """Raw SQL, as any program feeds the worker: one transaction, priorities descending in queue order."""
-    ids = []
     with sqlite3.connect(db, timeout=30) as conn:
-        for index, task in enumerate(scale.tasks):
-            task_id = f"q{index:02d}-{task.key}"
+        for index, (task, task_id) in enumerate(zip(scale.tasks, ids, strict=True)):
             conn.execute(
                 "INSERT INTO tasks (id, task_type, params, priority) VALUES (?, ?, ?, ?)",
                 (task_id, task.task_type, json.dumps(row_params(task, images)), 100 - index),
             )
-            ids.append(task_id)
-    return ids
 
 
-def read_rows(db: Path) -> list[dict[str, Any]]:
+def read_rows(db: Path, ids: list[str]) -> list[dict[str, Any]]:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as conn:
         conn.row_factory = sqlite3.Row
         rows = conn.execute(
@@ -499,6 +487,8 @@ def read_rows(db: Path) -> list[dict[str, Any]]:
     out = []
     for row in rows:
         item = dict(row)
+        if not owned(item["id"], ids):
+            continue
         for key in ("params", "result_data", "progress"):
             if isinstance(item[key], str):
                 with contextlib.suppress(ValueError):
@@ -507,19 +497,207 @@ def read_rows(db: Path) -> list[dict[str, Any]]:
     return out
 
 
-def run_worker(work: Path, out: Path, scale: Scale, images: list[str], deadline: float) -> dict[str, Any]:
-    """Start `wan-worker run`, feed the queue with SQL, follow it to the end (or the deadline), stop it."""
-    db = work / "tasks.db"
-    for stale in (db, db.with_name("tasks.db-wal"), db.with_name("tasks.db-shm")):
-        stale.unlink(missing_ok=True)
-    port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
-        "PYTHONUNBUFFERED": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
+# ---- worker phases: cold, restarted, restarted without the decode overlap ----------------------------
+
+
+@dataclass(frozen=True)
+class WorkerPhase:
+    """One run of the real worker over the queue."""
+
+    name: str
+    prefix: str  # task ids `<prefix>00-<key>`: a warm phase shares the database with the phases before it
+    cold: bool  # fresh database and an empty compile cache; otherwise both as the previous worker left them
+    env: tuple[tuple[str, str], ...] = ()  # set in the worker's environment over --worker-env
+
+
+WORKER_PHASES = {
+    "ours": WorkerPhase("ours", "q", cold=True),
+    "ours_warm": WorkerPhase("ours_warm", "w", cold=False),
+    "ours_warm_nooverlap": WorkerPhase("ours_warm_nooverlap", "n", cold=False, env=(("WAN_OVERLAP_DECODE", "off"),)),
+}
+PHASES = ("plain", *WORKER_PHASES)
+# Share of the time left that each phase gets (run 2: plain 133 s, ours 148 s + start-up; warm ~ plain).
+PHASE_WEIGHT = {"plain": 1.0, "ours": 1.2, "ours_warm": 1.0, "ours_warm_nooverlap": 1.05}
+STATE_FILE = "worker_state.json"  # what the last worker phase left in --work, for a later warm phase
+CACHE_FOLDER = ".compile_cache"  # wan_engine.speed.CACHE_FOLDER: <models dir>/.compile_cache
+# Environment that would move the compile cache away from <models dir>/.compile_cache (cold / warm would
+# then not mean what the phase says); --worker-env may still set them.
+CACHE_ENV = ("WAN_COMPILE_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+def parse_phases(text: str) -> list[str]:
+    phases = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown or not phases:
+        raise ValueError(f"--phases {text!r}: each of {', '.join(PHASES)} (comma-separated), got {unknown or 'none'}")
+    if len(set(phases)) != len(phases):
+        raise ValueError(f"--phases {text!r}: a phase listed twice")
+    return phases
+
+
+def parse_worker_env(items: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.replace("_", "a").isalnum() or key[0].isdigit():
+            raise ValueError(f"--worker-env {item!r}: KEY=VALUE expected")
+        env[key] = value
+    return env
+
+
+def read_state(work: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((work / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def missing_prerequisites(phases: list[str], work: Path, scale_name: str) -> list[str]:
+    """Why a warm phase could not run: no `ours` before it in the list and no state of one in --work."""
+    problems = []
+    state = read_state(work)
+    for index, name in enumerate(phases):
+        phase = WORKER_PHASES.get(name)
+        if phase is None or phase.cold or "ours" in phases[:index]:
+            continue
+        if state is None or not (work / "tasks.db").is_file():
+            problems.append(
+                f"phase {name} reuses the database and compile cache of an earlier `ours` phase in {work}, and "
+                f"there is none ({STATE_FILE} or tasks.db missing): list ours before it (--phases ours,{name}) "
+                "or run ours first on this machine with the same --work"
+            )
+        elif state.get("scale") != scale_name:
+            problems.append(
+                f"phase {name}: the state in {work} is of the {state.get('scale')} models, this run is {scale_name}: "
+                f"list ours before it (--phases ours,{name})"
+            )
+    return problems
+
+
+def cache_state(models: Path) -> dict[str, Any]:
+    """What a starting worker finds in <models dir>/.compile_cache (the warm phases' claim, checked)."""
+    folder = models / CACHE_FOLDER
+    files = [f for f in folder.rglob("*") if f.is_file()] if folder.is_dir() else []
+    return {
+        "files": len(files),
+        "mb": round(sum(f.stat().st_size for f in files) / 1e6, 1),
+        "attention_probe": (folder / "wan_attention_probe.json").is_file(),
+        "compiled_layouts": (folder / "wan_compiled_layouts.json").is_file(),
     }
+
+
+def eta_stats_rows(db: Path) -> int | None:
+    if not db.is_file():
+        return None
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM eta_stats").fetchone()[0])
+    except sqlite3.Error:
+        return None
+
+
+def free_prefix(db: Path, base: str) -> str:
+    """`base`, or `base2`, `base3`... when an earlier call on this database used it (ids stay unique)."""
+    if not db.is_file():
+        return base
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as conn:
+        used = {row[0] for row in conn.execute("SELECT id FROM tasks")}
+    for n in itertools.count(1):
+        prefix = base if n == 1 else f"{base}{n}"
+        if not any(task_id.startswith(f"{prefix}00-") for task_id in used):
+            return prefix
+    raise AssertionError("unreachable")
+
+
+def fetch_status(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=5) as response:
+        return json.loads(response.read())
+
+
+def row_statuses(db: Path, ids: list[str]) -> dict[str, str]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+        marks = ",".join("?" * len(ids))
+        return dict(conn.execute(f"SELECT id, status FROM tasks WHERE id IN ({marks})", ids).fetchall())
+
+
+def snapshot_queue(port: int, db: Path, ids: list[str], timeout: float = 15.0) -> dict[str, Any]:
+    """The worker's predicted start (and finish) of each inserted task, from /api/status right after the insert.
+
+    `queue[].starts_in` / `done_in` are seconds from the status' `now` (the worker's clock; the same
+    machine). A snapshot counts when every inserted task is in it with a known start, or is the task
+    running (`current`), or has ended. A start is unknown while the running task has no ETA yet, and a
+    task claimed before the server shows it as current would make the walk start from an idle worker,
+    so it polls (every 0.05 s) until a snapshot counts, or `timeout` (then the one that knew the most)."""
+    best: dict[str, Any] | None = None
+    polls, error = 0, None
+    stop = time.monotonic() + timeout
+    while time.monotonic() < stop:
+        polls += 1
+        try:
+            status = fetch_status(port)
+            rows = row_statuses(db, ids)
+        except (OSError, ValueError, sqlite3.Error) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            time.sleep(0.1)
+            continue
+        listed = {q["id"]: q for q in status.get("queue") or [] if q.get("id") in ids}
+        current = (status.get("current") or {}).get("task_id")
+        tasks = {i: {"starts_in": q.get("starts_in"), "done_in": q.get("done_in")} for i, q in listed.items()}
+        known = sum(v["starts_in"] is not None for v in tasks.values())
+        accounted = all(i in listed or i == current or rows.get(i) in TERMINAL for i in ids)
+        snap = {"now": status.get("now"), "current": current, "tasks": tasks, "known": known, "complete": False}
+        if accounted and known == len(tasks):
+            best = {**snap, "complete": True}
+            break
+        if best is None or known > best["known"]:
+            best = snap
+        time.sleep(0.05)
+    return {**(best or {"complete": False}), "polls": polls, "error": error}
+
+
+def worker_env(phase: WorkerPhase, extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in CACHE_ENV}
+    env.update(
+        {
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
+    env.update(extra)
+    env.update(dict(phase.env))
+    return env
+
+
+def run_worker(
+    work: Path,
+    out: Path,
+    scale: Scale,
+    images: list[str],
+    deadline: float,
+    phase: WorkerPhase,
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Start `wan-worker run`, feed the queue with SQL, follow it to the end (or the deadline), stop it.
+
+    A cold phase starts from a fresh database and an empty compile cache; a warm one from what the
+    previous worker phase left (its worker has exited: each phase ends with SIGTERM and a wait)."""
+    import shutil
+
+    db = work / "tasks.db"
+    models = work / "models"
+    if phase.cold:
+        (work / STATE_FILE).unlink(missing_ok=True)
+        for stale in (db, db.with_name("tasks.db-wal"), db.with_name("tasks.db-shm")):
+            stale.unlink(missing_ok=True)
+        shutil.rmtree(models / CACHE_FOLDER, ignore_errors=True)
+    elif not db.is_file():
+        raise RuntimeError(f"{phase.name}: no database in {work} from an earlier ours phase")
+    prefix = free_prefix(db, phase.prefix)
+    ids = task_ids(scale, prefix)
+    port = free_port()
+    env = worker_env(phase, extra_env or {})
     command = [
         sys.executable,
         "-m",
@@ -528,7 +706,7 @@ def run_worker(work: Path, out: Path, scale: Scale, images: list[str], deadline:
         "--db",
         f"sqlite:///{db}",
         "--models-dir",
-        str(work / "models"),
+        str(models),
         "--outputs-dir",
         str(work / "outputs_ours"),
         "--loras-dir",
@@ -540,21 +718,34 @@ def run_worker(work: Path, out: Path, scale: Scale, images: list[str], deadline:
         "--worker-id",
         "bench",
     ]
-    result: dict[str, Any] = {"command": " ".join(command[1:]), "complete": False}
+    result: dict[str, Any] = {
+        "phase": phase.name,
+        "prefix": prefix,
+        "cold": phase.cold,
+        "env": {**(extra_env or {}), **dict(phase.env)},
+        "command": " ".join(command[1:]),
+        "complete": False,
+        "at_start": {"compile_cache": cache_state(models), "eta_stats_rows": eta_stats_rows(db)},
+        "ids": ids,
+        "keys": {task_id: task.key for task_id, task in zip(ids, scale.tasks, strict=True)},
+    }
     sampler = GpuSampler().start()
-    log_file = (out / "worker.log").open("wb")
+    log_file = (out / f"worker_{phase.name}.log").open("wb")
     process = subprocess.Popen(command, cwd=work, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     listener: EventListener | None = None
     poller: TablePoller | None = None
     try:
         result["startup_s"] = round(wait_healthy(port, process, 180), 2)
         listener = EventListener(port).start()
-        poller = TablePoller(db).start()
+        poller = TablePoller(db, ids).start()
         time.sleep(0.3)
         result["inserted_at"] = time.time()
-        ids = insert_rows(db, scale, images)
-        result["ids"] = ids
-        log(f"worker: {len(ids)} rows inserted")
+        insert_rows(db, scale, images, ids)
+        log(f"{phase.name}: {len(ids)} rows inserted ({prefix}00-...)")
+        try:
+            result["queue_eta"] = snapshot_queue(port, db, ids)
+        except Exception:  # the predictions are one measurement among many: the queue still runs
+            result["queue_eta"] = {"error": traceback.format_exc()}
         travel_children = len(next(t for t in scale.tasks if t.travel).travel["segment_frames"]) + 1  # type: ignore[index]
         expected = len(ids) + travel_children
         while time.time() < deadline:
@@ -573,6 +764,7 @@ def run_worker(work: Path, out: Path, scale: Scale, images: list[str], deadline:
     except Exception:
         result["error"] = traceback.format_exc()
     finally:
+        stop_started = time.monotonic()
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             if not result.get("complete"):
@@ -583,6 +775,8 @@ def run_worker(work: Path, out: Path, scale: Scale, images: list[str], deadline:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+                result["killed"] = True
+        result["stop_s"] = round(time.monotonic() - stop_started, 2)
         result["worker_exit"] = process.returncode
         log_file.close()
         if listener is not None:
@@ -590,6 +784,10 @@ def run_worker(work: Path, out: Path, scale: Scale, images: list[str], deadline:
         if poller is not None:
             poller.stop()
         sampler.stop()
+        # What the next warm phase starts from (this worker has exited).
+        with contextlib.suppress(OSError):
+            state = {"phase": phase.name, "scale": "tiny" if scale.tiny else "full", "complete": result["complete"]}
+            (work / STATE_FILE).write_text(json.dumps({**state, "ended_at": time.time()}))
     result["events"] = listener.events if listener else []
     result["events_error"] = listener.error if listener else None
     result["table"] = (
@@ -602,7 +800,7 @@ def run_worker(work: Path, out: Path, scale: Scale, images: list[str], deadline:
         else {}
     )
     try:
-        result["rows"] = read_rows(db)
+        result["rows"] = read_rows(db, ids)
     except sqlite3.Error as exc:
         result["rows"] = []
         result["rows_error"] = str(exc)

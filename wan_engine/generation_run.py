@@ -5,7 +5,8 @@ methods; `start_clock` counts their time in the total), 2. experts (`wan_engine.
 3. `lora_requests` + `prepare_loras`, 4. `encode_prompt`, 5. `denoise`, 6. `decode` (5 and 6 run as one
 attempt under `memory_ladder`), 7. `write`; `build_result` then records what ran. With `deferred_write`
 (the worker's output finisher, issue 15) step 7 is `defer_write`: a `PendingWrite` whose `finish` writes
-the video later, on another thread, and completes the result. Each step emits its
+the video later, on another thread, and completes the result; when the decode overlaps too
+(wan_engine.decode_overlap), step 6 moves into that `finish` as well. Each step emits its
 progress event as it begins; the orchestrator marks the clock as each one ends.
 """
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from wan_engine import latent_preview
+from wan_engine.decode_overlap import OverlappedDecode
 from wan_engine.errors import InvalidRequestError
 from wan_engine.experts import ExpertPlan, ExpertRecorder, expert_boundary, phased_transformer
 from wan_engine.fp8 import FP8_ENV
@@ -88,17 +90,18 @@ class RunClock:
     def timings(self, inputs_seconds: float, step_times: list[float]) -> dict[str, Any]:
         """Seconds per step, the total and the per-step denoising times, as result.timings records them.
 
-        Before a deferred write ran (`PendingWrite`), `write` is None and `total` ends with the decode;
-        `PendingWrite.finish` fills both in when the write really ran."""
+        Before a deferred write ran (`PendingWrite`), `write` is None and `total` ends with the decode (with
+        an overlapped decode still to run, `decode` is None too and `total` ends with the denoising);
+        `PendingWrite.finish` fills them in when they really ran."""
         m = self.marks
         steps = len(step_times)
-        end = m.get("write", m["decode"])
+        end = m.get("write", m.get("decode", m["denoise"]))
         return {
             "inputs": inputs_seconds,
             "loras": m["loras"] - m["prepared"],
             "encode": m["encode"] - m["loras"],
             "denoise": m["denoise"] - m["encode"],
-            "decode": m["decode"] - m["denoise"],
+            "decode": m["decode"] - m["denoise"] if "decode" in m else None,
             "write": m["write"] - m["decode"] if "write" in m else None,
             "total": end - self.started,
             "step_times": step_times,
@@ -322,9 +325,10 @@ def memory_ladder(
             logger.warning("out of memory; retrying", extra={"model": loaded.preset.key, "profile": lower})
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            apply_profile(loaded.pipe, lower, loaded.device, current=loaded.profile)
-            loaded.profile = profile = lower
-            tile_vae(loaded.pipe)
+            with loaded.vae_lock:  # an overlapped decode of the previous task may be using the VAE
+                apply_profile(loaded.pipe, lower, loaded.device, current=loaded.profile)
+                loaded.profile = profile = lower
+                tile_vae(loaded.pipe)
             on_retry()
 
 
@@ -362,43 +366,80 @@ def _wait_for_resume(directory: Path, stem: str, check: Callable[[], None] | Non
 
 @dataclass
 class PendingWrite:
-    """A generation whose frames are decoded but not yet written (`deferred_write=True`, issue 15).
+    """A generation whose frames are not yet written (`deferred_write=True`, issue 15).
 
-    Steps 1-6 ran on the caller's thread (the VAE decode too: it needs the GPU the next task needs); `finish`
-    runs step 7 (the CPU-bound MP4 encode and write) on any thread, without the orchestrator's lock, and
-    returns the full `GenerationResult`. `result` was built when the decode ended, so everything measured on
-    the device (peak VRAM, the compile decision) is this generation's, whatever runs on the GPU meanwhile.
+    Steps 1-6 ran on the caller's thread, or 1-5 when the decode overlaps the next task (`decode` set:
+    wan_engine.decode_overlap); `finish` runs the rest (the decode on its own CUDA stream, the CPU-bound MP4
+    encode and write) on any thread, without the orchestrator's lock, and returns the full `GenerationResult`.
+    `result` was built when the GPU work on the caller's thread ended, so what was measured there (peak VRAM of
+    the denoising, the compile decision) is this generation's, whatever runs on the GPU meanwhile.
     """
 
-    frames: np.ndarray  # (F, H, W, 3) as decoded: float in [0, 1] (or uint8)
+    frames: np.ndarray | None  # (F, H, W, 3) as decoded: float in [0, 1] (or uint8); None until `decode` ran
     output_path: Path
     fps: int
-    result: GenerationResult  # timings' write None, total up to the decode
+    result: GenerationResult  # timings' write None (and decode None with `decode`), total up to what ran
     clock: RunClock
     staging: StagedOutputs | None  # the runner's staged_outputs() block, captured on its thread
+    decode: OverlappedDecode | None = None  # the decode still to run, overlapping the next task
 
     def finish(
         self, progress: ProgressCallback | None = None, check: Callable[[], None] | None = None
     ) -> GenerationResult:
         """Write the video (staged when the generation ran in a staging block) and return the result.
 
-        `check` runs before each frame is encoded: whatever it raises (a cancel) stops the write and removes the
-        partial file. `write` and `total` in the timings are measured here, when the write really ran."""
+        `check` runs before the decode and before each frame is encoded: whatever it raises (a cancel) stops
+        the work and removes the partial file. `decode` (when it ran here), `write` and `total` in the timings
+        are measured here, when they really ran."""
+        result = self.result
+        if self.decode is not None:
+            result = self._decode(result, progress, check)
         emit(progress, "writing_video")
         started = time.perf_counter()
+        assert self.frames is not None  # decoded on the caller's thread or just above
         frames = _paused_midway(self.frames, self.output_path.stem, check)
         written = write_video(frames, self.output_path, self.fps, staging=self.staging)
         self.clock.mark("write")
         ended = self.clock.marks["write"]
-        timings = {**self.result.timings, "write": ended - started, "total": ended - self.clock.started}
+        timings = {**result.timings, "write": ended - started, "total": ended - self.clock.started}
         extra = {
-            **self.result.extra,
+            **result.extra,
             "write_overlapped": True,  # encoded on the worker's finisher thread while the next task ran
             "write_queued_s": round(started - self.clock.marks["decode"], 4),  # decode end -> write start
         }
-        result = replace(self.result, output_path=written, timings=timings, extra=extra)
+        result = replace(result, output_path=written, timings=timings, extra=extra)
         _log_finished(result)
         return result
+
+    def _decode(
+        self, result: GenerationResult, progress: ProgressCallback | None, check: Callable[[], None] | None
+    ) -> GenerationResult:
+        """The overlapped decode (step 6): frames, the result's real frame size and the decode's timings."""
+        assert self.decode is not None
+        if check is not None:
+            check()
+        emit(progress, "decoding")
+        queued = time.perf_counter() - self.clock.marks["denoise"]
+        self.frames = self.decode.run()
+        self.clock.mark("decode")
+        frames = self.frames
+        timings = {**result.timings, "decode": self.decode.seconds}
+        extra = {
+            **result.extra,
+            # issue 15: decoded on the finisher's CUDA stream while the next task ran; the wait is the time from
+            # the denoising's end to the decode's start (the previous output, a VAE user on the loop)
+            "decode_overlap": {**self.decode.report(), "queued_s": round(queued, 4)},
+            "video_encoding": mp4_encoding() if frames.shape[0] > 1 else None,
+        }
+        self.decode = None  # done: a second finish (a retried write) must not decode again
+        return replace(
+            result,
+            frames=int(frames.shape[0]),
+            width=int(frames.shape[2]),
+            height=int(frames.shape[1]),
+            timings=timings,
+            extra=extra,
+        )
 
 
 # ----- the result ----------------------------------------------------------------------------------------
@@ -408,7 +449,7 @@ def build_result(
     loaded: LoadedModel,
     p: ResolvedParams,
     *,
-    frames: np.ndarray,
+    frame_shape: tuple[int, ...],
     written_path: Path,
     clock: RunClock,
     state: DenoiseState,
@@ -421,7 +462,10 @@ def build_result(
     notes: dict[str, Any] | None,
     inputs_seconds: float,
 ) -> GenerationResult:
-    """What ran, as the caller's result_data records it (and a log line saying it finished)."""
+    """What ran, as the caller's result_data records it (and a log line saying it finished).
+
+    `frame_shape`: the decoded frames' shape (F, H, W, ...), or the expected one while the decode still has to
+    run (`PendingWrite.finish` then sets the real one)."""
     steps = len(state.step_times)
     on_cuda = loaded.device.type == "cuda"
     result = GenerationResult(
@@ -429,9 +473,9 @@ def build_result(
         model=loaded.preset.key,
         seed=p.seed,
         seed_was_random=p.seed_was_random,
-        frames=int(frames.shape[0]),
-        width=int(frames.shape[2]),
-        height=int(frames.shape[1]),
+        frames=int(frame_shape[0]),
+        width=int(frame_shape[2]),
+        height=int(frame_shape[1]),
         fps=p.fps,
         num_inference_steps=p.num_inference_steps,
         guidance_scale=p.guidance_scale,
@@ -452,7 +496,7 @@ def build_result(
             "memory_profile_ladder": ladder,  # profiles that ran out of memory before this one
             "negative_prompt": p.negative_prompt,
             "speed": loaded.speed.brief() if loaded.speed else None,  # with this task's compile decision
-            "video_encoding": mp4_encoding() if frames.shape[0] > 1 else None,  # issue 15: H.264 settings (PNG: none)
+            "video_encoding": mp4_encoding() if frame_shape[0] > 1 else None,  # issue 15: H.264 settings (PNG: none)
             "fp8": loaded.fp8,
             "guidance_phases": plan.phase_report(p),  # None unless phased (3-phase guidance)
             "sample_solver": p.sample_solver,
@@ -479,11 +523,14 @@ def _log_finished(result: GenerationResult) -> None:
 
 
 def defer_write(
-    frames: np.ndarray, output_path: Path, fps: int, result: GenerationResult, clock: RunClock
+    decoded: np.ndarray | OverlappedDecode, output_path: Path, fps: int, result: GenerationResult, clock: RunClock
 ) -> PendingWrite:
-    """7. deferred: the decoded frames and `result` (built now) as a `PendingWrite`; the write runs later."""
+    """7. deferred: the decoded frames (or the decode still to run) and `result` (built now) as a `PendingWrite`;
+    the write (and that decode) runs later."""
     staging = active_staging()  # a ContextVar: the finisher thread would not see the runner's block
     # Kept as decoded (float): the uint8 conversion runs frame by frame in the writer, off the critical path
     # (a whole-array conversion took 0.9 s for 81 frames of 832x480 on a 2-core host). At most one write is
     # pending per worker, so this is one video's frames held a little longer.
-    return PendingWrite(frames, Path(output_path), fps, result, clock, staging)
+    if isinstance(decoded, OverlappedDecode):
+        return PendingWrite(None, Path(output_path), fps, result, clock, staging, decode=decoded)
+    return PendingWrite(decoded, Path(output_path), fps, result, clock, staging)

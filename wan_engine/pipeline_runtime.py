@@ -11,6 +11,7 @@ import functools
 import inspect
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,6 +94,9 @@ class LoadedModel:
     fp8: dict[str, Any] | None = None  # per transformer, what fp8 quantisation did (None: model dtype)
     weight_files: WeightFiles = field(default_factory=WeightFiles)  # identities at load: re-checked per task
     reloaded_because: str | None = None  # set by the orchestrator when this load replaced changed files
+    # The VAE's users on two threads (the loop, the output finisher's overlapped decode: wan_engine.decode_overlap)
+    # take turns: diffusers' Wan VAE keeps its convolution caches on the module. Reentrant: a switch unloads.
+    vae_lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @property
     def resident(self) -> bool:
@@ -321,9 +325,21 @@ def encode_prompts(
     return embed(prompt), embed(negative_prompt) if do_cfg else None
 
 
+def expected_frame_shape(pipe: Any, latents: torch.Tensor, num_reference_images: int = 0) -> tuple[int, int, int]:
+    """(frames, height, width) that `decode_latents` will return for `latents` (B, C, T, h, w)."""
+    latent_frames = int(latents.shape[2]) - num_reference_images
+    temporal, spatial = int(pipe.vae_scale_factor_temporal), int(pipe.vae_scale_factor_spatial)
+    return (latent_frames - 1) * temporal + 1, int(latents.shape[3]) * spatial, int(latents.shape[4]) * spatial
+
+
 @torch.no_grad()
-def decode_latents(pipe: Any, latents: torch.Tensor, num_reference_images: int = 0) -> np.ndarray:
-    """Decode Wan latents to frames (F, H, W, 3) float in [0, 1], as the diffusers pipelines do."""
+def decode_latents(
+    pipe: Any, latents: torch.Tensor, num_reference_images: int = 0, *, tiled: bool = False
+) -> np.ndarray:
+    """Decode Wan latents to frames (F, H, W, 3) float in [0, 1], as the diffusers pipelines do.
+
+    `tiled`: decode in spatial tiles whatever the VAE's own tiling setting (less memory; the overlapped
+    decode's out-of-memory retry, which must not switch tiling on for the loop's users of the VAE)."""
     vae = pipe.vae
     # The execution device, not the VAE's weights' device: under model offload those are in host RAM
     # until decode() moves them (diffusers' `_execution_device` follows the offload hooks).
@@ -332,6 +348,7 @@ def decode_latents(pipe: Any, latents: torch.Tensor, num_reference_images: int =
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
-    video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
+    z = latents / inv_std + mean
+    video = (vae.tiled_decode if tiled else vae.decode)(z, return_dict=False)[0]
     frames = pipe.video_processor.postprocess_video(video, output_type="np")
     return np.asarray(frames[0])

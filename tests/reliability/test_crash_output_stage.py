@@ -43,6 +43,7 @@ from tests.reliability.harness import (
     wait_until,
 )
 from tests.support.processes import Stack, WorkerProcess
+from wan_engine.decode_overlap import OVERLAP_DECODE_ENV
 from wan_engine.video_io import read_video_info
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.slow]
@@ -99,16 +100,29 @@ def _check_outputs(stack: Stack, ids: list[str]) -> None:
 
 
 def test_sigkill_while_an_output_is_pending_loses_nothing(any_stack: Stack, tmp_path: Path) -> None:
-    stack = any_stack
+    _kill_while_pending(any_stack, tmp_path, {})
+
+
+def test_sigkill_while_an_overlapped_decode_output_is_pending_loses_nothing(
+    sqlite_stack: Stack, tmp_path: Path
+) -> None:
+    """The same with the VAE decode on the finisher too (WAN_OVERLAP_DECODE=on; auto does that only on CUDA)."""
+    rows = _kill_while_pending(sqlite_stack, tmp_path, {OVERLAP_DECODE_ENV: "on"})
+    for row in rows.values():
+        assert row["result_data"]["extra"]["decode_overlap"]["overlapped"] is True
+        assert row["result_data"]["timings"]["decode"] > 0
+
+
+def _kill_while_pending(stack: Stack, tmp_path: Path, env: dict[str, str]) -> dict[str, dict[str, object]]:
     first, second = _insert(stack, FIRST, 1), _insert(stack, SECOND, 2)
     pause_dir = tmp_path / "pause"
-    worker = start_worker(stack, "pending-kill", lease_s=LEASE_S, env=pause_writes_env(pause_dir))
+    worker = start_worker(stack, "pending-kill", lease_s=LEASE_S, env={**env, **pause_writes_env(pause_dir)})
     _wait_pending(stack, worker, pause_dir, first, second)
     worker.kill9()
     rows = read_rows(stack, [first, second])
     assert [rows[t]["status"] for t in (first, second)] == ["In Progress", "In Progress"]
 
-    final = start_worker(stack, "pending-after", lease_s=LEASE_S)  # no pause hook: writes run through
+    final = start_worker(stack, "pending-after", lease_s=LEASE_S, env=env)  # no pause hook: writes run through
     wait_all_final(stack, [first, second], timeout=240, what="both tasks after the kill")
     _check_outputs(stack, [first, second])
     rows = read_rows(stack, [first, second])
@@ -117,6 +131,7 @@ def test_sigkill_while_an_output_is_pending_loses_nothing(any_stack: Stack, tmp_
     for task_id in (first, second):
         assert rows[task_id]["attempts"] == 2 == claims[task_id], (task_id, rows[task_id]["attempts"], claims)
     assert max(completions_by_task(logs).values()) == 1
+    return rows
 
 
 def test_one_stop_signal_waits_for_the_pending_output(sqlite_stack: Stack, tmp_path: Path) -> None:

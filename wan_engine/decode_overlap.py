@@ -1,0 +1,131 @@
+"""The VAE decode off the critical path (issue 15): decoded on the output finisher while the next task denoises.
+
+With a deferred write (the worker's output finisher), a generation whose model stays resident can leave its VAE
+decode to the finisher too: the loop's thread ends the generation when the denoising ends, and the finisher
+decodes the latents on a CUDA stream of its own, then encodes and writes the video, while the loop claims and
+starts the next task. The decode needs the same GPU as the next task's steps; what it gains is the host-side
+time between two tasks (claim, prompt encoding, LoRA fusion, the compile decision), which the GPU would
+otherwise spend idle, and whatever SMs a step leaves free. Set by `WAN_OVERLAP_DECODE`:
+
+    auto (default)  on CUDA when the model is resident (memory profile `gpu`); off elsewhere
+    on              whenever the write is deferred and the model is resident (CPU too: tests, many-core hosts)
+    off             never: the decode stays on the loop's thread, before the next task starts
+
+The VAE is shared with the loop's thread, and diffusers' Wan VAE keeps its causal-convolution caches on the
+module, so one `LoadedModel.vae_lock` serialises its users: the finisher holds it while it decodes; the loop
+holds it for a task whose pipeline call encodes with the VAE (VACE guides, i2v / flf2v images), around a
+memory-profile change, and around parking or unloading the model. A text-to-video task's denoising never
+touches the VAE, so it runs beside the decode.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from wan_engine.errors import InvalidRequestError
+from wan_engine.pipeline_runtime import LoadedModel, decode_latents
+
+logger = logging.getLogger(__name__)
+
+OVERLAP_DECODE_ENV = "WAN_OVERLAP_DECODE"
+OVERLAP_CHOICES = ("auto", "on", "off")
+# The only mode whose pipeline call leaves the VAE alone (output_type "latent"): it may denoise during a decode.
+VAE_FREE_MODES = frozenset({"t2v"})
+
+
+def overlap_setting(environ: Mapping[str, str] | None = None) -> str:
+    """WAN_OVERLAP_DECODE as one of OVERLAP_CHOICES (unset or empty: auto)."""
+    value = (os.environ if environ is None else environ).get(OVERLAP_DECODE_ENV, "").strip().lower() or "auto"
+    aliases = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
+    value = aliases.get(value, value)
+    if value not in OVERLAP_CHOICES:
+        raise InvalidRequestError(
+            f"{OVERLAP_DECODE_ENV}={value!r}: allowed {', '.join(OVERLAP_CHOICES)} (or 1/0, true/false)"
+        )
+    return value
+
+
+def decode_overlaps(device_type: str, profile: str | None, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether a deferred-write generation on `device_type` under memory `profile` leaves its decode to the
+    finisher. Only a resident model qualifies: an offloaded one moves the VAE on and off the device."""
+    setting = overlap_setting(environ)
+    if setting == "off":
+        return False
+    resident = profile == ("gpu" if device_type == "cuda" else "cpu")
+    if setting == "on":
+        return resident
+    return device_type == "cuda" and resident
+
+
+@dataclass
+class OverlappedDecode:
+    """Latents whose decode runs later, on another thread (`run`), on a CUDA stream of its own.
+
+    Built on the loop's thread right after the denoising: the event marks where the latents are complete on
+    the loop's stream, so the finisher's stream waits for exactly that and no more."""
+
+    loaded: LoadedModel
+    latents: torch.Tensor
+    num_reference_images: int
+    ready: Any = None  # torch.cuda.Event recorded on the producing stream (None off CUDA)
+    seconds: float | None = None  # the decode's own time, once run
+    waited_s: float | None = None  # time spent waiting for the VAE (a loop-side user held it)
+    retried_tiled: bool = False
+    error: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def after_denoise(cls, loaded: LoadedModel, latents: torch.Tensor, num_reference_images: int) -> OverlappedDecode:
+        ready = None
+        if latents.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(latents.device))
+        return cls(loaded, latents, num_reference_images, ready)
+
+    def run(self) -> np.ndarray:
+        """Decode (waiting for the VAE's lock first); on out-of-memory, once more tiled. Frees the latents."""
+        asked = time.perf_counter()
+        with self.loaded.vae_lock:
+            self.waited_s = time.perf_counter() - asked
+            started = time.perf_counter()
+            try:
+                frames = self._decode(tiled=False)
+            except torch.OutOfMemoryError as exc:  # the next task's activations took the room the decode needed
+                self.error = {"error": str(exc).splitlines()[0][:200]}
+                logger.warning(
+                    "overlapped decode out of memory; decoding again tiled", extra={"model": self.loaded.preset.key}
+                )
+                torch.cuda.empty_cache()
+                self.retried_tiled = True
+                frames = self._decode(tiled=True)
+            self.seconds = time.perf_counter() - started
+        self.latents = torch.empty(0)  # the finisher may hold this object a while: drop the GPU tensor now
+        return frames
+
+    def _decode(self, *, tiled: bool) -> np.ndarray:
+        if self.ready is None:
+            return decode_latents(self.loaded.pipe, self.latents, self.num_reference_images, tiled=tiled)
+        stream = torch.cuda.Stream(self.latents.device)
+        stream.wait_event(self.ready)
+        with torch.cuda.stream(stream):
+            # The latents were allocated on the loop's stream: tell the allocator this stream uses them too.
+            self.latents.record_stream(stream)
+            frames = decode_latents(self.loaded.pipe, self.latents, self.num_reference_images, tiled=tiled)
+        stream.synchronize()
+        return frames
+
+    def report(self) -> dict[str, Any]:
+        """What result_data.extra records about it."""
+        return {
+            "overlapped": True,
+            "vae_wait_s": None if self.waited_s is None else round(self.waited_s, 4),
+            "retried_tiled": self.retried_tiled,
+            **({"out_of_memory": self.error} if self.error else {}),
+        }
