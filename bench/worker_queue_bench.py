@@ -3,10 +3,10 @@
 One realistic mixed queue, side by side in one run, on random-weight full-size models built on the device:
 
 - Wan 2.1 T2V 1.3B and Wan 2.1 VACE 1.3B saved as diffusers folders in a models dir (the full Wan VAE, a
-  small random UMT5 text encoder with the real width d_model 4096 as bench/gpu_bench.py builds it, the
-  tiny offline T5 tokenizer of wan_engine/tiny_models.py), found by the built-in presets `t2v_1.3B` and
-  `vace_1.3B`; two rank-32 LoRA files in the original Wan key layout (`diffusion_model.blocks.N...lora_down`)
-  on every attention and feed-forward Linear.
+  small random UMT5 text encoder with the real width d_model 4096, both from bench/gpu_bench.py's
+  `build_common`, the tiny offline T5 tokenizer of wan_engine/tiny_models.py), found by the built-in
+  presets `t2v_1.3B` and `vace_1.3B`; two rank-32 LoRA files in the original Wan key layout
+  (`diffusion_model.blocks.N...lora_down`) on every attention and feed-forward Linear.
 - The queue, in this order (priorities descending, so the worker runs it in the plain script's order):
   T2V 832x480x81 (20 steps), T2V 480x832x49 (20), two LoRA tasks at 480x832x49 (10 steps, constant
   multipliers 0.8 and 1.0), a 1-frame T2V task (20), a 3-segment travel on VACE 1.3B with segments of
@@ -44,10 +44,10 @@ each phase) and a markdown table (`summary.md`) in --out; a deadline (`--deadlin
 phases left, so a phase stops what would not finish and the later ones still run, saving what was measured.
 A phase that fails is recorded under its key (`error`) and the next one runs.
 
-Device:   bash bench/worker_queue_run.sh --deadline-s 540
-Decode-overlap A/B (on a machine where the default phases just ran, same --work):
-          bash bench/worker_queue_run.sh --phases ours_warm,ours_warm_nooverlap --deadline-s 400
-  or in one call from scratch:  --phases ours,ours_warm,ours_warm_nooverlap --deadline-s 560
+Device (~510 s on an H200, inside one 600 s call):   bash bench/worker_queue_run.sh --deadline-s 540
+Decode-overlap A/B, on the machine where the default phases just ran (same --work; ~320 s):
+          bash bench/worker_queue_run.sh --phases ours_warm,ours_warm_nooverlap --deadline-s 420
+  or in one call on a fresh machine (~500 s):  --phases ours,ours_warm,ours_warm_nooverlap --deadline-s 540
 CPU dry run with the tiny models:  python bench/worker_queue_bench.py --tiny --out /tmp/wq --work /tmp/wq_work
 """
 
@@ -597,16 +597,15 @@ def eta_stats_rows(db: Path) -> int | None:
 
 
 def free_prefix(db: Path, base: str) -> str:
-    """`base`, or `base2`, `base3`... when an earlier call on this database used it (ids stay unique)."""
+    """`base`, or `base` + b, c, ... when an earlier call on this database used it (ids stay unique)."""
     if not db.is_file():
         return base
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as conn:
         used = {row[0] for row in conn.execute("SELECT id FROM tasks")}
-    for n in itertools.count(1):
-        prefix = base if n == 1 else f"{base}{n}"
-        if not any(task_id.startswith(f"{prefix}00-") for task_id in used):
-            return prefix
-    raise AssertionError("unreachable")
+    for suffix in ["", *"bcdefghijklmnopqrstuvwxyz"]:
+        if not any(task_id.startswith(f"{base}{suffix}00-") for task_id in used):
+            return f"{base}{suffix}"
+    raise RuntimeError(f"{db}: task id prefixes {base}..{base}z all used; start from a fresh --work")
 
 
 def fetch_status(port: int) -> dict[str, Any]:
@@ -770,8 +769,8 @@ def run_worker(
             if not result.get("complete"):
                 time.sleep(0.5)
                 process.send_signal(signal.SIGTERM)  # the second stop abandons the running task
-            try:
-                process.wait(timeout=60)
+            try:  # up to 60 s to stop; past the deadline only what keeps the device call inside its limit
+                process.wait(timeout=max(10.0, min(60.0, deadline + 20 - time.time())))
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
@@ -998,13 +997,25 @@ def run_plain(work: Path, out: Path, tiny: bool, deadline: float) -> dict[str, A
     command = [sys.executable, str(Path(__file__).resolve()), "--plain-child", "--work", str(work), "--out", str(out)]
     command += ["--deadline-at", str(deadline)] + (["--tiny"] if tiny else [])
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with (out / "plain.log").open("wb") as log_file:
-        process = subprocess.run(
-            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=max(30.0, deadline - time.time() + 30)
-        )
     path = out / "plain.json"
-    data = json.loads(path.read_text()) if path.is_file() else {"error": "plain.json missing"}
-    data["exit"] = process.returncode
+    path.unlink(missing_ok=True)
+    exit_code: int | str
+    with (out / "plain.log").open("wb") as log_file:
+        try:
+            exit_code = subprocess.run(
+                command,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                timeout=max(30.0, deadline - time.time() + 30),
+            ).returncode
+        except subprocess.TimeoutExpired:  # killed in a task past its deadline: the tasks before it were saved
+            exit_code = "killed at the deadline"
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {"error": "plain.json missing"}
+    except ValueError as exc:  # killed while writing it
+        data = {"error": f"plain.json unreadable: {exc}"}
+    data["exit"] = exit_code
     path.unlink(missing_ok=True)
     return data
 
@@ -1028,7 +1039,7 @@ def step_stats(step_times: list[float]) -> dict[str, Any]:
     }
 
 
-def analyse_ours(ours: dict[str, Any], scale: Scale) -> dict[str, Any]:
+def analyse_ours(ours: dict[str, Any]) -> dict[str, Any]:
     rows = {row["id"]: row for row in ours.get("rows", [])}
     events = ours.get("events", [])
     by_task: dict[str, list[dict[str, Any]]] = {}
@@ -1084,6 +1095,8 @@ def analyse_ours(ours: dict[str, Any], scale: Scale) -> dict[str, Any]:
             "compiled": compile_info.get("compiled"),
             "compile_reason": compile_info.get("reason"),
             "write_overlapped": extra.get("write_overlapped"),
+            # wan_engine.decode_overlap's record (absent: decoded on the loop); the A/B's check that the env took
+            "decode_overlap": extra.get("decode_overlap"),
             "wall_s": round(completed - started, 3) if started and completed else None,
             "eta_first_report": eta_error(first),
             "eta_first_denoising": eta_error(first_denoise),
@@ -1100,125 +1113,277 @@ def analyse_ours(ours: dict[str, Any], scale: Scale) -> dict[str, Any]:
     return {"tasks": per_task}
 
 
+START_ERROR_MIN_WAIT_S = 1.0  # a task starting within this of the snapshot: its error in % says nothing
+
+
+def start_predictions(ours: dict[str, Any], tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each inserted task's predicted start (snapshot `now` + `starts_in`) against its real start (its first
+    `generation_started` on /ws, else first seen In Progress in the table); the same for `done_in`
+    against its end. Error % = (predicted - real wait) / real wait, the wait counted from the snapshot."""
+    snap = ours.get("queue_eta") or {}
+    now = snap.get("now")
+    by_id = {t["id"]: t for t in tasks}
+    running = (ours.get("table") or {}).get("first_running") or {}
+    rows = []
+    for task_id in ours.get("ids") or []:
+        predicted = (snap.get("tasks") or {}).get(task_id)
+        task = by_id.get(task_id, {})
+        started = task.get("started_ts") or running.get(task_id)
+        entry: dict[str, Any] = {"id": task_id, "predicted_start_in_s": None, "actual_start_in_s": None}
+        if task_id == snap.get("current"):
+            entry["note"] = "running at the snapshot"
+        elif predicted is None:
+            entry["note"] = "not in the snapshot"
+        if now is None:
+            rows.append(entry)
+            continue
+        for what, guess, real in (
+            ("start", (predicted or {}).get("starts_in"), started),
+            ("done", (predicted or {}).get("done_in"), task.get("completed_ts")),
+        ):
+            actual = real - now if real is not None else None
+            entry[f"predicted_{what}_in_s"] = guess
+            entry[f"actual_{what}_in_s"] = round(actual, 2) if actual is not None else None
+            if guess is not None and actual is not None:
+                entry[f"{what}_error_s"] = round(guess - actual, 2)
+                entry[f"{what}_error_pct"] = (
+                    round(100.0 * (guess - actual) / actual, 1) if actual >= START_ERROR_MIN_WAIT_S else None
+                )
+        rows.append(entry)
+
+    def spread(key: str) -> dict[str, Any]:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        worst = max(values, key=abs) if values else None
+        return {"n": len(values), "median_abs_pct": _median([abs(v) for v in values]), "worst_pct": worst}
+
+    return {
+        "snapshot_after_insert_s": round(now - ours["inserted_at"], 3) if now and ours.get("inserted_at") else None,
+        "snapshot_complete": snap.get("complete"),
+        "snapshot_error": snap.get("error"),
+        "tasks": rows,
+        "start": spread("start_error_pct"),
+        "done": spread("done_error_pct"),
+        "within_25pct": all(abs(r["start_error_pct"]) <= 25 for r in rows if r.get("start_error_pct") is not None)
+        if any(r.get("start_error_pct") is not None for r in rows)
+        else None,
+    }
+
+
 def _round(value: Any, digits: int = 3) -> Any:
     return round(float(value), digits) if isinstance(value, (int, float)) else value
 
 
-def summarise(ours: dict[str, Any] | None, plain: dict[str, Any] | None, scale: Scale) -> dict[str, Any]:
+def summarise_worker(ours: dict[str, Any]) -> dict[str, Any]:
+    """One worker phase: wall, GPU busy, compile, ETAs, start predictions, LoRA ratio, stage sums."""
     summary: dict[str, Any] = {}
-    if ours:
-        analysis = analyse_ours(ours, scale)
-        tasks = analysis["tasks"]
-        summary["ours_tasks"] = tasks
-        ends = [t["completed_ts"] for t in tasks if t["completed_ts"]]
-        inserted = ours.get("inserted_at")
-        wall = (max(ends) - inserted) if ends and inserted else None
-        summary["ours_wall_s"] = round(wall, 2) if wall else None
-        summary["ours_complete"] = ours.get("complete")
-        gens = [t for t in tasks if t["steps"]]
-        first = min(gens, key=lambda t: t["started_ts"] or 1e30) if gens else None
-        busy_start = None
-        if first is not None:
-            events = [
-                e for e in ours.get("events", []) if e.get("task_id") == first["id"] and e.get("event") == "progress"
-            ]
-            denoise = next((e for e in events if e.get("stage") == "denoising"), None)
-            if denoise is not None:  # step 0 is reported as denoising starts; a later step after it ran
-                busy_start = denoise["ts"] - (0.0 if not denoise.get("step") else first["first_step_s"] or 0.0)
-        sampler = GpuSampler()
-        sampler.samples = [tuple(s) for s in ours.get("gpu_samples", [])]  # type: ignore[misc]
-        summary["ours_gpu_busy"] = sampler.busy(busy_start, max(ends) if ends else None)
-        compile_after_first = sum(t["first_step_extra_s"] for t in gens if not t["first_task_of_model"])
-        compile_all = sum(t["first_step_extra_s"] for t in gens)
-        summary["ours_compile"] = {
-            "first_step_extra_all_s": round(compile_all, 2),
-            "after_each_models_first_task_s": round(compile_after_first, 2),
-            "share_of_wall_pct": round(100 * compile_after_first / wall, 2) if wall else None,
-        }
-        errors = [abs(t["eta_first_report"]["error_pct"]) for t in tasks if t["eta_first_report"]]
-        errors = [e for e in errors if e is not None]
-        summary["ours_eta_first_report_median_abs_pct"] = _median(errors)
-        den = [abs(t["eta_first_denoising"]["error_pct"]) for t in tasks if t["eta_first_denoising"]]
-        summary["ours_eta_first_denoising_median_abs_pct"] = _median([e for e in den if e is not None])
-        by_key = {t["id"].split("-", 1)[1]: t for t in tasks if "-" in t["id"] and t["id"].startswith("q")}
-        base = by_key.get("t2v_49f_portrait", {}).get("s_per_step")
-        summary["ours_lora_ratio"] = {
-            k: round(by_key[k]["s_per_step"] / base, 3)
-            for k in ("lora_a_49f", "lora_b_49f")
-            if base and k in by_key and by_key[k].get("s_per_step")
-        }
-        stages: dict[str, float] = {}
-        for t in tasks:
-            for k in ("load_s", "inputs", "loras", "encode", "denoise", "decode", "write"):
-                if isinstance(t.get(k), (int, float)):
-                    stages[k] = round(stages.get(k, 0.0) + float(t[k]), 2)
-        summary["ours_stage_sums_s"] = stages
-    if plain:
-        ptasks = plain.get("tasks", [])
-        started = plain.get("started_at")
-        ended = max((t["ended_at"] for t in ptasks), default=None)
-        summary["plain_wall_s"] = round(ended - started, 2) if started and ended else None
-        summary["plain_complete"] = plain.get("complete")
-        first_steps = ptasks[0].get("step_times") if ptasks else None
-        busy_start = None
-        if ptasks and first_steps:
-            t0 = ptasks[0]
-            busy_start = t0["started_at"] + t0.get("load_s", 0) + t0.get("loras", 0) + t0.get("encode", 0)
-        sampler = GpuSampler()
-        sampler.samples = [tuple(s) for s in plain.get("gpu_samples", [])]  # type: ignore[misc]
-        summary["plain_gpu_busy"] = sampler.busy(busy_start, ended)
-        by_key = {t["key"]: t for t in ptasks}
-        per = {}
-        for t in ptasks:
-            steps = t.get("step_times") or [s for seg in t.get("segments", []) for s in seg.get("step_times", [])]
-            per[t["key"]] = {**step_stats(steps), "total": t.get("total"), "load_s": t.get("load_s")}
-            per[t["key"]].update({k: _round(t.get(k)) for k in ("loras", "encode", "denoise", "decode", "write")})
-            if t.get("segments"):
-                per[t["key"]]["segments"] = t["segments"]
-                per[t["key"]]["stitch"] = t.get("stitch")
-        summary["plain_tasks"] = per
-        base = per.get("t2v_49f_portrait", {}).get("s_per_step")
-        summary["plain_lora_ratio"] = {
-            k: round(per[k]["s_per_step"] / base, 3) for k in ("lora_a_49f", "lora_b_49f") if base and k in per
-        }
-        del by_key
-    if summary.get("ours_wall_s") and summary.get("plain_wall_s"):
-        summary["wall_ratio_ours_vs_plain"] = round(summary["ours_wall_s"] / summary["plain_wall_s"], 3)
+    tasks = analyse_ours(ours)["tasks"]
+    summary["tasks"] = tasks
+    ends = [t["completed_ts"] for t in tasks if t["completed_ts"]]
+    inserted = ours.get("inserted_at")
+    wall = (max(ends) - inserted) if ends and inserted else None
+    summary["wall_s"] = round(wall, 2) if wall else None
+    summary["complete"] = ours.get("complete")
+    summary["startup_s"] = ours.get("startup_s")
+    summary["at_start"] = ours.get("at_start")
+    summary["env"] = ours.get("env")
+    gens = [t for t in tasks if t["steps"]]
+    first = min(gens, key=lambda t: t["started_ts"] or 1e30) if gens else None
+    busy_start = None
+    if first is not None:
+        events = [e for e in ours.get("events", []) if e.get("task_id") == first["id"] and e.get("event") == "progress"]
+        denoise = next((e for e in events if e.get("stage") == "denoising"), None)
+        if denoise is not None:  # step 0 is reported as denoising starts; a later step after it ran
+            busy_start = denoise["ts"] - (0.0 if not denoise.get("step") else first["first_step_s"] or 0.0)
+    sampler = GpuSampler()
+    sampler.samples = [tuple(s) for s in ours.get("gpu_samples", [])]  # type: ignore[misc]
+    summary["gpu_busy"] = sampler.busy(busy_start, max(ends) if ends else None)
+    compile_after_first = sum(t["first_step_extra_s"] for t in gens if not t["first_task_of_model"])
+    compile_all = sum(t["first_step_extra_s"] for t in gens)
+    summary["compile"] = {
+        "first_step_extra_all_s": round(compile_all, 2),
+        "after_each_models_first_task_s": round(compile_after_first, 2),
+        "share_of_wall_pct": round(100 * compile_after_first / wall, 2) if wall else None,
+        "all_share_of_wall_pct": round(100 * compile_all / wall, 2) if wall else None,
+    }
+    errors = [abs(t["eta_first_report"]["error_pct"]) for t in tasks if t["eta_first_report"]]
+    summary["eta_first_report_median_abs_pct"] = _median([e for e in errors if e is not None])
+    den = [abs(t["eta_first_denoising"]["error_pct"]) for t in tasks if t["eta_first_denoising"]]
+    summary["eta_first_denoising_median_abs_pct"] = _median([e for e in den if e is not None])
+    summary["start_eta"] = start_predictions(ours, tasks)
+    keys = ours.get("keys") or {}
+    by_key = {keys[t["id"]]: t for t in tasks if t["id"] in keys}
+    base = by_key.get("t2v_49f_portrait", {}).get("s_per_step")
+    summary["lora_ratio"] = {
+        k: round(by_key[k]["s_per_step"] / base, 3)
+        for k in ("lora_a_49f", "lora_b_49f")
+        if base and k in by_key and by_key[k].get("s_per_step")
+    }
+    stages: dict[str, float] = {}
+    for t in tasks:
+        for k in ("load_s", "inputs", "loras", "encode", "denoise", "decode", "write"):
+            if isinstance(t.get(k), (int, float)):
+                stages[k] = round(stages.get(k, 0.0) + float(t[k]), 2)
+    summary["stage_sums_s"] = stages
+    overlapped = [
+        t for t in gens if isinstance(t.get("decode_overlap"), dict) and t["decode_overlap"].get("overlapped")
+    ]
+    summary["decode_overlapped"] = f"{len(overlapped)} of {len(gens)}"
     return summary
 
 
+def summarise_plain(plain: dict[str, Any]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    ptasks = plain.get("tasks", [])
+    started = plain.get("started_at")
+    ended = max((t["ended_at"] for t in ptasks), default=None)
+    summary["plain_wall_s"] = round(ended - started, 2) if started and ended else None
+    summary["plain_complete"] = plain.get("complete")
+    first_steps = ptasks[0].get("step_times") if ptasks else None
+    busy_start = None
+    if ptasks and first_steps:
+        t0 = ptasks[0]
+        busy_start = t0["started_at"] + t0.get("load_s", 0) + t0.get("loras", 0) + t0.get("encode", 0)
+    sampler = GpuSampler()
+    sampler.samples = [tuple(s) for s in plain.get("gpu_samples", [])]  # type: ignore[misc]
+    summary["plain_gpu_busy"] = sampler.busy(busy_start, ended)
+    per = {}
+    for t in ptasks:
+        steps = t.get("step_times") or [s for seg in t.get("segments", []) for s in seg.get("step_times", [])]
+        per[t["key"]] = {**step_stats(steps), "total": t.get("total"), "load_s": t.get("load_s")}
+        per[t["key"]].update({k: _round(t.get(k)) for k in ("loras", "encode", "denoise", "decode", "write")})
+        if t.get("segments"):
+            per[t["key"]]["segments"] = t["segments"]
+            per[t["key"]]["stitch"] = t.get("stitch")
+    summary["plain_tasks"] = per
+    base = per.get("t2v_49f_portrait", {}).get("s_per_step")
+    summary["plain_lora_ratio"] = {
+        k: round(per[k]["s_per_step"] / base, 3) for k in ("lora_a_49f", "lora_b_49f") if base and k in per
+    }
+    return summary
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    """Every phase that ran, each on its own: one phase's broken data is an error entry, not a lost summary."""
+    summary: dict[str, Any] = {"errors": {}}
+    if isinstance(results.get("plain"), dict) and "tasks" in results["plain"]:
+        try:
+            summary.update(summarise_plain(results["plain"]))
+        except Exception:
+            summary["errors"]["plain"] = traceback.format_exc()
+    for name in WORKER_PHASES:
+        data = results.get(name)
+        if not isinstance(data, dict) or "ids" not in data:
+            continue
+        try:
+            summary.update({f"{name}_{key}": value for key, value in summarise_worker(data).items()})
+        except Exception:
+            summary["errors"][name] = traceback.format_exc()
+        if summary.get(f"{name}_wall_s") and summary.get("plain_wall_s"):
+            summary[f"wall_ratio_{name}_vs_plain"] = round(summary[f"{name}_wall_s"] / summary["plain_wall_s"], 3)
+    if summary.get("ours_warm_nooverlap_wall_s") and summary.get("ours_warm_wall_s"):
+        ratio = summary["ours_warm_nooverlap_wall_s"] / summary["ours_warm_wall_s"]
+        summary["wall_ratio_ours_warm_nooverlap_vs_ours_warm"] = round(ratio, 3)
+    return summary
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{value}%"
+
+
 def markdown(summary: dict[str, Any]) -> str:
-    compile_share = (summary.get("ours_compile") or {}).get("share_of_wall_pct")
-    lines = [
-        "| task (ours) | status | shape | load s | encode s | denoise s | decode s | write s | s/step | "
-        "first-step extra s | compiled | ETA at first report: eta / actual s (err %) | plain s/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines: list[str] = []
     plain = summary.get("plain_tasks", {})
-    for t in summary.get("ours_tasks", []):
-        eta = t.get("eta_first_report")
-        eta_text = f"{eta['eta_s']} / {eta['actual_s']} ({eta['error_pct']}%, {eta['stage']})" if eta else "-"
-        key = t["id"].split("-", 1)[1] if t["id"].startswith("q") else None
-        p = plain.get(key, {}) if key else {}
-        lines.append(
-            f"| {t['id']} | {t['status']} | {t['shape'] or '-'} | {t['load_s']} | {t['encode']} | {t['denoise']} | "
-            f"{t['decode']} | {t['write']} | {t['s_per_step']} | {t['first_step_extra_s']} | {t['compiled']} | "
-            f"{eta_text} | {p.get('s_per_step', '-')} |"
-        )
-    lines += [
-        "",
-        "| whole queue | ours | plain |",
-        "|---|---|---|",
-        f"| wall s | {summary.get('ours_wall_s')} | {summary.get('plain_wall_s')} |",
-        f"| ours / plain | {summary.get('wall_ratio_ours_vs_plain')} | 1 |",
-        f"| GPU busy (mean util %) | {(summary.get('ours_gpu_busy') or {}).get('mean_util_pct')} | "
-        f"{(summary.get('plain_gpu_busy') or {}).get('mean_util_pct')} |",
-        f"| compile after each model's first task | {compile_share}% | - |",
-        f"| LoRA s/step / same task without | {summary.get('ours_lora_ratio')} | {summary.get('plain_lora_ratio')} |",
-        f"| median abs ETA error at first report | {summary.get('ours_eta_first_report_median_abs_pct')}% | - |",
-        f"| stage sums s | {summary.get('ours_stage_sums_s')} | - |",
+    names = [n for n in WORKER_PHASES if f"{n}_tasks" in summary]
+    for name in names:
+        lines += [
+            f"### {name}",
+            "",
+            f"| task ({name}) | status | shape | load s | encode s | denoise s | decode s | write s | s/step | "
+            "first-step extra s | compiled | ETA at first report: eta / actual s (err %) | plain s/step |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for t in summary[f"{name}_tasks"]:
+            eta = t.get("eta_first_report")
+            eta_text = f"{eta['eta_s']} / {eta['actual_s']} ({eta['error_pct']}%, {eta['stage']})" if eta else "-"
+            key = t["id"].split("-", 1)[1] if "-" in t["id"] else None
+            p = plain.get(key, {}) if key else {}
+            shape = t["shape"] if t["shape"] and not t["shape"].startswith("None") else "-"
+            lines.append(
+                f"| {t['id']} | {t['status']} | {shape} | {t['load_s']} | {t['encode']} | {t['denoise']} | "
+                f"{t['decode']} | {t['write']} | {t['s_per_step']} | {t['first_step_extra_s']} | {t['compiled']} | "
+                f"{eta_text} | {p.get('s_per_step', '-')} |"
+            )
+        start = summary.get(f"{name}_start_eta") or {}
+        lines += [
+            "",
+            f"Queued-task start predictions ({name}; /api/status {start.get('snapshot_after_insert_s')} s after the "
+            f"insert, complete snapshot: {start.get('snapshot_complete')}):",
+            "",
+            "| task | predicted start in s | real s | error s (%) | predicted done in s | real s | error s (%) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in start.get("tasks", []):
+            lines.append(
+                f"| {r['id']} | {r.get('predicted_start_in_s')} | {r.get('actual_start_in_s')} | "
+                f"{r.get('start_error_s', '-')} ({_pct(r.get('start_error_pct'))}) | {r.get('predicted_done_in_s')} | "
+                f"{r.get('actual_done_in_s')} | {r.get('done_error_s', '-')} ({_pct(r.get('done_error_pct'))})"
+                + (f" {r['note']}" if r.get("note") else "")
+                + " |"
+            )
+        lines.append("")
+    has_plain = "plain_tasks" in summary
+    columns = [*names, *(["plain"] if has_plain else [])]
+
+    def row(label: str, values: list[Any]) -> str:
+        return f"| {label} | " + " | ".join("-" if v is None else str(v) for v in values) + " |"
+
+    def get(name: str, key: str, *path: str) -> Any:
+        value = summary.get(f"{name}_{key}")
+        for part in path:
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+
+    def ours_row(label: str, key: str, *path: str) -> str:
+        if not names:  # plain alone: no worker rows
+            return ""
+        return row(label, [get(n, key, *path) for n in names]) + (" - |" if has_plain else "")  # plain has none
+
+    table = [
+        "| whole queue | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+        row("wall s", [get(n, "wall_s") for n in columns]),
+        row("complete", [get(n, "complete") for n in columns]),
+        row("/ plain", [summary.get(f"wall_ratio_{n}_vs_plain") for n in names] + ([1] if has_plain else [])),
+        ours_row("worker start-up s", "startup_s"),
+        row("GPU busy (mean util %)", [get(n, "gpu_busy", "mean_util_pct") for n in columns]),
+        ours_row("compile after each model's first task, % of wall", "compile", "share_of_wall_pct"),
+        ours_row("first-step extra, all tasks s", "compile", "first_step_extra_all_s"),
+        row("LoRA s/step / same task without", [get(n, "lora_ratio") for n in columns]),
+        ours_row("median abs ETA error at first report %", "eta_first_report_median_abs_pct"),
+        ours_row("start predictions: median abs error %", "start_eta", "start", "median_abs_pct"),
+        ours_row("start predictions: worst error %", "start_eta", "start", "worst_pct"),
+        ours_row("start predictions within 25%", "start_eta", "within_25pct"),
+        ours_row("done predictions: median abs error %", "start_eta", "done", "median_abs_pct"),
+        ours_row("compile cache files at start", "at_start", "compile_cache", "files"),
+        ours_row("eta_stats rows at start", "at_start", "eta_stats_rows"),
+        ours_row("decode overlapped (tasks)", "decode_overlapped"),
+        ours_row("worker env", "env"),
+        ours_row("stage sums s", "stage_sums_s"),
     ]
+    lines += [line for line in table if line]
+    if summary.get("wall_ratio_ours_warm_nooverlap_vs_ours_warm"):
+        lines.append(
+            f"\nours_warm_nooverlap / ours_warm wall: {summary['wall_ratio_ours_warm_nooverlap_vs_ours_warm']}"
+        )
+    for name, error in (summary.get("errors") or {}).items():
+        lines.append(f"\n{name}: summary failed: {error.strip().splitlines()[-1]}")
     return "\n".join(lines) + "\n"
+
+
+def phase_deadline(now: float, deadline: float, left: list[str]) -> float:
+    """This phase's share of the time left, by PHASE_WEIGHT over the phases still to run (it included)."""
+    weights = [PHASE_WEIGHT[name] for name in left]
+    return now + max(0.0, deadline - now) * weights[0] / sum(weights)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1226,8 +1391,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/worker_queue_bench"))
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: a dry run of every path")
-    parser.add_argument("--deadline-s", type=float, default=500.0, help="whole run, model building included")
-    parser.add_argument("--phases", default="ours,plain", help="ours, plain, or both (comma-separated)")
+    parser.add_argument("--deadline-s", type=float, default=540.0, help="whole run, model building included")
+    parser.add_argument(
+        "--phases", default="plain,ours,ours_warm", help=f"comma-separated, run in this order; of {', '.join(PHASES)}"
+    )
+    parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set in every worker phase's environment (repeatable; e.g. WAN_OVERLAP_DECODE=off)",
+    )
     parser.add_argument("--plain-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--deadline-at", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1235,15 +1409,35 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.plain_child:
         return plain_main(args.work, args.out, args.tiny, args.deadline_at or time.time() + 600)
+    try:
+        phases = parse_phases(args.phases)
+        extra_env = parse_worker_env(args.worker_env)
+    except ValueError as exc:
+        parser.error(str(exc))
     started = time.time()
     deadline = started + args.deadline_s
     scale = queue_for(args.tiny)
-    results: dict[str, Any] = {"scale": "tiny" if args.tiny else "full", "queue": [asdict(t) for t in scale.tasks]}
+    scale_name = "tiny" if args.tiny else "full"
+    results: dict[str, Any] = {
+        "scale": scale_name,
+        "phases": phases,
+        "worker_env": extra_env,
+        "deadline_s": args.deadline_s,
+        "queue": [asdict(t) for t in scale.tasks],
+    }
     path = args.out / "worker_queue.json"
 
     def save() -> None:
         path.write_text(json.dumps(results, indent=1, default=str))
 
+    # Before building anything: a warm phase without the state it needs fails here, not minutes later.
+    problems = missing_prerequisites(phases, args.work, scale_name)
+    if problems:
+        results["error"] = "; ".join(problems)
+        save()
+        for problem in problems:
+            log(f"error: {problem}")
+        return 2
     try:
         results["assets"] = build_assets(args.work, scale)
         log(f"assets: {results['assets'].get('models')}")
@@ -1252,25 +1446,34 @@ def main(argv: list[str] | None = None) -> int:
         save()
         log(results["error"])
         return 1
-    phases = {p.strip() for p in args.phases.split(",")}
-    ours = plain = None
-    if "ours" in phases:
-        # The worker gets up to 60% of what is left, so the plain run keeps room (it is ~1.2x slower per step).
-        share = deadline - time.time()
-        ours = run_worker(args.work, args.out, scale, results["assets"]["images"], time.time() + 0.55 * share)
-        results["ours"] = ours
-        log(f"ours: complete={ours.get('complete')} error={ours.get('error')}")
+    for index, name in enumerate(phases):
+        now = time.time()
+        if deadline - now < 20:
+            results[name] = {"skipped": f"deadline ({deadline - now:.0f} s left)"}
+            log(f"{name}: skipped, {deadline - now:.0f} s left")
+            save()
+            continue
+        until = phase_deadline(now, deadline, phases[index:])
+        log(f"{name}: starting, {until - now:.0f} s of the {deadline - now:.0f} s left")
+        try:  # one phase failing (or its data) costs that phase only
+            if name == "plain":
+                data = run_plain(args.work, args.out, args.tiny, until)
+            else:
+                data = run_worker(
+                    args.work, args.out, scale, results["assets"]["images"], until, WORKER_PHASES[name], extra_env
+                )
+        except Exception:
+            data = {"error": traceback.format_exc()}
+        data["phase_s"] = round(time.time() - now, 1)
+        results[name] = data
+        log(f"{name}: complete={data.get('complete')} error={data.get('error')} in {data['phase_s']} s")
         save()
-    if "plain" in phases and deadline - time.time() > 20:
-        plain = run_plain(args.work, args.out, args.tiny, deadline)
-        results["plain"] = plain
-        log(f"plain: complete={plain.get('complete')} error={plain.get('error')}")
-        save()
-    results["summary"] = summarise(ours, plain, scale)
+    results["summary"] = summarise(results)
     results["seconds"] = round(time.time() - started, 1)
     save()
-    (args.out / "summary.md").write_text(markdown(results["summary"]))
-    print(markdown(results["summary"]))
+    text = markdown(results["summary"])
+    (args.out / "summary.md").write_text(text)
+    print(text)
     return 0
 
 

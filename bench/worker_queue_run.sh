@@ -5,6 +5,10 @@
 # pydantic-settings, SQLAlchemy, Alembic, Mako, FastAPI, fastapi-offline, Starlette, uvicorn, websockets and
 # imageio-ffmpeg 0.5.1, whose wheel carries ffmpeg).
 # Usage, from the repository root:  bash bench/worker_queue_run.sh [worker_queue_bench.py arguments]
+#   default phases plain,ours,ours_warm (~510 s on an H200): bash bench/worker_queue_run.sh --deadline-s 540
+#   decode-overlap A/B, same machine and --work after that call (~320 s):
+#     bash bench/worker_queue_run.sh --phases ours_warm,ours_warm_nooverlap --deadline-s 420
+#   (--worker-env KEY=VALUE, repeatable, goes into every worker phase's environment)
 set -uo pipefail
 OUT=${OUT:-worker_queue_out}
 mkdir -p "$OUT"

@@ -391,9 +391,9 @@ class PendingWrite:
         `check` runs before the decode and before each frame is encoded: whatever it raises (a cancel) stops
         the work and removes the partial file. `decode` (when it ran here), `write` and `total` in the timings
         are measured here, when they really ran."""
-        result = self.result
         if self.decode is not None:
-            result = self._decode(result, progress, check)
+            self.result = self._decode(self.result, progress, check)
+        result = self.result
         emit(progress, "writing_video")
         started = time.perf_counter()
         assert self.frames is not None  # decoded on the caller's thread or just above
@@ -431,7 +431,7 @@ class PendingWrite:
             "decode_overlap": {**self.decode.report(), "queued_s": round(queued, 4)},
             "video_encoding": mp4_encoding() if frames.shape[0] > 1 else None,
         }
-        self.decode = None  # done: a second finish (a retried write) must not decode again
+        self.decode = None  # done: a second finish (a retried write) writes these frames again
         return replace(
             result,
             frames=int(frames.shape[0]),
