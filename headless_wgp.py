@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,13 @@ import torch
 
 from wan_engine import generation_run as gen
 from wan_engine import single_file
-from wan_engine.decode_overlap import VAE_FREE_MODES, OverlappedDecode, decode_overlaps
+from wan_engine.decode_overlap import (
+    VAE_FREE_MODES,
+    OverlappedDecode,
+    decode_overlaps,
+    no_room_for_overlap,
+    overlap_setting,
+)
 from wan_engine.errors import InvalidRequestError, ModelUnavailableError
 from wan_engine.experts import plan_experts
 from wan_engine.fp8 import check_fp8_device, fp8_from_env
@@ -67,6 +74,7 @@ from wan_engine.pipeline_runtime import (
     load_pipeline,
 )
 from wan_engine.presets import BUILTIN_PRESETS_DIR, PresetRegistry, load_presets, split_dirs
+from wan_engine.vae_precision import vae_dtype_from_env
 from wan_engine.video_io import OpenedInput
 from wan_engine.vram import estimate_vram
 
@@ -119,6 +127,8 @@ class WanOrchestrator:
         self.memory_profile = memory_profile  # default for tasks that name none
         self.vram_fraction = vram_fraction
         self.fp8 = fp8_from_env() if fp8 is None else fp8  # lossy, off by default (WAN_FP8)
+        self.vae_dtype = vae_dtype_from_env(self.device)  # WAN_VAE_PRECISION (a bad value raises here, not at a load)
+        overlap_setting()  # WAN_OVERLAP_DECODE, likewise
         if self.fp8:
             check_fp8_device(self.device)
         limit = vram_limit_from_env() if vram_limit_gb is None else vram_limit_gb
@@ -194,6 +204,7 @@ class WanOrchestrator:
                 self.device,
                 self.dtype,
                 fp8=self.fp8,
+                vae_dtype=self.vae_dtype,
                 resident=self._load_resident(preset, check),  # type: ignore[arg-type]
                 models_dir=self.models_dir,
             )
@@ -510,6 +521,8 @@ class WanOrchestrator:
         clock.mark("encode")
         state = gen.DenoiseState()
 
+        not_overlapped: dict[str, Any] = {}
+
         def attempt() -> np.ndarray | OverlappedDecode:
             # 5. Denoise: per-step timing, progress (and cancel), LoRA schedule per expert.
             latents = gen.denoise(
@@ -517,8 +530,11 @@ class WanOrchestrator:
             )
             clock.mark("denoise")
             if deferred and decode_overlaps(loaded.device.type, loaded.profile):
-                # 6, overlapped (issue 15): the finisher decodes on its own CUDA stream while the next task starts.
-                return OverlappedDecode.after_denoise(loaded, latents, num_reference_images)
+                reason = no_room_for_overlap(loaded, latents, num_reference_images, self.vram_fraction)
+                if reason is None:
+                    # 6, overlapped (issue 15): the finisher decodes on its own CUDA stream while the next task starts.
+                    return OverlappedDecode.after_denoise(loaded, latents, num_reference_images)
+                not_overlapped.update(overlapped=False, reason=reason)
             # 6. Decode with the VAE here, under the memory ladder (an OOM here steps down).
             return gen.decode(loaded, latents, num_reference_images, progress)
 
@@ -553,6 +569,8 @@ class WanOrchestrator:
             notes=notes,
             inputs_seconds=inputs_seconds,
         )
+        if not_overlapped:
+            result = replace(result, extra={**result.extra, "decode_overlap": not_overlapped})
         # 7, deferred: the caller writes later (PendingWrite.finish), off this lock and this thread.
         return gen.defer_write(decoded, output_path, p.fps, result, clock) if deferred else result
 

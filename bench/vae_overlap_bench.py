@@ -4,7 +4,8 @@ On the device, with the full Wan 2.1 VAE (random weights, float32 as the model c
 full-size Wan 2.1 T2V 1.3B transformer (bf16):
 
 - decode of 832x480x81 and 480x832x49 latents: as loaded; with `cudnn.benchmark`; with the VAE in
-  channels_last_3d; with a bf16 copy of the VAE (and its error against float32, as PSNR);
+  channels_last_3d; with a bf16 and a float16 copy of the VAE (WAN_VAE_PRECISION=bf16 / 16, Wan2GP's default;
+  each with its error against float32, as PSNR, and whether every output value is finite);
 - the overlap: N denoising steps (2 transformer forwards each, CFG) alone, the decode alone, then both at once
   (the decode on a second CUDA stream and thread, as the worker's output finisher would run it), wall time of
   each and the saving against running them one after the other.
@@ -109,14 +110,22 @@ def main() -> None:
             torch.backends.cudnn.benchmark = False
             vae_cl = vae.to(memory_format=torch.channels_last_3d)
             decode(vae_cl, latents)
-            row["fp32_channels_last_s"] = timed(lambda latents=latents: decode(vae_cl, latents), device, args.repeats)
+            row["fp32_channels_last_s"] = timed(
+                lambda latents=latents, vae_cl=vae_cl: decode(vae_cl, latents), device, args.repeats
+            )
             vae.to(memory_format=torch.contiguous_format)
-        vae_bf16 = AutoencoderKLWan.from_config(vae.config).to(device, torch.bfloat16).eval()
-        vae_bf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in vae.state_dict().items()})
-        decode(vae_bf16, latents)
-        row["bf16_s"] = timed(lambda latents=latents: decode(vae_bf16, latents), device, args.repeats)
-        row["bf16_psnr_db_vs_fp32"] = psnr(decode(vae_bf16, latents), reference)
-        del vae_bf16
+        # The 16-bit VAEs of WAN_VAE_PRECISION (wan_engine.vae_precision): the same weights, cast.
+        for label, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            vae_16 = AutoencoderKLWan.from_config(vae.config).to(device, dtype).eval().requires_grad_(False)
+            vae_16.load_state_dict({k: v.to(dtype) for k, v in vae.state_dict().items()})
+            decode(vae_16, latents)
+            row[f"{label}_s"] = timed(
+                lambda latents=latents, vae_16=vae_16: decode(vae_16, latents), device, args.repeats
+            )
+            video = decode(vae_16, latents)
+            row[f"{label}_psnr_db_vs_fp32"] = psnr(video, reference)
+            row[f"{label}_finite"] = bool(torch.isfinite(video).all())  # float16 overflow shows as inf / nan
+            del vae_16, video
         report[f"decode_{name}"] = {k: (statistics.median(v) if isinstance(v, list) else v) for k, v in row.items()}
         report[f"decode_{name}_raw"] = row
         print(name, report[f"decode_{name}"], flush=True)

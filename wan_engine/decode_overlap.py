@@ -31,7 +31,9 @@ import numpy as np
 import torch
 
 from wan_engine.errors import InvalidRequestError
-from wan_engine.pipeline_runtime import LoadedModel, decode_latents
+from wan_engine.memory_profiles import device_budget_bytes
+from wan_engine.pipeline_runtime import LoadedModel, decode_latents, expected_frame_shape
+from wan_engine.vram import GIB, vae_decode_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +46,8 @@ VAE_FREE_MODES = frozenset({"t2v"})
 def overlap_setting(environ: Mapping[str, str] | None = None) -> str:
     """WAN_OVERLAP_DECODE as one of OVERLAP_CHOICES (unset or empty: auto)."""
     value = (os.environ if environ is None else environ).get(OVERLAP_DECODE_ENV, "").strip().lower() or "auto"
-    aliases = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
-    value = aliases.get(value, value)
     if value not in OVERLAP_CHOICES:
-        raise InvalidRequestError(
-            f"{OVERLAP_DECODE_ENV}={value!r}: allowed {', '.join(OVERLAP_CHOICES)} (or 1/0, true/false)"
-        )
+        raise InvalidRequestError(f"{OVERLAP_DECODE_ENV}={value!r}: allowed {', '.join(OVERLAP_CHOICES)}")
     return value
 
 
@@ -63,6 +61,39 @@ def decode_overlaps(device_type: str, profile: str | None, environ: Mapping[str,
     if setting == "on":
         return resident
     return device_type == "cuda" and resident
+
+
+def no_room_for_overlap(
+    loaded: LoadedModel, latents: torch.Tensor, num_reference_images: int, vram_fraction: float
+) -> str | None:
+    """Why this decode cannot run beside the next task's steps (VRAM), or None when it can (always off CUDA).
+
+    Called when the denoising ends: what is allocated now (weights, latents, embeddings) plus this task's step
+    activations (its peak above that: the next task's steps need about as much) plus the decode's own peak
+    (wan_engine.vram) must fit the budget the memory profiles use. Otherwise the decode runs here, before the
+    next task, so an overlap never pushes a task down the memory ladder."""
+    device = latents.device
+    if device.type != "cuda":
+        return None
+    frames, height, width = expected_frame_shape(loaded.pipe, latents, num_reference_images)
+    vae = loaded.pipe.vae
+    decode = vae_decode_bytes(
+        vae.config,
+        width,
+        height,
+        frames,
+        element_bytes=vae.dtype.itemsize,
+        tiled=bool(getattr(vae, "use_tiling", False)),
+    )
+    in_use = torch.cuda.memory_allocated(device)
+    steps = max(0, torch.cuda.max_memory_allocated(device) - in_use)
+    budget = device_budget_bytes(device) * vram_fraction
+    if in_use + steps + decode <= budget:
+        return None
+    return (
+        f"not enough VRAM to decode beside the next task: {in_use / GIB:.1f} GiB in use + ~{steps / GIB:.1f} GiB "
+        f"for its steps + {decode / GIB:.1f} GiB for the decode > {budget / GIB:.1f} GiB budget"
+    )
 
 
 @dataclass

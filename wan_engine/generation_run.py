@@ -40,7 +40,7 @@ from wan_engine.loras import (
     resolve_lora_path,
 )
 from wan_engine.memory_profiles import apply_profile, next_profile, tile_vae
-from wan_engine.pipeline_runtime import LoadedModel, decode_latents, encode_prompts, scheduled
+from wan_engine.pipeline_runtime import LoadedModel, decode_latents, encode_prompts, scheduled, vae_dtype_name
 from wan_engine.single_file import checkpoint_reports
 from wan_engine.solvers import solver_scheduler
 from wan_engine.speed import task_compile
@@ -498,6 +498,7 @@ def build_result(
             "speed": loaded.speed.brief() if loaded.speed else None,  # with this task's compile decision
             "video_encoding": mp4_encoding() if frame_shape[0] > 1 else None,  # issue 15: H.264 settings (PNG: none)
             "fp8": loaded.fp8,
+            "vae_dtype": vae_dtype_name(loaded.pipe),  # WAN_VAE_PRECISION: float32 (default), float16, bfloat16
             "guidance_phases": plan.phase_report(p),  # None unless phased (3-phase guidance)
             "sample_solver": p.sample_solver,
             "checkpoint": checkpoint_reports(loaded.pipe),  # transformers read from checkpoint files (issue 14)

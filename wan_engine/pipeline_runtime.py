@@ -30,6 +30,7 @@ from wan_engine.model_sources import ModelCheck
 from wan_engine.presets import Preset
 from wan_engine.single_file import load_single_file_transformers
 from wan_engine.speed import SpeedReport, apply_speed_path
+from wan_engine.vae_precision import dtype_name, vae_dtype_from_env
 from wan_engine.weight_files import WeightFiles, detach_file_mappings, pipeline_modules, weight_paths
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,11 @@ class LoadedModel:
 _I2V_COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler", "transformer", "transformer_2")
 
 
+def vae_dtype_name(pipe: Any) -> str:
+    """The dtype the pipeline's VAE runs in (`float32`, `float16`, `bfloat16`), as result_data records it."""
+    return dtype_name(pipe.vae.dtype)
+
+
 def _pipeline_class_name(folder: Path) -> str:
     return str(json.loads((folder / "model_index.json").read_text()).get("_class_name", ""))
 
@@ -195,8 +201,10 @@ def load_pipeline(
     fp8: bool = False,
     resident: bool = True,
     models_dir: Path | None = None,
+    vae_dtype: torch.dtype | None = None,
 ) -> LoadedModel:
-    """Load the preset's pipeline from a checked folder (VAE kept in float32).
+    """Load the preset's pipeline from a checked folder, the VAE in `vae_dtype` (default: WAN_VAE_PRECISION,
+    float32 unless set; wan_engine.vae_precision).
 
     `resident`: move it onto `device` now; otherwise it stays in host RAM (`loaded_on_device` False)
     and the first task's memory profile places it, so a model larger than the VRAM budget never has
@@ -222,9 +230,11 @@ def load_pipeline(
     options: dict[str, Any] = {}
     if (device.type != "cuda" or not resident) and diffusers_has_disable_mmap():
         options["disable_mmap"] = True
-    # Wan's VAE is numerically sensitive: decode in float32 even when the transformers run in bf16.
+    # Wan's VAE is numerically sensitive: float32 (as the model cards load it) even when the transformers run in
+    # bf16, unless WAN_VAE_PRECISION asks for Wan2GP's 16-bit VAE. The pipeline keeps a VAE passed in as it is.
+    vae_dtype = vae_dtype_from_env(device) if vae_dtype is None else vae_dtype
     vae = diffusers.AutoencoderKLWan.from_pretrained(
-        check.path, subfolder="vae", dtype=torch.float32, use_safetensors=True, **options
+        check.path, subfolder="vae", dtype=vae_dtype, use_safetensors=True, **options
     )
     kwargs: dict[str, Any] = {"vae": vae, "dtype": dtype, "use_safetensors": True, **options}
     kwargs.update(load_single_file_transformers(check, class_name, dtype))  # URLs/URLs2 as .safetensors files

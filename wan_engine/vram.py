@@ -3,7 +3,8 @@
 Nothing is loaded: parameter counts come from the safetensors headers (or, for a component whose
 weights are absent, from its config instantiated on the meta device). The formula (bytes):
 
-    W_c  = params_c x dtype bytes            weights of component c (bf16: 2; the VAE runs in float32: 4)
+    W_c  = params_c x dtype bytes            weights of component c (bf16: 2; the VAE: 4 in float32, its
+                                             default, 2 under WAN_VAE_PRECISION=16 / bf16)
     B_c  = largest top-level block of c      (`blocks.N`, `vace_blocks.N`: what diffusers' block-level group
                                              offloading moves one by one; nested lists move as one group)
     NB_c = W_c - all blocks of c             (embeddings, heads, norms, nested lists: resident while c runs)
@@ -26,10 +27,11 @@ patch (pt, ph, pw), a video of F frames at W x H has L = (1 + (F-1)/t)/pt x (H/s
                                                         SDPA flash / memory-efficient kernels are linear in L
     A_text_encoder  = 512 x (8 d_model + 3 d_ff) x 4 B + heads x 512^2 x 3 x 4 B
     A_image_encoder = 257 x (6 hidden + 2 intermediate) x 4 B
-    A_vae           = k x t x (H/p)(W/p) x C x 4 B + F x 3 x H x W x 4 B
+    A_vae           = k x t x (H/p)(W/p) x C x v B + F x 3 x H x W x v B
                       (one latent frame = t video frames decoded at a time, C = (decoder_)base_dim x
                       dim_mult[0] channels at the last stage, k = 15 for the Wan 2.1 VAE, 24 for the
-                      residual Wan 2.2 VAE; plus the decoded float32 video)
+                      residual Wan 2.2 VAE; plus the decoded video; v = the VAE's bytes per element, 4
+                      in float32 where k was fitted; a 16-bit VAE's feature maps and output are 16-bit)
 
 The constants were fitted on an H100 (diffusers 0.42.1, torch SDPA, random weights): measured vs
 estimated activation peaks, GiB -- transformer 1.3B 832x480x81 1.54 / 1.65, 14B 832x480x81 3.48 / 3.56,
@@ -57,6 +59,7 @@ from wan_engine.checkpoint_formats import transformer_files
 from wan_engine.model_checks import SafetensorsError, read_safetensors_header, weightless_files
 from wan_engine.model_sources import ModelCheck, check_model, summary
 from wan_engine.presets import Preset
+from wan_engine.vae_precision import vae_element_bytes
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +254,7 @@ class _Geometry:
     attention: Attention
     vae: dict[str, Any] = field(default_factory=dict)
     tiled_vae: bool = False  # the decode runs in tiles of VAE_TILE pixels (memory_profiles.tile_vae)
+    vae_bytes: int = 4  # bytes per element of the VAE's weights and feature maps (WAN_VAE_PRECISION)
 
     @property
     def spatial(self) -> int:
@@ -292,8 +296,19 @@ def _activation_bytes(name: str, config: dict[str, Any], geo: _Geometry) -> int:
         height, width = (min(side, VAE_TILE) if geo.tiled_vae else side for side in (geo.height, geo.width))
         pixels = (height // patch) * (width // patch)
         copies = VAE_COPIES_RESIDUAL if config.get("is_residual") else VAE_COPIES
-        return copies * geo.temporal * pixels * channels * 4 + geo.frames * 3 * geo.height * geo.width * 4
+        video = geo.frames * 3 * geo.height * geo.width
+        return (copies * geo.temporal * pixels * channels + video) * geo.vae_bytes
     return 0
+
+
+def vae_decode_bytes(
+    vae_config: Mapping[str, Any], width: int, height: int, frames: int, *, element_bytes: int, tiled: bool = False
+) -> int:
+    """A_vae above: the activation peak of one decode of a `width` x `height` x `frames` video by a VAE of this
+    config, in a dtype of `element_bytes` (tiled: one tile's feature maps)."""
+    config = dict(vae_config)
+    geo = _Geometry(width, height, frames, "sdpa", config, tiled, element_bytes)
+    return _activation_bytes("vae", config, geo)
 
 
 # ---- the estimate --------------------------------------------------------------------------------
@@ -348,11 +363,14 @@ def estimate_vram(
     dtype_bytes: int = 2,
     fp8: bool = False,
     tiled_vae: bool = False,
+    vae_dtype_bytes: int | None = None,
 ) -> VramEstimate | None:
     """Estimated peak VRAM per profile at the preset's (or the given) resolution and frames.
 
     `fp8`: the transformers' blocks hold one byte per weight (wan_engine.fp8) instead of `dtype_bytes`.
     `tiled_vae`: the VAE decodes in tiles (its feature maps at one tile's size).
+    `vae_dtype_bytes`: bytes per VAE weight and feature-map element (default: WAN_VAE_PRECISION's dtype, as
+    `load_pipeline` loads it: 4 for float32, 2 for float16 / bfloat16).
 
     None when nothing on disk says how big the model is (no pipeline folder found).
     """
@@ -365,7 +383,9 @@ def estimate_vram(
     default_w, default_h = (int(x) for x in str(defaults["resolution"]).split("x"))
     vae_config = _read_json(folder / "vae" / "config.json")
     frames = frames or int(defaults["video_length"])
-    geo = _Geometry(width or default_w, height or default_h, frames, attention, vae_config, tiled_vae)
+    if vae_dtype_bytes is None:
+        vae_dtype_bytes = vae_element_bytes()
+    geo = _Geometry(width or default_w, height or default_h, frames, attention, vae_config, tiled_vae, vae_dtype_bytes)
     index = _read_json(folder / "model_index.json")
     names = [n for n, v in index.items() if not n.startswith("_") and isinstance(v, list) and v and v[0]]
     if check.single_file_2 is not None or check.path2 is not None:
@@ -376,7 +396,7 @@ def estimate_vram(
         if weightless_files(str(class_name)) is not None:
             continue
         config_dir = _config_dir(check, folder, name)
-        element_bytes = 4 if name == "vae" else dtype_bytes
+        element_bytes = vae_dtype_bytes if name == "vae" else dtype_bytes
         activation = _activation_bytes(name, _read_json(config_dir / "config.json"), geo)
         shapes = _shapes_from_headers(_component_files(check, folder, name))
         source = "safetensors"

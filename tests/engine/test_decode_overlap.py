@@ -34,7 +34,7 @@ def orchestrator(tiny_models_dir: Path) -> Iterator[WanOrchestrator]:
 
 def test_setting_values_and_the_resident_rule() -> None:
     assert overlap_setting({}) == "auto" and overlap_setting({OVERLAP_DECODE_ENV: " ON "}) == "on"
-    assert overlap_setting({OVERLAP_DECODE_ENV: "0"}) == "off" and overlap_setting({OVERLAP_DECODE_ENV: "true"}) == "on"
+    assert overlap_setting({OVERLAP_DECODE_ENV: "Off"}) == "off"
     with pytest.raises(InvalidRequestError, match=r"WAN_OVERLAP_DECODE='sometimes': allowed auto, on, off"):
         overlap_setting({OVERLAP_DECODE_ENV: "sometimes"})
     auto: dict[str, str] = {}
@@ -157,3 +157,92 @@ def test_t2v_denoises_beside_a_decode_but_vace_and_a_switch_wait(
     )
     finished, _ = _blocked_while_vae_is_held(orchestrator, vace)
     assert not finished and results[-1].frames == 9
+
+
+# ---- through the worker loop: the next task starts while the first one's decode is still to run ----------------
+
+
+def test_the_loop_starts_the_next_task_before_the_overlapped_decode_ends(
+    tiny_models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real Worker, GenerationRunner, orchestrator and SQLite store. The first task's overlapped decode is held
+    until the second task's generation has begun on the loop: with the decode on the loop's thread (the rule
+    broken) the second task could never begin first and the wait would time out."""
+    from tests.support.db import open_engine
+    from tests.unit.test_loop import settings
+    from wan_engine import decode_overlap
+    from worker.loop.worker import Worker
+    from worker.store.repository import SqlTaskRepository
+    from worker.task import NewTask, TaskStatus
+    from worker.tasks.runner import GenerationRunner
+
+    monkeypatch.setenv(OVERLAP_DECODE_ENV, "on")
+    second_began = threading.Event()
+    decode_order: list[str] = []
+    real_run = decode_overlap.OverlappedDecode.run
+
+    def gated_run(self: decode_overlap.OverlappedDecode) -> np.ndarray:
+        decode_order.append("waiting" if not second_began.is_set() else "late")
+        assert second_began.wait(WAIT_S), "the second task never began while the first decode was pending"
+        return real_run(self)
+
+    monkeypatch.setattr(decode_overlap.OverlappedDecode, "run", gated_run)
+    orchestrator = WanOrchestrator(tiny_models_dir)
+    real_generate = orchestrator.generate_t2v
+
+    def generate_t2v(prompt: str, **kwargs: Any) -> Any:
+        if prompt == "second":
+            second_began.set()
+        return real_generate(prompt, **kwargs)
+
+    monkeypatch.setattr(orchestrator, "generate_t2v", generate_t2v)
+    outputs = tmp_path / "outputs"
+    params = {"model": "tiny_t2v", "resolution": "64x48", "video_length": 9, "num_inference_steps": 2}
+    with open_engine(f"sqlite:///{tmp_path / 'tasks.db'}") as engine:
+        repo = SqlTaskRepository(engine)
+        first = repo.insert(NewTask("t2v", {**params, "prompt": "first", "seed": 1}, priority=2))
+        second = repo.insert(NewTask("t2v", {**params, "prompt": "second", "seed": 2}, priority=1))
+        Worker(repo, GenerationRunner(orchestrator, outputs), settings()).run_forever(until_idle=True)
+        rows = [repo.get(first), repo.get(second)]
+    orchestrator.unload_model()
+    assert [row.status for row in rows] == [TaskStatus.COMPLETE, TaskStatus.COMPLETE], [r.error_message for r in rows]
+    assert decode_order[0] == "waiting", "the first decode was pending when the second task began"
+    for row in rows:
+        assert read_video_info(Path(str(row.output_location))).frames == 9
+        assert row.result_data["extra"]["decode_overlap"]["overlapped"] is True
+        assert row.result_data["timings"]["decode"] > 0
+
+
+def test_a_decode_that_would_not_fit_beside_the_next_task_is_not_overlapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The VRAM rule on CUDA (its memory calls stubbed with an H200's and a 24 GiB card's numbers): the full Wan 2.1
+    VAE decoding 832x480x81 needs ~8.9 GiB (wan_engine.vram) beside what is in use and the next task's steps."""
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from wan_engine import decode_overlap
+
+    with torch.device("meta"):
+        vae = AutoencoderKLWan()  # the real config, no memory
+    pipe = SimpleNamespace(
+        vae=SimpleNamespace(config=vae.config, dtype=torch.float32, use_tiling=False),
+        vae_scale_factor_temporal=4,
+        vae_scale_factor_spatial=8,
+    )
+    loaded = SimpleNamespace(pipe=pipe)
+    latents = SimpleNamespace(device=torch.device("cuda", 0), shape=(1, 16, 21, 60, 104))
+    gib = 1024**3
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 15 * gib)  # weights, text encoder
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 17 * gib)  # + this task's steps
+    monkeypatch.setattr(decode_overlap, "device_budget_bytes", lambda device: 139 * gib)
+    assert decode_overlap.no_room_for_overlap(loaded, latents, 0, 0.9) is None  # type: ignore[arg-type]
+
+    monkeypatch.setattr(decode_overlap, "device_budget_bytes", lambda device: 24 * gib)
+    reason = decode_overlap.no_room_for_overlap(loaded, latents, 0, 0.9)  # type: ignore[arg-type]
+    assert reason is not None
+    assert "15.0 GiB in use + ~2.0 GiB for its steps + 8.9 GiB for the decode > 21.6 GiB budget" in reason
+    pipe.vae.dtype = torch.float16  # WAN_VAE_PRECISION=16: half the decode's memory, so it fits
+    assert decode_overlap.no_room_for_overlap(loaded, latents, 0, 0.9) is None  # type: ignore[arg-type]
+    cpu = SimpleNamespace(device=torch.device("cpu"), shape=latents.shape)
+    assert decode_overlap.no_room_for_overlap(loaded, cpu, 0, 0.001) is None  # type: ignore[arg-type]
