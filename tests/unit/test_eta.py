@@ -26,6 +26,7 @@ import pytest
 from tests.support.db import migrated_engine
 from wan_engine.compile_policy import CACHED_COMPILE_S, COLD_COMPILE_S, cold_compile_estimate
 from worker.live.eta import (
+    ORCHESTRATOR_S,
     EtaEstimator,
     PresetShapes,
     StageTimes,
@@ -35,7 +36,7 @@ from worker.live.eta import (
     row_device,
     sample_from_result,
 )
-from worker.live.eta_static import ModelSizes, StaticCostModel, static_times, step_flops
+from worker.live.eta_static import ModelSizes, StaticCostModel, static_stitch_s, static_times, step_flops
 from worker.store.repository import SqlTaskRepository
 from worker.task import Task, TaskStatus
 
@@ -287,11 +288,13 @@ def test_a_travel_orchestrator_counts_its_segments_and_stitch(
     assert whole is not None and one is not None and whole > 3 * one  # three segments, each at least this long
     alone = estimator.queue_etas(0.0, "vace_1.3B", [orchestrator])
     assert alone["travel"].start_in == 0.0 and alone["travel"].finish_in == pytest.approx(whole)
-    # A task queued behind it runs between two segments: the next segment waits for the previous one's
-    # write (it depends on it being Complete) while the loop is free, so the walk counts two switches.
+    # A task queued behind it runs after the last segment, before the stitch: a segment writes on the loop and
+    # its dependant (the next segment) is claimed next, as the resident model's; the stitch needs no model, so
+    # the older task goes first (ModelAffinity), and the stitch, on the finisher, waits for its output.
     etas = estimator.queue_etas(0.0, "vace_1.3B", [orchestrator, t2v("after")])
-    assert 0.0 < etas["after"].start_in < etas["travel"].finish_in
-    assert etas["travel"].finish_in > whole + 0.9 * (etas["after"].finish_in - etas["after"].start_in)
+    stitch_s = static_stitch_s(plan.stitch.frames, 832, 480)
+    assert etas["after"].start_in == pytest.approx(whole - stitch_s - ORCHESTRATOR_S)
+    assert etas["travel"].finish_in == pytest.approx(etas["after"].finish_in + stitch_s + ORCHESTRATOR_S)
 
 
 def test_preset_shapes_apply_defaults_alignment_loras_and_travel(builtin_presets: Any) -> None:

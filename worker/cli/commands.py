@@ -188,7 +188,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _follow(args: argparse.Namespace) -> int:
     """`status --follow`: a progress bar with this device's ETA estimate."""
     from wan_engine.presets import BUILTIN_PRESETS_DIR, load_presets
-    from worker.live.eta import EtaEstimator, PresetShapes, detect_device
+    from worker.live.eta import EtaEstimator, PresetShapes, decode_overlaps_here, detect_device
     from worker.live.eta_static import StaticCostModel
     from worker.live.follow import follow_task
 
@@ -197,8 +197,10 @@ def _follow(args: argparse.Namespace) -> int:
     presets = load_presets(BUILTIN_PRESETS_DIR, env.presets_dir)
     device = detect_device()
     models_dir = env.models_dir
-    shapes = PresetShapes(presets, "cpu" if device == "cpu" else "gpu")
-    estimator = EtaEstimator(repository, shapes, device, StaticCostModel(presets, models_dir, device))
+    profile = "cpu" if device == "cpu" else "gpu"
+    static = StaticCostModel(presets, models_dir, device)
+    overlaps = decode_overlaps_here(device, profile)
+    estimator = EtaEstimator(repository, PresetShapes(presets, profile), device, static, decode_overlaps=overlaps)
     return follow_task(repository, args.task_id, estimator)
 
 

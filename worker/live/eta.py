@@ -26,7 +26,18 @@ and the policy's own saving per forward once a brief of the layout told it) or p
 `queue_etas` walks the queue in the order the worker claims it (priority, age, the resident model
 preferred: worker.loop.scheduling.ModelAffinity), counting each task's loads and compiles; a travel
 orchestrator counts its segments (planned from its params, as the orchestrator plans them) and
-the stitch. While a task runs, its own steps (after step 1) are blended in.
+the stitch (a running stitch's length: the frames of the segments this process ran, less the overlaps).
+While a task runs, its own steps (after step 1) are blended in.
+
+The worker's two threads are mirrored too (worker.loop.finisher): with `write_overlaps` a task holds the
+loop until its hand-off and the finisher writes its video (a stitch runs there whole) while the loop claims
+the next; one output is finished at a time, and the hand-off waits for the one before. With
+`decode_overlaps` (wan_engine.decode_overlap, WAN_OVERLAP_DECODE) the VAE decode moves to the finisher too,
+before the write (unless the kind's last run found no VRAM for it beside the next task's steps); then a task
+whose pipeline call uses the VAE (every mode but text-to-video on a T2V model), or that switches models,
+waits for a pending decode first. Travel segments write on the loop (the next segment's guide is their
+output) and a task with a queued dependant is finished before the next claim (worker.loop.worker:
+`_finish_awaited_output`).
 
 Learned rows live in `eta_stats` (one table, no extra columns): a kind's row under its key, with
 `step_s` per forward; a model's row under resolution "*", frames 0 (columns as in `MODEL_COLUMNS`); the
@@ -45,11 +56,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from worker.loop.scheduling import ModelAffinity
 from worker.task import Task, TaskStatus
-from worker.tasks.params import model_key_for
+from worker.tasks.params import TASK_TYPE_MODES, model_key_for, params_or_none
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +101,7 @@ PARK_AGAIN_SHARE = 0.03
 ORCHESTRATOR_S = 0.2  # an orchestrator's own runs (plan and insert its children; wake and complete)
 ATTENTION_TOKENS = 20_000.0  # without FLOPs: work per forward ~ tokens x (1 + tokens / this)
 MAX_RUNNING = 4  # tasks remembered as running (a lost lease sends no event: the oldest are dropped)
+MAX_SEGMENTS = 64  # travel segments remembered for their stitch's length and size
 
 
 class StaticEstimator(Protocol):
@@ -193,6 +205,41 @@ class TravelPlanShape:
     children: tuple[Task, ...]
     stitch_id: str
     stitch: StitchShape
+
+
+class _Cost(NamedTuple):
+    """One task run next, as the queue walk needs it (seconds from its claim)."""
+
+    hold: float  # until its hand-off: the loop is busy with it (the whole task when nothing overlaps)
+    total: float  # until Complete when nothing waits: its full duration
+    finish: float = 0.0  # after the hand-off, on the finisher: its write (and decode when that overlaps)
+    decode: float = 0.0  # the first part of `finish`: the VAE decode, when it overlaps
+    needs_vae_at: float | None = None  # into its hold, where it needs the VAE (waits for a pending decode)
+    handed_off: bool = False  # `finish` runs on the finisher (the hand-off waits for the output in hand)
+
+
+class _Start(NamedTuple):
+    """Where a queue walk starts, in seconds from now (None: unknown)."""
+
+    hold: float | None  # the loop is free of the running task (its hand-off)
+    decode_end: float  # the VAE is free of a decode on the finisher
+    finish_end: float  # the finisher is free (the output in hand is Complete)
+    task_id: str | None = None  # the running task's (a queued dependant has the loop wait for its output)
+
+
+def pipeline_needs_vae(task: Task, architecture_of: Callable[[str], str | None] | None = None) -> bool:
+    """Whether a task's pipeline call uses the VAE, so it waits for an overlapped decode first
+    (wan_engine.decode_overlap: only text-to-video leaves it alone). Text-to-video is the t2v task types,
+    and ti2v without a start image; on a VACE model (`architecture_of`) even that encodes a blank guide."""
+    if task.task_type in ("travel_orchestrator", "travel_stitch"):
+        return False  # no pipeline at all
+    mode = TASK_TYPE_MODES.get(task.task_type)
+    params = params_or_none(task.params_text) or {}
+    text_only = mode == "t2v" or (mode == "ti2v" and not params.get("image_start"))
+    if text_only and architecture_of is not None:
+        model = model_key_for(task.task_type, task.params_text)
+        text_only = model is None or architecture_of(model) != "vace"
+    return not text_only
 
 
 # ---- learning -------------------------------------------------------------------------------------
@@ -436,6 +483,17 @@ class PresetShapes:
             loras=len(loras) if isinstance(loras, list) else 0,
         )
 
+    def needs_vae(self, task: Task) -> bool:
+        """`pipeline_needs_vae` with the presets' architectures (an unknown model: as its task type says)."""
+
+        def architecture(model: str) -> str | None:
+            try:
+                return str(self.presets.get(model).model.architecture)
+            except Exception:  # an unknown model fails its own task; the estimate goes by the task type
+                return None
+
+        return pipeline_needs_vae(task, architecture)
+
     def travel_plan(self, task: Task) -> TravelPlanShape | None:
         """An orchestrator's children, planned from its params as the orchestrator plans them."""
         if task.task_type != "travel_orchestrator":
@@ -508,6 +566,8 @@ class _Process:
     compile_costs: dict[str, float] = field(default_factory=dict)
     # layout -> (tokens, the policy's expected saving per forward at that token count)
     savings: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # (model, tokens) whose decode last ran before the next task: no VRAM beside its steps (decode_overlap)
+    decode_on_loop: set[tuple[str, int]] = field(default_factory=set)
 
     def copy(self) -> _Process:
         return replace(
@@ -521,6 +581,7 @@ class _Process:
             provisional=dict(self.provisional),
             compile_costs=dict(self.compile_costs),
             savings=dict(self.savings),
+            decode_on_loop=set(self.decode_on_loop),
         )
 
     def layout(self, model: str) -> str:
@@ -568,8 +629,15 @@ class _Process:
                 self.covered.add(layout)
 
     def observe(self, result: dict[str, Any], model: str, tokens: int) -> None:
-        """Fold a completed task's speed brief in (what compiled, in which mode)."""
+        """Fold a completed task's speed brief in (what compiled, in which mode), and where its decode ran."""
         extra = result.get("extra")
+        overlap = extra.get("decode_overlap") if isinstance(extra, dict) else None
+        if isinstance(overlap, dict) and "overlapped" in overlap:
+            # wan_engine.decode_overlap.no_room_for_overlap: the same kind meets the same VRAM budget next time.
+            if overlap["overlapped"]:
+                self.decode_on_loop.discard((model, tokens))
+            else:
+                self.decode_on_loop.add((model, tokens))
         brief = _compile_brief(result)
         if isinstance(extra, dict) and "speed" in extra:
             self.compiles = brief is not None  # no compile brief: the speed path compiles nothing here
@@ -611,7 +679,12 @@ class _Running:
     observed_step_s: float | None = None
     observed_steps: int = 0  # steady-state steps behind observed_step_s
     last_remaining: float | None = None
+    last_at: float = 0.0  # when last_remaining was computed
     stitch_s: float | None = None  # a stitch: its estimate (its remaining before a rate is seen)
+    stitch: StitchShape | None = None  # a stitch: its length and size, when its segments were seen here
+    defers: bool = True  # its output is finished on the finisher (not a travel segment's)
+    decode_overlaps: bool = False  # its decode too (EtaEstimator.decode_overlaps, VRAM permitting)
+    needs_vae: bool = True  # its pipeline call uses the VAE (pipeline_needs_vae)
 
 
 @dataclass(frozen=True)
@@ -626,7 +699,11 @@ class EtaEstimator:
     """Predicts a task's duration and, while it runs, its remaining seconds; walks the queue ahead.
 
     `write_overlaps`: the worker writes a finished task's video while the next one runs (worker.loop.finisher,
-    the default), so a task holds the worker for its duration less the write."""
+    the default), so a task holds the worker for its duration less the write. `decode_overlaps`: its VAE
+    decode runs there too (wan_engine.decode_overlap.decode_overlaps of this device and memory profile; only
+    with `write_overlaps`), so it holds the worker for its duration less its decode and write, and the next
+    task, when it needs the VAE or switches models, waits for that decode to end. `needs_vae` tells which
+    tasks do (default: the shape resolver's `needs_vae`, else `pipeline_needs_vae` by task type)."""
 
     def __init__(
         self,
@@ -637,14 +714,19 @@ class EtaEstimator:
         clock: Callable[[], float] = time.monotonic,
         travel_of: Callable[[Task], TravelPlanShape | None] | None = None,
         write_overlaps: bool = True,
+        decode_overlaps: bool = False,
+        needs_vae: Callable[[Task], bool] | None = None,
     ) -> None:
         self.store = store
         self.shape_of = shape_of
         self.travel_of = travel_of or getattr(shape_of, "travel_plan", None)
+        self.needs_vae: Callable[[Task], bool] = needs_vae or getattr(shape_of, "needs_vae", pipeline_needs_vae)
         self.device = device
         self.static = static
         self.clock = clock
         self.write_overlaps = write_overlaps
+        self.decode_overlaps = decode_overlaps and write_overlaps  # the decode moves only with a deferred write
+        self._segments: dict[str, StitchShape] = {}  # travel segments begun here: the stitch's length and size
         self._learned = _Learned()
         self._process = _Process(compiles=device != "cpu")
         self._running: dict[str, _Running] = {}
@@ -806,32 +888,53 @@ class EtaEstimator:
     def estimate(self, task: Task, resident_model: str | None = None) -> float | None:
         """Seconds a task will take from claim to completion (a model load included when it needs one;
         an orchestrator: its segments and stitch, run one after the other)."""
+        return self._estimate(task, resident_model, _Start(0.0, 0.0, 0.0))
+
+    def _estimate(self, task: Task, resident_model: str | None, pending: _Start) -> float | None:
+        """`estimate`, claimed while a decode or an output is still on the finisher (`pending`)."""
         with self._lock:
             learned, process = self._learned, self._process.copy()
         process.resident = resident_model
         if self.travel_of is not None and task.task_type == "travel_orchestrator" and task.dependant_on is None:
-            return self._walk(0.0, process, learned, [task]).get(task.id, QueueEta(None, None)).finish_in
-        duration = self._duration(task, process, learned)
-        return None if duration is None else duration[1]
+            etas = self._walk(pending, process, learned, [task])
+            return etas.get(task.id, QueueEta(None, None)).finish_in
+        cost = self._duration(task, process, learned, self._stitch_shape(task))
+        return None if cost is None else _schedule(cost, 0.0, pending.decode_end, pending.finish_end)[1]
 
     def _duration(
         self, task: Task, process: _Process, learned: _Learned, stitch: StitchShape | None = None
-    ) -> tuple[float, float] | None:
-        """(seconds it holds the worker, seconds to its completion) of one task run next in `process`
-        (which it updates); they differ by the write when writes overlap the next task."""
+    ) -> _Cost | None:
+        """One task run next in `process` (which it updates): how long it holds the worker (`hold`, the
+        first value), its full duration (`total`, the second) and what runs on the finisher after it."""
         if task.task_type == "travel_orchestrator":
-            return ORCHESTRATOR_S, ORCHESTRATOR_S
+            return _Cost(ORCHESTRATOR_S, ORCHESTRATOR_S)
         if task.task_type == "travel_stitch":
             seconds = self._stitch_s(stitch or StitchShape(), learned)
-            return seconds, seconds
+            # The runner hands a stitch to the finisher whole (worker.tasks.runner._run_stitch).
+            return _Cost(0.0, seconds, seconds, handed_off=True) if self.write_overlaps else _Cost(seconds, seconds)
         shape = self.shape_of(task)
         predicted = self._predict(shape, process, learned) if shape else None
         if shape is None or predicted is None:
             return None
         times, _basis, compiled = predicted
-        duration = times.duration(shape.steps, shape.model != process.resident)
+        switches = shape.model != process.resident
+        duration = times.duration(shape.steps, switches)
         self._after(process, shape, compiled)
-        return duration - (times.write_s if self.write_overlaps else 0.0), duration
+        needs_vae_at = None  # when a decode of the task before may still be running (on the finisher)
+        if self.decode_overlaps and switches:
+            needs_vae_at = 0.0  # parking or unloading the resident model waits for its decode
+        elif self.decode_overlaps and self.needs_vae(task):
+            # The VAE is taken around the pipeline call: LoRA files and the prompt's encode come before it.
+            needs_vae_at = times.prep_s + times.encode_s
+        if not self.write_overlaps or task.task_type == "travel_segment":  # a segment writes on the loop
+            return _Cost(duration, duration, needs_vae_at=needs_vae_at)
+        decode = times.decode_s if self._decode_moves(process, shape) else 0.0
+        finish = times.write_s + decode
+        return _Cost(duration - finish, duration, finish, decode, needs_vae_at, handed_off=True)
+
+    def _decode_moves(self, process: _Process, shape: TaskShape) -> bool:
+        """Whether this task's decode runs on the finisher (the kind's last run found the VRAM for it)."""
+        return self.decode_overlaps and (shape.model, shape.tokens) not in process.decode_on_loop
 
     def _stitch_s(self, stitch: StitchShape, learned: _Learned) -> float:
         from worker.live.eta_static import static_stitch_s
@@ -853,21 +956,35 @@ class EtaEstimator:
         shape = self.shape_of(task)
         with self._lock:
             learned, process = self._learned, self._process.copy()
+            pending = self._pending(self.clock())
         process.resident = resident_model
         predicted = self._predict(shape, process, learned) if shape else None
         times, basis = (predicted[0], predicted[1]) if predicted else (None, None)
         with_load = shape is not None and shape.model != resident_model
         estimate = times.duration(shape.steps, with_load) if shape and times else None
         tail = self._travel_tail(task, shape, process, learned) if shape and times else None
+        stitch = self._stitch_shape(task) if task.task_type == "travel_stitch" else None
         if shape is None:
             if task.task_type == "travel_orchestrator":
-                estimate = ORCHESTRATOR_S if task.dependant_on else self.estimate(task, resident_model)
+                estimate = ORCHESTRATOR_S if task.dependant_on else self._estimate(task, resident_model, pending)
                 basis = "travel plan"
-            elif task.task_type == "travel_stitch":
-                estimate, basis = self._stitch_s(StitchShape(), learned), "stitch"
+            elif stitch is not None:
+                estimate, basis = self._stitch_s(stitch, learned), "stitch"
+        waits = pending.decode_end or pending.finish_end
+        if estimate is not None and waits and task.task_type != "travel_orchestrator":
+            # Claimed beside a decode or an output still on the finisher: what it waits for is its time too.
+            estimate = self._estimate(task, resident_model, pending)
         run = _Running(shape, times, with_load, self.clock(), basis, travel_tail_s=tail)
-        run.stitch_s = estimate if task.task_type == "travel_stitch" else None
+        run.defers = self.write_overlaps and task.task_type != "travel_segment"
+        run.decode_overlaps = run.defers and shape is not None and self._decode_moves(process, shape)
+        run.needs_vae = self.needs_vae(task)
+        if stitch is not None:
+            run.stitch_s, run.stitch = estimate, stitch if stitch.frames else None
         with self._lock:
+            if shape is not None and task.task_type == "travel_segment":
+                self._segments[task.id] = StitchShape(shape.frames, shape.width, shape.height)
+                while len(self._segments) > MAX_SEGMENTS:
+                    self._segments.pop(next(iter(self._segments)))
             if shape is not None:
                 run.loaded_before = shape.model in self._process.loaded
                 run.new_shape = (shape.model, shape.tokens) not in self._process.shapes
@@ -882,6 +999,30 @@ class EtaEstimator:
             while len(self._running) > MAX_RUNNING:  # abandoned (lease lost, deferred): the oldest go
                 self._running.pop(next(iter(self._running)))
         return estimate
+
+    def _pending(self, now: float) -> _Start:
+        """What the tasks begun so far leave on the finisher for a task claimed now (they have all handed
+        off): the decode, the output in hand. Under the lock."""
+        runs = list(self._running.values())
+        decode = max((self._decode_left(run, now) for run in runs), default=0.0)
+        finish = max((self._finish_left(run, now) for run in runs), default=0.0)
+        return _Start(0.0, decode, finish)
+
+    def _stitch_shape(self, task: Task) -> StitchShape:
+        """A stitch's length and size from its segments, when this process began them: their frames less
+        the overlaps (the stitch's row lists both), at their size."""
+        params = params_or_none(task.params_text) or {}
+        ids, overlaps = params.get("segments"), params.get("overlaps") or []
+        with self._lock:
+            seen = [self._segments.get(str(i)) for i in ids] if isinstance(ids, list) else []
+        segments = [segment for segment in seen if segment is not None and segment.frames]
+        if not segments or len(segments) < len(seen):
+            return StitchShape()
+        try:
+            frames = sum(int(segment.frames or 0) for segment in segments) - sum(int(o) for o in overlaps)
+        except (TypeError, ValueError):
+            return StitchShape()
+        return StitchShape(frames, segments[0].width, segments[0].height) if frames > 0 else StitchShape()
 
     def _travel_tail(self, task: Task, shape: TaskShape, process: _Process, learned: _Learned) -> float | None:
         """A segment's later segments (like this one) and the stitch, after this one."""
@@ -913,21 +1054,49 @@ class EtaEstimator:
             if run is None:
                 return None
             left = self._remaining(run, progress, now)
-            if left is not None and self.write_overlaps and run.times is not None and run.stage != "writing_video":
-                # One output is finished at a time: this task's write starts after the one in progress.
-                before_write = left - run.times.write_s
-                busy = max(
-                    (self._write_left(other, now) for other in self._running.values() if other is not run), default=0.0
-                )
-                left += max(0.0, busy - before_write)
-            run.last_remaining = left
+            if left is not None and run.times is not None and run.shape is not None:
+                left = self._behind_others(run, left, now)
+            run.last_remaining, run.last_at = left, now
             return left
 
+    def _behind_others(self, run: _Running, left: float, now: float) -> float:
+        """A running task's remaining behind the outputs still being finished (every task begun before it
+        has handed off: what it has left is finisher work): a decode it waits for (the VAE, or a switch's
+        park), and, when it hands off too, the output in hand. Under the lock."""
+        assert run.times is not None and run.shape is not None
+        times, others = run.times, [other for other in self._running.values() if other is not run]
+        if not others:
+            return left
+        if self.decode_overlaps and run.stage in ("loading_model", "encoding_prompt"):
+            # A switch's park, or a pipeline call that uses the VAE, waits for a decode still on the finisher.
+            before = None  # seconds left before that point
+            if run.stage == "loading_model" and run.with_load:
+                before = 0.0
+            elif run.needs_vae:
+                pipeline = times.compile_s + times.first_step_extra_s + run.shape.steps * times.step_s
+                before = max(0.0, left - pipeline - times.decode_s - times.write_s)
+            if before is not None:
+                left += max(0.0, max(self._decode_left(other, now) for other in others) - before)
+        finishing = ("decoding", "writing_video") if run.decode_overlaps else ("writing_video",)
+        if run.defers and run.stage not in finishing:
+            # One output is finished at a time: this task's (decode and) write start after the one in hand.
+            own = times.write_s + (times.decode_s if run.decode_overlaps else 0.0)
+            busy = max(self._finish_left(other, now) for other in others)
+            left += max(0.0, busy - (left - own))
+        return left
+
     @staticmethod
-    def _write_left(run: _Running, now: float) -> float:
-        if run.stage != "writing_video" or run.times is None:
+    def _finish_left(run: _Running, now: float) -> float:
+        """What a handed-off task has left, from its latest report."""
+        if run.last_remaining is None:
             return 0.0
-        return max(0.0, run.times.write_s - (now - run.stage_started))
+        return max(0.0, run.last_remaining - (now - run.last_at))
+
+    def _decode_left(self, run: _Running, now: float) -> float:
+        """A handed-off task's decode still to run on the finisher (its remaining less its write)."""
+        if not run.decode_overlaps or run.times is None or run.stage == "writing_video":
+            return 0.0
+        return max(0.0, self._finish_left(run, now) - run.times.write_s)
 
     def _remaining(self, run: _Running, progress: dict[str, Any], now: float) -> float | None:
         stage = progress.get("stage")
@@ -941,6 +1110,12 @@ class EtaEstimator:
                 run.observed_steps = step - run.step_mark[0]
                 run.observed_step_s = (now - run.step_mark[1]) / run.observed_steps
         if stage == "stitching" and run.stitch_s is not None and total:
+            if run.step_mark is None and run.stitch is not None and run.stitch.width and run.stitch.height:
+                from worker.live.eta_static import STITCH_START_S
+
+                # Its first report: `total` is the stitched length, and the startup is behind it.
+                whole = self._stitch_s(StitchShape(total, run.stitch.width, run.stitch.height), self._learned)
+                run.stitch_s = max(0.0, whole - STITCH_START_S)
             return _stitch_left(run, step, total, now)
         if stage not in STAGES or run.times is None or run.shape is None:
             elapsed = now - run.stage_started
@@ -1068,24 +1243,36 @@ class EtaEstimator:
         Assumes one worker serves the queue; with several, the real wait is shorter."""
         with self._lock:
             learned, process = self._learned, self._process.copy()
-            hold = self._holds_worker(current_remaining)
+            start = self._walk_start(current_remaining)
         process.resident = resident_model
-        return self._walk(hold, process, learned, list(queued))
+        return self._walk(start, process, learned, list(queued))
 
-    def _holds_worker(self, remaining: float | None) -> float | None:
-        """How long the running task keeps the worker from claiming: its remaining, less its write when
-        writes overlap the next task (the latest task begun is the one the loop runs). Under the lock."""
-        run = next(reversed(self._running.values()), None) if self._running else None
-        if remaining is None or not self.write_overlaps or run is None or run.times is None:
-            return remaining
+    def _walk_start(self, remaining: float | None) -> _Start:
+        """How long the running task keeps the worker from claiming (its remaining, less what the finisher
+        does after its hand-off: its write, and its decode when that overlaps too), when its decode ends and
+        when its output is Complete. The latest task begun is the one the loop runs. Under the lock."""
+        task_id = next(reversed(self._running), None) if self._running else None
+        run = self._running[task_id] if task_id is not None else None
+        if remaining is None:
+            return _Start(None, 0.0, 0.0)
+        if run is None or not self.write_overlaps:
+            return _Start(remaining, 0.0, remaining, task_id)
+        now = self.clock()
+        older = max((self._finish_left(o, now) for o in self._running.values() if o is not run), default=0.0)
+        if run.stitch_s is not None:  # a stitch runs on the finisher whole
+            return _Start(0.0, 0.0, remaining, task_id)
+        if run.times is None or not run.defers:  # no estimate to split; a travel segment writes on the loop
+            return _Start(remaining, 0.0, max(older, remaining if run.times is None else 0.0), task_id)
         if run.stage == "writing_video":
-            return 0.0
-        return max(0.0, remaining - run.times.write_s)
+            return _Start(0.0, 0.0, remaining, task_id)
+        # At "decoding" with the decode overlapped, what is left is all the finisher's: the loop is free.
+        write, decode = run.times.write_s, run.times.decode_s if run.decode_overlaps else 0.0
+        decode_end = max(0.0, remaining - write) if decode else 0.0
+        return _Start(max(0.0, remaining - write - decode), decode_end, remaining, task_id)
 
-    def _walk(
-        self, start: float | None, process: _Process, learned: _Learned, queued: list[Task]
-    ) -> dict[str, QueueEta]:
-        """Claim the queue in order as the worker would (ModelAffinity, dependencies complete first)."""
+    def _walk(self, start: _Start, process: _Process, learned: _Learned, queued: list[Task]) -> dict[str, QueueEta]:
+        """Claim the queue in order as the worker would (ModelAffinity, dependencies complete first), the
+        loop and the finisher each one task at a time (see the module docstring)."""
         etas: dict[str, QueueEta] = {}
         pending = list(queued)
         queued_ids = {task.id for task in queued}
@@ -1094,7 +1281,10 @@ class EtaEstimator:
         stitches: dict[str, StitchShape] = {}
         waits: dict[str, str] = {}  # stitch -> its orchestrator (which wakes and completes after it)
         started_at: dict[str, float | None] = {}
-        clock = start  # None: the running task's end is unknown, so is every start after it
+        clock = start.hold  # None: the running task's end is unknown, so is every start after it
+        decode_end, finisher_free = start.decode_end, start.finish_end  # the VAE, the finisher free
+        if clock is not None and start.task_id and any(t.dependant_on == start.task_id for t in pending):
+            clock = max(clock, finisher_free)  # a queued task waits for the running task's output: it is finished first
         walked = 0.0
         affinity = ModelAffinity(clock=lambda: walked)
 
@@ -1124,10 +1314,14 @@ class EtaEstimator:
             plan = None
             if task.task_type == "travel_orchestrator" and task.dependant_on is None and self.travel_of:
                 plan = self.travel_of(task)
-            duration = self._duration(task, process, learned, stitches.get(task.id))
-            begin = clock
-            complete = None if clock is None or duration is None else clock + duration[1]
-            clock = None if clock is None or duration is None else clock + duration[0]
+            cost = self._duration(task, process, learned, stitches.get(task.id))
+            begin, complete = clock, None
+            if clock is None or cost is None:
+                clock = None
+            else:
+                clock, complete, decode_end, finisher_free = _schedule(cost, clock, decode_end, finisher_free)
+                if cost.handed_off and any(t.dependant_on == task.id for t in pending):
+                    clock = complete  # a task waits for this output: the loop finishes it first
             walked = clock if clock is not None else walked
             completes[task.id] = complete
             if plan is not None:
@@ -1139,9 +1333,9 @@ class EtaEstimator:
                 waits[plan.stitch_id] = task.id
                 started_at[task.id] = begin
                 continue
-            if task.id in waits:  # the orchestrator wakes after its stitch and completes
+            if task.id in waits:  # the orchestrator wakes after its stitch (served first) and completes
                 orchestrator = waits[task.id]
-                clock = None if clock is None else clock + ORCHESTRATOR_S
+                clock = None if clock is None or complete is None else max(clock, complete) + ORCHESTRATOR_S
                 walked = clock if clock is not None else walked
                 etas[orchestrator] = QueueEta(started_at[orchestrator], clock)
             if task.id in queued_ids:
@@ -1149,6 +1343,18 @@ class EtaEstimator:
         for task in queued:
             etas.setdefault(task.id, QueueEta(started_at.get(task.id), None))
         return etas
+
+
+def _schedule(cost: _Cost, begin: float, decode_end: float, finisher_free: float) -> tuple[float, float, float, float]:
+    """A task claimed at `begin` while the VAE is busy until `decode_end` and the finisher until `finisher_free`:
+    (its hand-off, its Complete, then when the VAE and the finisher are free)."""
+    wait = 0.0 if cost.needs_vae_at is None else max(0.0, decode_end - begin - cost.needs_vae_at)
+    hand_off = begin + wait + cost.hold
+    if not cost.handed_off:
+        return hand_off, hand_off, decode_end, finisher_free
+    hand_off = max(hand_off, finisher_free)  # the hand-off waits for the output in hand
+    complete = hand_off + cost.finish
+    return hand_off, complete, hand_off + cost.decode if cost.decode else decode_end, complete
 
 
 def _stitch_left(run: _Running, step: int, total: int, now: float) -> float:
@@ -1189,3 +1395,17 @@ def detect_device() -> str:
         return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     except Exception:
         return "cpu"
+
+
+def decode_overlaps_here(device: str, profile: str) -> bool:
+    """Whether this worker's generations leave their VAE decode to the output finisher: WAN_OVERLAP_DECODE
+    for `device` (a GPU name, or "cpu") and a resident model under `profile` (wan_engine.decode_overlap).
+    A setting the engine refuses (it fails each generation, saying why) counts as off here."""
+    from wan_engine.decode_overlap import decode_overlaps
+    from wan_engine.errors import InvalidRequestError
+
+    try:
+        return decode_overlaps("cpu" if device == "cpu" else "cuda", profile)
+    except InvalidRequestError as exc:
+        log.warning("ETA: %s", exc)
+        return False

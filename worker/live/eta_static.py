@@ -55,9 +55,16 @@ VACE_ENCODE_SHARE = 0.4  # a VACE task encodes its guide and mask video first: ~
 # MP4 write (x264 veryfast, the host's CPU): ~2 s for 81 frames at 832x480; a 1-frame task writes a PNG.
 WRITE_FIXED_S = 0.15
 WRITE_S_PER_PIXEL_FRAME = (2.0 - WRITE_FIXED_S) / (81 * 832 * 480)
-# The travel stitch (decode each clip, cross-fade, encode): 1.0-1.1 s for 66 frames at 832x480.
-STITCH_FIXED_S = 0.2
-STITCH_S_PER_PIXEL_FRAME = 0.85 / (66 * 832 * 480)
+# The travel stitch (decode each clip, cross-fade, encode; host CPU work), from the H200 machine's queue run 2
+# (docs/BENCHMARKS.md "Run 2", bench/results/h200_worker_queue_run2.json, q05-travel_3seg-stitch: 123 frames
+# at 832x480, 1.02 s from claim to Complete): 0.15 s from the claim to the first frame out (the rows read, the
+# clips probed, ffmpeg started), 0.761 s for frames 1-123 (6.2 ms a frame), 0.11 s from the last frame to
+# Complete (the encoder's flush, the rename). A 2-core host is ~1.6x slower (1.02-1.13 s for 66 frames,
+# "MP4 encode and the travel stitch"); the first stitch on a host is learned (eta_stats "travel_stitch").
+STITCH_START_S = 0.15
+STITCH_END_S = 0.11
+STITCH_FIXED_S = STITCH_START_S + STITCH_END_S
+STITCH_S_PER_PIXEL_FRAME = 0.761 / (122 * 832 * 480)
 # Loading from disk: ~1.2 GB/s with a cold page cache, ~3 GB/s warm (docs/BENCHMARKS.md "Switching").
 LOAD_FIXED_S = 0.5
 LOAD_BYTES_PER_S = 2.0e9

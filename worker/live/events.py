@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from worker.live.eta import EtaEstimator, PresetShapes, detect_device
+from worker.live.eta import EtaEstimator, PresetShapes, decode_overlaps_here, detect_device
 from worker.live.eta_static import StaticCostModel
 from worker.live.monitor import ResourceMonitor
 from worker.task import Task
@@ -194,6 +194,10 @@ def live_sink(repository: Any, presets: Any, models_dir: Path, publish: bool = F
     device = detect_device()
     profile = "cpu" if device == "cpu" else "gpu"
     estimator = EtaEstimator(
-        repository, PresetShapes(presets, profile), device, StaticCostModel(presets, models_dir, device)
+        repository,
+        PresetShapes(presets, profile),
+        device,
+        StaticCostModel(presets, models_dir, device),
+        decode_overlaps=decode_overlaps_here(device, profile),
     )
     return LiveSink(estimator, ResourceMonitor().start(), OUTBOX_SIZE if publish else None)
