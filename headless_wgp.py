@@ -33,9 +33,9 @@ import torch
 from wan_engine import generation_run as gen
 from wan_engine import single_file
 from wan_engine.decode_overlap import (
-    VAE_FREE_MODES,
     OverlappedDecode,
     decode_overlaps,
+    denoise_uses_vae,
     no_room_for_overlap,
     overlap_setting,
 )
@@ -539,8 +539,8 @@ class WanOrchestrator:
             return gen.decode(loaded, latents, num_reference_images, progress)
 
         # 5-6 run as one attempt: on out-of-memory, again one memory profile lower (same seed). A pipeline call
-        # that encodes with the VAE (every mode but t2v) first waits for an overlapped decode still using it.
-        with nullcontext() if mode in VAE_FREE_MODES else loaded.vae_lock:
+        # that encodes with the VAE (all but plain text-to-video) first waits for an overlapped decode using it.
+        with loaded.vae_lock if denoise_uses_vae(pipe or loaded.pipe) else nullcontext():
             profile = self._place(loaded, p)
             decoded, profile, ladder = gen.memory_ladder(loaded, profile, attempt, on_retry=state.reset)
         if isinstance(decoded, OverlappedDecode):

@@ -13,9 +13,9 @@ otherwise spend idle, and whatever SMs a step leaves free. Set by `WAN_OVERLAP_D
 
 The VAE is shared with the loop's thread, and diffusers' Wan VAE keeps its causal-convolution caches on the
 module, so one `LoadedModel.vae_lock` serialises its users: the finisher holds it while it decodes; the loop
-holds it for a task whose pipeline call encodes with the VAE (VACE guides, i2v / flf2v images), around a
-memory-profile change, and around parking or unloading the model. A text-to-video task's denoising never
-touches the VAE, so it runs beside the decode.
+holds it for a task whose pipeline call encodes with the VAE (`denoise_uses_vae`: VACE guides, i2v / flf2v
+images), around a memory-profile change, and around parking or unloading the model. A text-to-video
+pipeline's denoising never touches the VAE, so it runs beside the decode.
 """
 
 from __future__ import annotations
@@ -39,8 +39,15 @@ logger = logging.getLogger(__name__)
 
 OVERLAP_DECODE_ENV = "WAN_OVERLAP_DECODE"
 OVERLAP_CHOICES = ("auto", "on", "off")
-# The only mode whose pipeline call leaves the VAE alone (output_type "latent"): it may denoise during a decode.
-VAE_FREE_MODES = frozenset({"t2v"})
+
+
+def denoise_uses_vae(pipe: Any) -> bool:
+    """Whether this pipeline's call (output_type "latent") uses the VAE: every one but diffusers' text-to-video
+    `WanPipeline` (a VACE pipeline encodes its guide, even the blank one of a t2v task on a VACE model; an
+    image-to-video one encodes its image). Only a call that does not may denoise beside an overlapped decode."""
+    import diffusers
+
+    return not isinstance(pipe, diffusers.WanPipeline)
 
 
 def overlap_setting(environ: Mapping[str, str] | None = None) -> str:

@@ -157,6 +157,12 @@ def test_t2v_denoises_beside_a_decode_but_vace_and_a_switch_wait(
     )
     finished, _ = _blocked_while_vae_is_held(orchestrator, vace)
     assert not finished and results[-1].frames == 9
+    # So does a t2v task on a VACE model: its pipeline encodes a blank guide.
+    t2v_on_vace = lambda: results.append(  # noqa: E731
+        orchestrator.generate_t2v("a cat", output_path=tmp_path / "tv.mp4", **PARAMS)
+    )
+    finished, _ = _blocked_while_vae_is_held(orchestrator, t2v_on_vace)
+    assert not finished and results[-1].mode == "t2v"
 
 
 # ---- through the worker loop: the next task starts while the first one's decode is still to run ----------------
