@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -103,6 +104,21 @@ def no_room_for_overlap(
     )
 
 
+_STREAMS: dict[int, torch.cuda.Stream] = {}
+_STREAMS_LOCK = threading.Lock()
+
+
+def decode_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one CUDA stream overlapped decodes run on, per device. One, not a new one per decode: the caching
+    allocator reuses a freed block only for the stream it was allocated on, so decodes on ever new streams
+    (torch hands them out round-robin from a pool) would each keep a decode's workspace reserved."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _STREAMS_LOCK:
+        if index not in _STREAMS:
+            _STREAMS[index] = torch.cuda.Stream(torch.device("cuda", index))
+        return _STREAMS[index]
+
+
 @dataclass
 class OverlappedDecode:
     """Latents whose decode runs later, on another thread (`run`), on a CUDA stream of its own.
@@ -150,7 +166,7 @@ class OverlappedDecode:
     def _decode(self, *, tiled: bool) -> np.ndarray:
         if self.ready is None:
             return decode_latents(self.loaded.pipe, self.latents, self.num_reference_images, tiled=tiled)
-        stream = torch.cuda.Stream(self.latents.device)
+        stream = decode_stream(self.latents.device)
         stream.wait_event(self.ready)
         with torch.cuda.stream(stream):
             # The latents were allocated on the loop's stream: tell the allocator this stream uses them too.
