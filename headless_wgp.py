@@ -191,7 +191,7 @@ class WanOrchestrator:
             # (only a resident one: an offloaded model's weights already live in host RAM).
             old = self._loaded
             # An overlapped decode of the old model's last task must end before its VAE moves or goes.
-            with old.vae_lock if old is not None else nullcontext():
+            with old.vae_gate if old is not None else nullcontext():
                 if old is None or not old.resident or not self.model_cache.park(old.preset.key, old, keep=model_key):
                     self.unload_model()
             self._loaded = None
@@ -253,7 +253,7 @@ class WanOrchestrator:
                 return
             key = self._loaded.preset.key
             # An overlapped decode still using this model's VAE ends first, so its memory really is returned.
-            with self._loaded.vae_lock:
+            with self._loaded.vae_gate:
                 self._loaded = None
                 self.model_cache.discard(key)  # its pinned copy too, if it had one
                 gc.collect()
@@ -469,7 +469,7 @@ class WanOrchestrator:
         requested = profile_for_device(requested, loaded.device)
         current = loaded.profile or ("gpu" if loaded.device.type == "cuda" and loaded.loaded_on_device else "cpu")
         if requested != current:
-            with loaded.vae_lock:  # moving the VAE: an overlapped decode of the previous task must end first
+            with loaded.vae_gate:  # moving the VAE: an overlapped decode of the previous task must end first
                 apply_profile(loaded.pipe, requested, loaded.device, current=current)
         loaded.profile = requested
         return requested
@@ -485,7 +485,7 @@ class WanOrchestrator:
         if vae is not None and vae.weight_bytes + vae.activation_bytes > budget * self.vram_fraction:
             # The decode alone would not fit untiled: tile it, and choose the profile with the tiled decode
             # (otherwise the full-frame decode would push every task down to the slowest profile).
-            with loaded.vae_lock:
+            with loaded.vae_gate:
                 tile_vae(loaded.pipe)
             estimate = estimate_vram(loaded.preset, check, tiled_vae=True, **size)
         return choose_profile(estimate.profiles if estimate else None, budget, self.vram_fraction)
@@ -540,7 +540,7 @@ class WanOrchestrator:
 
         # 5-6 run as one attempt: on out-of-memory, again one memory profile lower (same seed). A pipeline call
         # that encodes with the VAE (all but plain text-to-video) first waits for an overlapped decode using it.
-        with loaded.vae_lock if denoise_uses_vae(pipe or loaded.pipe) else nullcontext():
+        with loaded.vae_gate if denoise_uses_vae(pipe or loaded.pipe) else nullcontext():
             profile = self._place(loaded, p)
             decoded, profile, ladder = gen.memory_ladder(loaded, profile, attempt, on_retry=state.reset)
         if isinstance(decoded, OverlappedDecode):

@@ -12,10 +12,11 @@ otherwise spend idle, and whatever SMs a step leaves free. Set by `WAN_OVERLAP_D
     off             never: the decode stays on the loop's thread, before the next task starts
 
 The VAE is shared with the loop's thread, and diffusers' Wan VAE keeps its causal-convolution caches on the
-module, so one `LoadedModel.vae_lock` serialises its users: the finisher holds it while it decodes; the loop
-holds it for a task whose pipeline call encodes with the VAE (`denoise_uses_vae`: VACE guides, i2v / flf2v
-images), around a memory-profile change, and around parking or unloading the model. A text-to-video
-pipeline's denoising never touches the VAE, so it runs beside the decode.
+module, so its users take turns through `LoadedModel.vae_gate` (wan_engine.vae_gate): the finisher decodes
+with it held; the loop enters it for a task whose pipeline call encodes with the VAE (`denoise_uses_vae`:
+VACE guides, i2v / flf2v images), around a memory-profile change, and around parking or unloading the model,
+and entering first runs any handed-off decode the finisher has not started. A text-to-video pipeline's
+denoising never touches the VAE, so it runs beside the decode.
 """
 
 from __future__ import annotations
@@ -119,19 +120,24 @@ def decode_stream(device: torch.device) -> torch.cuda.Stream:
         return _STREAMS[index]
 
 
-@dataclass
+@dataclass(eq=False)
 class OverlappedDecode:
-    """Latents whose decode runs later, on another thread (`run`), on a CUDA stream of its own.
+    """Latents whose decode runs later (`run`, on the finisher), on a CUDA stream of its own.
 
-    Built on the loop's thread right after the denoising: the event marks where the latents are complete on
-    the loop's stream, so the finisher's stream waits for exactly that and no more."""
+    Built on the loop's thread right after the denoising, and handed off to the model's `VaeGate` at once: if
+    the loop needs the VAE before the finisher got to it (a switch, a VACE task), the gate runs it there first
+    (`decode_now`), and `run` then finds the frames ready. The event marks where the latents are complete on the
+    loop's stream, so the decode's stream waits for exactly that and no more."""
 
     loaded: LoadedModel
     latents: torch.Tensor
     num_reference_images: int
     ready: Any = None  # torch.cuda.Event recorded on the producing stream (None off CUDA)
+    frames: np.ndarray | None = None
+    failure: BaseException | None = None  # the decode's own error, raised by `run` for its task
     seconds: float | None = None  # the decode's own time, once run
-    waited_s: float | None = None  # time spent waiting for the VAE (a loop-side user held it)
+    waited_s: float | None = None  # `run`'s wait for the VAE (a loop-side user held it)
+    thread: str | None = None  # which thread decoded (the finisher, or a loop-side VAE user that came first)
     retried_tiled: bool = False
     error: dict[str, Any] = field(default_factory=dict)
 
@@ -141,16 +147,31 @@ class OverlappedDecode:
         if latents.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(latents.device))
-        return cls(loaded, latents, num_reference_images, ready)
+        decode = cls(loaded, latents, num_reference_images, ready)
+        loaded.vae_gate.hand_off(decode)
+        return decode
 
     def run(self) -> np.ndarray:
-        """Decode (waiting for the VAE's lock first); on out-of-memory, once more tiled. Frees the latents."""
+        """The frames: decoded now (waiting for the VAE first), or already by a loop-side VAE user."""
         asked = time.perf_counter()
-        with self.loaded.vae_lock:
+        with self.loaded.vae_gate.held():
             self.waited_s = time.perf_counter() - asked
-            started = time.perf_counter()
+            self.decode_now()
+        if self.failure is not None:
+            raise self.failure
+        assert self.frames is not None
+        return self.frames
+
+    def decode_now(self) -> None:
+        """Decode unless done (with the VAE gate held); on out-of-memory, once more tiled. Frees the latents;
+        an error is kept for `run`."""
+        if self.frames is not None or self.failure is not None:
+            return
+        self.thread = threading.current_thread().name
+        started = time.perf_counter()
+        try:
             try:
-                frames = self._decode(tiled=False)
+                self.frames = self._decode(tiled=False)
             except torch.OutOfMemoryError as exc:  # the next task's activations took the room the decode needed
                 self.error = {"error": str(exc).splitlines()[0][:200]}
                 logger.warning(
@@ -158,10 +179,17 @@ class OverlappedDecode:
                 )
                 torch.cuda.empty_cache()
                 self.retried_tiled = True
-                frames = self._decode(tiled=True)
+                self.frames = self._decode(tiled=True)
+        except BaseException as exc:  # its task's failure, not that of whoever ran it
+            self.failure = exc
+        finally:
             self.seconds = time.perf_counter() - started
-        self.latents = torch.empty(0)  # the finisher may hold this object a while: drop the GPU tensor now
-        return frames
+            self.discard()
+
+    def discard(self) -> None:
+        """Nothing more to decode (done, failed, or its task was cancelled first): drop the GPU latents."""
+        self.loaded.vae_gate.ran(self)
+        self.latents = torch.empty(0)
 
     def _decode(self, *, tiled: bool) -> np.ndarray:
         if self.ready is None:
@@ -180,6 +208,7 @@ class OverlappedDecode:
         return {
             "overlapped": True,
             "vae_wait_s": None if self.waited_s is None else round(self.waited_s, 4),
+            "thread": self.thread,
             "retried_tiled": self.retried_tiled,
             **({"out_of_memory": self.error} if self.error else {}),
         }

@@ -325,7 +325,7 @@ def memory_ladder(
             logger.warning("out of memory; retrying", extra={"model": loaded.preset.key, "profile": lower})
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            with loaded.vae_lock:  # an overlapped decode of the previous task may be using the VAE
+            with loaded.vae_gate:  # an overlapped decode of the previous task may be using the VAE
                 apply_profile(loaded.pipe, lower, loaded.device, current=loaded.profile)
                 loaded.profile = profile = lower
                 tile_vae(loaded.pipe)
@@ -416,8 +416,12 @@ class PendingWrite:
     ) -> GenerationResult:
         """The overlapped decode (step 6): frames, the result's real frame size and the decode's timings."""
         assert self.decode is not None
-        if check is not None:
-            check()
+        try:
+            if check is not None:
+                check()
+        except BaseException:
+            self.decode.discard()  # cancelled before its decode: nothing left to run
+            raise
         emit(progress, "decoding")
         queued = time.perf_counter() - self.clock.marks["denoise"]
         self.frames = self.decode.run()

@@ -11,7 +11,6 @@ import functools
 import inspect
 import json
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ from wan_engine.model_sources import ModelCheck
 from wan_engine.presets import Preset
 from wan_engine.single_file import load_single_file_transformers
 from wan_engine.speed import SpeedReport, apply_speed_path
+from wan_engine.vae_gate import VaeGate
 from wan_engine.vae_precision import dtype_name, vae_dtype_from_env
 from wan_engine.weight_files import WeightFiles, detach_file_mappings, pipeline_modules, weight_paths
 
@@ -96,8 +96,8 @@ class LoadedModel:
     weight_files: WeightFiles = field(default_factory=WeightFiles)  # identities at load: re-checked per task
     reloaded_because: str | None = None  # set by the orchestrator when this load replaced changed files
     # The VAE's users on two threads (the loop, the output finisher's overlapped decode: wan_engine.decode_overlap)
-    # take turns: diffusers' Wan VAE keeps its convolution caches on the module. Reentrant: a switch unloads.
-    vae_lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
+    # take turns: diffusers' Wan VAE keeps its convolution caches on the module.
+    vae_gate: VaeGate = field(default_factory=VaeGate, repr=False, compare=False)
 
     @property
     def resident(self) -> bool:

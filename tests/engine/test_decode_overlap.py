@@ -110,14 +110,14 @@ def test_a_cancel_before_the_overlapped_decode_writes_nothing(
 
 
 def _blocked_while_vae_is_held(orchestrator: WanOrchestrator, work: Any) -> tuple[bool, float]:
-    """Hold the resident model's VAE lock (as an overlapped decode does) on another thread while `work` runs on
-    this one; returns whether `work` finished while the lock was held and how long it waited."""
+    """Hold the resident model's VAE gate (as an overlapped decode does) on another thread while `work` runs on
+    this one; returns whether `work` finished while the gate was held and how long it waited."""
     loaded = orchestrator._loaded
     assert loaded is not None
     held, release = threading.Event(), threading.Event()
 
     def holder() -> None:
-        with loaded.vae_lock:
+        with loaded.vae_gate:
             held.set()
             release.wait(WAIT_S)
 
@@ -252,3 +252,92 @@ def test_a_decode_that_would_not_fit_beside_the_next_task_is_not_overlapped(monk
     assert decode_overlap.no_room_for_overlap(loaded, latents, 0, 0.9) is None  # type: ignore[arg-type]
     cpu = SimpleNamespace(device=torch.device("cpu"), shape=latents.shape)
     assert decode_overlap.no_room_for_overlap(loaded, cpu, 0, 0.001) is None  # type: ignore[arg-type]
+
+
+# ---- the gate: a handed-off decode the loop needs the VAE before ---------------------------------------------
+
+
+def _reference_frames(orchestrator: WanOrchestrator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
+    monkeypatch.setenv(OVERLAP_DECODE_ENV, "off")
+    pending = orchestrator.generate_t2v("a cat", output_path=tmp_path / "ref.mp4", deferred_write=True, **PARAMS)
+    assert isinstance(pending, PendingWrite) and pending.frames is not None
+    monkeypatch.setenv(OVERLAP_DECODE_ENV, "on")
+    return pending.frames
+
+
+def test_a_switch_runs_a_handed_off_decode_first_on_its_own_thread(
+    orchestrator: WanOrchestrator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The finisher has not started the decode when the loop switches models (the race a bare lock loses: the
+    park would move the VAE the decode needs): the switch decodes it first, then `finish` writes those frames."""
+    reference = _reference_frames(orchestrator, tmp_path, monkeypatch)
+    pending = orchestrator.generate_t2v("a cat", output_path=tmp_path / "a.mp4", deferred_write=True, **PARAMS)
+    assert isinstance(pending, PendingWrite) and pending.decode is not None and pending.frames is None
+    t2v = orchestrator._loaded
+    assert t2v is not None and t2v.vae_gate.pending() == [pending.decode]
+    orchestrator.load_model("tiny_vace")  # parks tiny_t2v: its gate runs the pending decode here first
+    assert t2v.vae_gate.pending() == []
+    assert pending.decode.thread == threading.current_thread().name
+    result = _finish_on_thread(pending)
+    np.testing.assert_array_equal(pending.frames, reference)
+    assert read_video_info(tmp_path / "a.mp4").frames == 9
+    assert result.extra["decode_overlap"]["thread"] == threading.current_thread().name
+
+
+def test_one_thread_holding_a_pending_write_can_generate_again(
+    tiny_models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A direct API user: a deferred VACE generation left pending, then another VACE call on the same thread.
+    The second call needs the VAE: it runs the pending decode itself instead of waiting for a thread that will
+    never come; the first `finish` afterwards writes the right frames."""
+    monkeypatch.setenv(OVERLAP_DECODE_ENV, "on")
+    orchestrator = WanOrchestrator(tiny_models_dir)
+    orchestrator.load_model("tiny_vace")
+    guide = np.full((9, 48, 64, 3), 90, dtype=np.uint8)
+    first = orchestrator.generate_vace(
+        "a", video_guide=guide, output_path=tmp_path / "1.mp4", deferred_write=True, **PARAMS
+    )
+    assert isinstance(first, PendingWrite) and first.decode is not None
+    second = orchestrator.generate_vace("b", video_guide=guide, output_path=tmp_path / "2.mp4", **PARAMS)
+    assert second.frames == 9 and first.decode.frames is not None, "the second call ran the first decode"
+    monkeypatch.setenv(OVERLAP_DECODE_ENV, "off")
+    again = orchestrator.generate_vace(
+        "a", video_guide=guide, output_path=tmp_path / "3.mp4", deferred_write=True, **PARAMS
+    )
+    assert isinstance(again, PendingWrite)
+    first.finish()
+    np.testing.assert_array_equal(first.frames, again.frames)
+    orchestrator.unload_model()
+
+
+def test_a_decode_failure_is_its_own_tasks_and_a_dropped_pending_write_leaves_nothing(
+    orchestrator: WanOrchestrator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wan_engine import decode_overlap
+
+    monkeypatch.setenv(OVERLAP_DECODE_ENV, "on")
+    real = decode_overlap.decode_latents
+    calls: list[int] = []
+
+    def broken_once(*args: Any, **kwargs: Any) -> np.ndarray:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the VAE broke on this latent")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode_overlap, "decode_latents", broken_once)
+    failing = orchestrator.generate_t2v("a cat", output_path=tmp_path / "f.mp4", deferred_write=True, **PARAMS)
+    assert isinstance(failing, PendingWrite)
+    loaded = orchestrator._loaded
+    assert loaded is not None
+    with loaded.vae_gate:  # a loop-side user runs the failing decode: the error is not its own
+        pass
+    with pytest.raises(RuntimeError, match="the VAE broke on this latent"):
+        _finish_on_thread(failing)
+    assert not (tmp_path / "f.mp4").exists()
+
+    dropped = orchestrator.generate_t2v("a cat", output_path=tmp_path / "d.mp4", deferred_write=True, **PARAMS)
+    assert isinstance(dropped, PendingWrite) and len(loaded.vae_gate.pending()) == 1
+    del dropped
+    assert loaded.vae_gate.pending() == [], "a PendingWrite dropped without finish leaves no decode to run"
+    assert len(calls) == 1
