@@ -267,6 +267,7 @@ def _serve(
         queue.dispose()
         if orchestrator is not None:
             orchestrator.close()  # the followers exit with this rank
+            orchestrator.leave_group()
     if file_watch is not None and file_watch.replaced.is_set():
         return DATABASE_REPLACED_EXIT
     return 1 if orchestrator is not None and orchestrator.out_of_step else 0

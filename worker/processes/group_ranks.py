@@ -332,7 +332,8 @@ class GroupLeaderProxy:
                 self._lock.release()
 
     def close(self) -> None:
-        """Tell the followers to exit (unless the group is out of step: they are stuck or gone)."""
+        """Tell the followers to exit (unless the group is out of step: they are stuck or gone) and stop pinging;
+        the process group itself stays up for the caller (`leave_group`)."""
         self._closed.set()
         with self._lock:
             if not self.out_of_step:
@@ -340,6 +341,17 @@ class GroupLeaderProxy:
                     self._send(Command("stop"))
                 except Exception as exc:
                     log.warning("could not tell the followers to stop: %s", exc)
+        if self._pinger is not None:
+            self._pinger.join(timeout=5.0)  # it sees `_closed` within a tick; no collective of its own after this
+
+    def leave_group(self) -> None:
+        """Rank 0's last step: leave the process group. A rank that exits with its group still up may abort in
+        the C++ teardown of the group's threads ("terminate called without an active exception", exit -6).
+        Out of step, it just exits: a stuck peer could hang the teardown."""
+        from wan_engine.context_parallel import destroy_group
+
+        if not self.out_of_step:
+            destroy_group()
 
     def _send(self, command: Command) -> None:
         self.channel.send(command)
