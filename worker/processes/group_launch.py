@@ -29,6 +29,7 @@ from types import FrameType
 
 log = logging.getLogger(__name__)
 
+CAUSE_WAIT_S = 1.0  # after a rank fails: how long the others may take to end before the cause is named
 TICK_S = 0.2
 GRACE_S = 30.0  # how long the other ranks get to exit once the group ends
 _PR_SET_PDEATHSIG = 1
@@ -115,8 +116,17 @@ class GroupLauncher:
             codes = [p.poll() for p in self.processes]
             failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
             if failed:
-                rank, code = failed[0]
+                # Name the cause: a follower that dies makes rank 0 exit 1 (out of step) within milliseconds, often
+                # before the dead follower can be reaped. So give the others a moment to end, then report a rank
+                # killed by a signal (negative code) first, then the lowest rank.
+                self._wait_all(CAUSE_WAIT_S)
+                codes = [p.poll() for p in self.processes]
+                failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+                rank, code = min(failed, key=lambda failure: (failure[1] >= 0, failure[0]))
                 log.error("rank %d exited with code %s; ending the group", rank, code)
+                for other, other_code in failed:
+                    if other != rank:
+                        log.warning("rank %d exited with code %s too", other, other_code)
                 return code if code > 0 else 1
             if codes[0] == 0:
                 # Rank 0 stopped cleanly and told the followers to exit: give them a moment.
