@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,21 +27,12 @@ from typing import Any
 
 import torch
 
-CONFIG_13B = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 12,
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 8960,
-    "num_layers": 30,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "rope_max_seq_len": 1024,
-}
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+from gpu_bench import CONFIG_13B  # noqa: E402  # the official 1.3B transformer config, as the other benches build it
+
 TINY = {**CONFIG_13B, "num_attention_heads": 2, "attention_head_dim": 16, "ffn_dim": 64, "num_layers": 2}
 
 
