@@ -204,7 +204,7 @@ def load_pipeline(
     vae_dtype: torch.dtype | None = None,
 ) -> LoadedModel:
     """Load the preset's pipeline from a checked folder, the VAE in `vae_dtype` (default: WAN_VAE_PRECISION,
-    float32 unless set; wan_engine.vae_precision).
+    float16 on CUDA and float32 elsewhere unless set; wan_engine.vae_precision).
 
     `resident`: move it onto `device` now; otherwise it stays in host RAM (`loaded_on_device` False)
     and the first task's memory profile places it, so a model larger than the VRAM budget never has
@@ -230,8 +230,8 @@ def load_pipeline(
     options: dict[str, Any] = {}
     if (device.type != "cuda" or not resident) and diffusers_has_disable_mmap():
         options["disable_mmap"] = True
-    # Wan's VAE is numerically sensitive: float32 (as the model cards load it) even when the transformers run in
-    # bf16, unless WAN_VAE_PRECISION asks for Wan2GP's 16-bit VAE. The pipeline keeps a VAE passed in as it is.
+    # The VAE's own dtype (WAN_VAE_PRECISION): float16 on CUDA as Wan2GP runs it (float16's mantissa, not bf16's:
+    # Wan's VAE is numerically sensitive), float32 elsewhere. The pipeline keeps a VAE passed in as it is.
     vae_dtype = vae_dtype_from_env(device) if vae_dtype is None else vae_dtype
     vae = diffusers.AutoencoderKLWan.from_pretrained(
         check.path, subfolder="vae", dtype=vae_dtype, use_safetensors=True, **options

@@ -111,7 +111,7 @@ class EnvironmentSettings(BaseSettings):
     compile_cache_dir: str | None = None
     mp4_preset: Literal[X264_PRESETS] = "veryfast"  # type: ignore[valid-type]
     overlap_decode: Literal["auto", "on", "off"] = "auto"
-    vae_precision: Literal["32", "16", "bf16"] = "32"
+    vae_precision: Literal["auto", "32", "16", "bf16"] = "auto"
     pinned_cache_gb: float | None = Field(None, ge=0)
     parallel_timeout_s: float = Field(600.0, gt=0)
 
@@ -135,7 +135,7 @@ ENV_ONLY = {
     "compile_cache_dir": "torch's on-disk compile caches (default <models dir>/.compile_cache; off: torch's own)",
     "mp4_preset": "the x264 preset MP4s are written with",
     "overlap_decode": "auto, on or off: a finished task's VAE decode runs beside the next task (auto: on CUDA)",
-    "vae_precision": "the VAE's dtype: 32 (float32), 16 (float16, Wan2GP's default) or bf16",
+    "vae_precision": "the VAE's dtype: auto (float16 on CUDA, float32 elsewhere), 32, 16 (float16) or bf16",
     "pinned_cache_gb": "host RAM for models parked after a switch (default half the RAM on a GPU machine)",
     "parallel_timeout_s": "longest wait for a peer in a --parallel group's collective",
 }

@@ -1,4 +1,5 @@
-"""WAN_VAE_PRECISION (issue 15): the VAE in float32 (default), float16 (Wan2GP's default) or bfloat16.
+"""WAN_VAE_PRECISION (issue 15): the VAE in float16 on CUDA / float32 elsewhere (`auto`, the default), float32,
+float16 (Wan2GP's default) or bfloat16.
 
 Tolerances were measured on the tiny models (seed 3, 96x64x9; frames as decoded, float in [0, 1], against the
 float32 VAE's). The transformer runs in float32 on the CPU in every run, so the latents are the same and only the
@@ -111,20 +112,26 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_the_setting_and_its_errors() -> None:
-    assert vae_precision_setting({}) == "32" and vae_precision_setting({VAE_PRECISION_ENV: ""}) == "32"
+    assert vae_precision_setting({}) == "auto" and vae_precision_setting({VAE_PRECISION_ENV: ""}) == "auto"
     assert vae_precision_setting({VAE_PRECISION_ENV: " BF16 "}) == "bf16"
     assert vae_dtype_from_env("cpu", {VAE_PRECISION_ENV: "16"}) == torch.float16  # float16 on a CPU too, as asked
     assert vae_dtype_from_env("cuda", {VAE_PRECISION_ENV: "bf16"}) == torch.bfloat16
-    assert vae_dtype_from_env("cpu", {}) == torch.float32
+    # auto: Wan2GP's float16 where it is fast (CUDA), float32 where float16 gains nothing (a CPU)
+    assert vae_dtype_from_env("cpu", {}) == vae_dtype_from_env("cpu", {VAE_PRECISION_ENV: "auto"}) == torch.float32
+    assert vae_dtype_from_env("cuda", {}) == torch.float16 and vae_dtype_from_env("cuda:1", {}) == torch.float16
+    assert vae_dtype_from_env("cuda", {VAE_PRECISION_ENV: "32"}) == torch.float32
     assert [vae_element_bytes({VAE_PRECISION_ENV: p}) for p in ("32", "16", "bf16")] == [4, 2, 2]
+    assert [vae_element_bytes({}, device) for device in ("cpu", "cuda")] == [4, 2]
     for bad in ("fp16", "8", "float32", "half"):
-        with pytest.raises(InvalidRequestError, match=rf"WAN_VAE_PRECISION='{bad}': allowed 32 .* 16 .* or bf16"):
+        with pytest.raises(
+            InvalidRequestError, match=rf"WAN_VAE_PRECISION='{bad}': allowed auto .* 32 .* 16 .* or bf16"
+        ):
             vae_precision_setting({VAE_PRECISION_ENV: bad})
 
 
 def test_a_bad_value_fails_the_load_naming_it(tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(VAE_PRECISION_ENV, "fp16")
-    with pytest.raises(InvalidRequestError, match=r"WAN_VAE_PRECISION='fp16': allowed 32"):
+    with pytest.raises(InvalidRequestError, match=r"WAN_VAE_PRECISION='fp16': allowed auto"):
         WanOrchestrator(tiny_models_dir).load_model("tiny_t2v")
 
 
@@ -165,7 +172,7 @@ def test_a_16_bit_vae_stays_16_bit_beside_bf16_transformers(
     assert {p.dtype for p in loaded.pipe.vae.parameters()} == {torch.float16}
 
 
-def test_default_is_float32_and_lossless(
+def test_default_on_a_cpu_is_float32_and_lossless(
     tiny_models_dir: Path, media: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     unset, pipe = _run(tiny_models_dir, "t2v", None, media, tmp_path / "unset.mp4", monkeypatch)
