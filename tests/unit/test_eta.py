@@ -380,13 +380,19 @@ def test_static_flops_reproduce_the_h100_baselines() -> None:
     assert large == pytest.approx(6.52, rel=0.3)
 
 
-def test_static_h200_1_3b_is_within_a_quarter_of_the_measured_stages() -> None:
+def test_static_h200_1_3b_is_within_a_quarter_of_the_measured_stages(monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/BENCHMARKS.md, H200, 1.3B 832x480x81 CFG: 1.054 s per compiled step (1.258 eager), VAE decode
-    3.2 s, MP4 write ~2 s, the 4.1 GB pipeline from disk in a few seconds (1.4-3.5 s)."""
+    3.2 s in float32 and 1.84-2.54 s in float16 (the CUDA default; runs 3 and 4), MP4 write ~2 s, the 4.1 GB
+    pipeline from disk in a few seconds (1.4-3.5 s)."""
+    monkeypatch.delenv("WAN_VAE_PRECISION", raising=False)
     times = static_times(WAN_1_3B, TaskShape("t2v_1.3B", 832, 480, 81, 20, "gpu"), H200)
     assert times.step_s == pytest.approx(1.054, rel=0.25)
     assert times.step_s / 0.84 == pytest.approx(1.258, rel=0.25)
-    assert times.decode_s == pytest.approx(3.2, rel=0.25)
+    assert 1.84 * 0.9 <= times.decode_s <= 2.54 * 1.1
+    monkeypatch.setenv("WAN_VAE_PRECISION", "32")
+    assert static_times(WAN_1_3B, TaskShape("t2v_1.3B", 832, 480, 81, 20, "gpu"), H200).decode_s == pytest.approx(
+        3.2, rel=0.25
+    )
     assert times.write_s == pytest.approx(2.0, rel=0.25)
     assert 1.4 <= (times.load_s or 0) <= 3.5
 

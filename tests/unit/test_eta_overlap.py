@@ -7,7 +7,9 @@ Learned kinds with round numbers, on a CPU estimator (no compile, no new-shape c
     O  tiny_other, as A, loads in 2 s (a switch)
 
 With the decode overlapped, A holds the loop 5 s (10 less its decode and write); its decode then runs 5-8 s
-and its write 8-10 s on the finisher. A task of mode "vace" needs the VAE (after its 1 s encode); "t2v" does not.
+and its write 8-10 s on the finisher. A task of mode "vace" needs the VAE (after its 1 s encode); "t2v" does not,
+so its steps run beside the pending decode and share the device (worker.live.eta.share_gpu, DECODE_SHARE 0.4):
+both take longer.
 """
 
 from __future__ import annotations
@@ -19,7 +21,16 @@ from typing import Any
 import pytest
 
 from tests.support.db import migrated_engine
-from worker.live.eta import EtaEstimator, PresetShapes, StitchShape, TaskShape, pipeline_needs_vae, row_device
+from worker.live.eta import (
+    DECODE_SHARE,
+    EtaEstimator,
+    PresetShapes,
+    StitchShape,
+    TaskShape,
+    pipeline_needs_vae,
+    row_device,
+    share_gpu,
+)
 from worker.live.eta_static import (
     STITCH_END_S,
     STITCH_FIXED_S,
@@ -116,9 +127,10 @@ def test_a_task_holds_the_worker_for_its_duration_less_its_decode_and_write(repo
 
 def test_a_text_to_video_task_starts_at_the_hand_off(repository: SqlTaskRepository) -> None:
     etas = estimator(repository, SHAPES).queue_etas(0.0, "tiny_t2v", [job("a"), job("c")])
-    # c is claimed at a's hand-off (5 s) and denoises beside a's decode; its own hand-off waits for a's output
-    # (10 s), which is also its own hold end: Complete 5 s later.
-    assert spans(etas) == {"a": (0.0, 10.0), "c": (5.0, 15.0)}
+    # c is claimed at a's hand-off (5 s) and its steps start at 6 s beside the last 2 s of a's decode: they share
+    # the device for 5 s (a's decode at 0.4 of its speed), so a's decode ends at 11 s (Complete 13 s) and c's 4 s
+    # of steps take 6 s. c's hand-off (12 s) waits for a's output (13 s): Complete 5 s later.
+    assert spans(etas) == {"a": (0.0, 13.0), "c": (5.0, 18.0)}
     before = estimator(repository, SHAPES, decode=False).queue_etas(0.0, "tiny_t2v", [job("a"), job("c")])
     assert spans(before) == {"a": (0.0, 10.0), "c": (8.0, 18.0)}  # only the write overlapped
 
@@ -126,9 +138,10 @@ def test_a_text_to_video_task_starts_at_the_hand_off(repository: SqlTaskReposito
 def test_a_task_that_needs_the_vae_waits_for_the_pending_decode(repository: SqlTaskRepository) -> None:
     etas = estimator(repository, SHAPES).queue_etas(0.0, "tiny_t2v", [job("a"), job("v", "vace"), job("c")])
     # v is claimed at 5 s and encodes its prompt (1 s) beside a's decode, which ends at 8 s: its pipeline call
-    # waits 2 s for the VAE, so it hands off at 5 + 1 + 2 + 4 = 12 s and is Complete at 17 s. c follows at 12 s
-    # and hands off at 17 s (its own hold end, and v's output done).
-    assert spans(etas) == {"a": (0.0, 10.0), "v": (5.0, 17.0), "c": (12.0, 22.0)}
+    # waits 2 s for the VAE (nothing shares the device), so it hands off at 5 + 1 + 2 + 4 = 12 s. c follows at
+    # 12 s; its steps (from 13 s) share the device with the last 2 s of v's decode, which so ends at 18 s (v
+    # Complete at 20 s), and take 2 s longer: c hands off at 20 s (v's output done), Complete at 25 s.
+    assert spans(etas) == {"a": (0.0, 10.0), "v": (5.0, 20.0), "c": (12.0, 25.0)}
 
 
 def test_a_switch_waits_for_the_pending_decode_from_its_start(repository: SqlTaskRepository) -> None:
@@ -140,9 +153,10 @@ def test_a_switch_waits_for_the_pending_decode_from_its_start(repository: SqlTas
 
 def test_one_output_is_finished_at_a_time(repository: SqlTaskRepository) -> None:
     etas = estimator(repository, SHAPES).queue_etas(0.0, "tiny_t2v", [job("a"), job("b"), job("c")])
-    # b holds the loop 1 s (5-6 s), but its hand-off waits for a's decode and write (until 10 s): the loop is
-    # free again at 10 s, b's decode and write (1.5 s) follow a's. c is claimed at 10 s.
-    assert spans(etas) == {"a": (0.0, 10.0), "b": (5.0, 11.5), "c": (10.0, 20.0)}
+    # b holds the loop 1 s (5-6 s; its 0.5 s step beside a's decode takes 0.83 s and slows that decode by 0.5 s),
+    # but its hand-off waits for a's decode and write (until 10.5 s): the loop is free again at 10.5 s, b's decode
+    # and write (1.5 s) follow a's. c is claimed at 10.5 s (b's decode is over before c's steps start).
+    assert spans(etas) == {"a": (0.0, 10.5), "b": (5.0, 12.0), "c": (10.5, 20.5)}
 
 
 def test_a_queued_dependant_has_the_loop_finish_the_output_first(repository: SqlTaskRepository) -> None:
@@ -150,13 +164,15 @@ def test_a_queued_dependant_has_the_loop_finish_the_output_first(repository: Sql
     after_a = Task("c", "t2v", '{"model": "tiny_t2v"}', TaskStatus.QUEUED, dependant_on="a")
     eta = estimator(repository, SHAPES)
     assert spans(eta.queue_etas(0.0, "tiny_t2v", [job("a"), after_a])) == {"a": (0.0, 10.0), "c": (10.0, 20.0)}
-    # b is ready at a's hand-off (5 s), but the loop finishes a's output first (10 s) and claims the older c.
+    # b is ready at a's hand-off (5 s), but the loop finishes a's output first (10 s) and claims the older c; b
+    # follows at c's hand-off (15 s), its step beside c's decode (which so ends 0.5 s later: c Complete 20.5 s).
     etas = eta.queue_etas(0.0, "tiny_t2v", [job("a"), after_a, job("b")])
-    assert spans(etas) == {"a": (0.0, 10.0), "c": (10.0, 20.0), "b": (15.0, 21.5)}
+    assert spans(etas) == {"a": (0.0, 10.0), "c": (10.0, 20.5), "b": (15.0, 22.0)}
     eta.begin(job("a"), "tiny_t2v")
     left = eta.remaining("a", {"stage": "denoising", "step": 0, "total_steps": 4})
     assert spans(eta.queue_etas(left, "tiny_t2v", [after_a])) == {"c": (9.0, 19.0)}  # not at a's hand-off (4 s)
-    assert spans(eta.queue_etas(left, "tiny_t2v", [job("c")])) == {"c": (4.0, 14.0)}
+    # At a's hand-off (4 s), beside a's decode as in the first test: Complete 13 s later.
+    assert spans(eta.queue_etas(left, "tiny_t2v", [job("c")])) == {"c": (4.0, 17.0)}
 
 
 def test_the_running_task_holds_the_worker_until_its_hand_off(repository: SqlTaskRepository) -> None:
@@ -165,13 +181,14 @@ def test_the_running_task_holds_the_worker_until_its_hand_off(repository: SqlTas
     eta.begin(job("a"), "tiny_t2v")
     left = eta.remaining("a", {"stage": "denoising", "step": 0, "total_steps": 4})
     assert left == pytest.approx(9.0)  # 4 steps, decode 3, write 2
-    assert spans(eta.queue_etas(left, "tiny_t2v", [job("c")])) == {"c": (4.0, 14.0)}
+    assert spans(eta.queue_etas(left, "tiny_t2v", [job("c")])) == {"c": (4.0, 17.0)}  # beside a's decode
     clock.now += 4.0
     left = eta.remaining("a", {"stage": "decoding", "step": 0, "total_steps": 1})
     assert left == pytest.approx(5.0)
-    # At "decoding" the loop is free (the finisher decodes): a VAE-free task starts now; its hand-off waits
-    # for a's output (5 s). A VACE task waits for the decode (3 s) after its 1 s encode: hand-off at 7 s.
-    assert spans(eta.queue_etas(left, "tiny_t2v", [job("c")])) == {"c": (0.0, 10.0)}
+    # At "decoding" the loop is free (the finisher decodes): a VAE-free task starts now, its steps (from 1 s)
+    # beside a's decode (2 s of it left): that decode ends at 6 s, c's steps 2 s later; its hand-off (7 s) waits for
+    # a's output (8 s). A VACE task waits for the decode (3 s) after its 1 s encode: hand-off at 7 s.
+    assert spans(eta.queue_etas(left, "tiny_t2v", [job("c")])) == {"c": (0.0, 13.0)}
     assert spans(eta.queue_etas(left, "tiny_t2v", [job("v", "vace")])) == {"v": (0.0, 12.0)}
     # Without the overlap the decode is on the loop: the next task starts after it.
     loop = estimator(repository, SHAPES, decode=False, clock=clock)
@@ -198,7 +215,55 @@ def test_a_kind_whose_decode_found_no_room_decodes_on_the_loop(repository: SqlTa
     assert spans(eta.queue_etas(left, "tiny_t2v", [job("c")])) == {"c": (3.0, 13.0)}  # on the loop: 3 s more
     eta.finish("a")
     ran(overlapped=True)
-    assert spans(eta.queue_etas(0.0, "tiny_t2v", [job("a"), job("c")])) == {"a": (0.0, 10.0), "c": (5.0, 15.0)}
+    assert spans(eta.queue_etas(0.0, "tiny_t2v", [job("a"), job("c")])) == {"a": (0.0, 13.0), "c": (5.0, 18.0)}
+
+
+def test_a_decode_beside_steps_shares_the_device_as_the_h200_measured() -> None:
+    """bench/results/h200_worker_queue_run3.json / run4: an 81-frame decode takes 2.15-2.54 s alone and 5.9-6.25 s
+    beside a 49-frame task's 10 s of steps, which take ~2 s longer meanwhile; the work is about conserved."""
+    decode_s, longer = share_gpu(2.26, 10.0)
+    assert decode_s == pytest.approx(2.26 / DECODE_SHARE)  # the steps outlast it: 5.65 s
+    assert 5.5 < decode_s < 6.3 and longer == pytest.approx(2.26)
+    # Steps shorter than the shared stretch (a 1-frame task's 1.6 s): the decode ends alone after them.
+    decode_s, longer = share_gpu(1.37, 1.6)
+    assert longer == pytest.approx(DECODE_SHARE * 1.6 / (1 - DECODE_SHARE))  # 1.07 s (run 3's w04: ~1.0 s)
+    assert decode_s == pytest.approx(1.37 + 1.6)  # the device busy with both works, the decode last
+    assert share_gpu(0.0, 5.0) == (0.0, 0.0) and share_gpu(2.0, 0.0) == (2.0, 0.0)
+
+
+def test_a_decode_is_learned_as_it_runs_alone(repository: SqlTaskRepository) -> None:
+    """A decode on the finisher while the next task's steps ran (their reports seen) is learned as the decode
+    alone: its seconds less (1 - DECODE_SHARE) of the time shared. One with nothing beside it, as it ran."""
+    clock = Clock()
+    eta = estimator(repository, SHAPES, clock=clock)
+
+    def done(task_id: str, decode: float) -> None:
+        timings = {"step_times": [1.0] * 4, "encode": 1.0, "decode": decode, "write": 2.0}
+        extra = {"decode_overlap": {"overlapped": True}, "transformer_calls_per_step": [2] * 4}
+        result = {"model": "tiny_t2v", "resolution": "64x48", "frames": 9, "memory_profile": "cpu"}
+        eta.record(job(task_id), {**result, "guidance_scale": 5.0, "timings": timings, "extra": extra})
+
+    def decode_row() -> float:
+        row = next(r for r in repository.eta_stats() if (r["resolution"], r["frames"]) == ("64x48", 9))
+        return float(row["decode_s"])
+
+    eta.begin(job("a-first"), "tiny_t2v")  # the kind ran in this process before: a and c are warm samples
+    eta.finish("a-first")
+    eta.begin(job("a"), "tiny_t2v")
+    eta.remaining("a", {"stage": "denoising", "step": 0, "total_steps": 4})
+    clock.now += 5.0
+    eta.remaining("a", {"stage": "decoding", "step": 0, "total_steps": 1})  # the hand-off: decoded from here
+    eta.begin(job("c"), "tiny_t2v")
+    clock.now += 0.5
+    eta.remaining("c", {"stage": "denoising", "step": 0, "total_steps": 4})  # beside a's decode from 0.5 s in
+    clock.now += 7.5
+    done("a", 6.0)  # decoded for 6 s, 5.5 of them beside c's steps: alone 6 - 0.6 x 5.5 = 2.7 s
+    assert decode_row() == pytest.approx(3.0 + 0.5 * (6.0 - (1 - DECODE_SHARE) * 5.5 - 3.0))  # weight 0.5
+    eta.remaining("c", {"stage": "decoding", "step": 0, "total_steps": 1})
+    clock.now += 5.0
+    before = decode_row()
+    done("c", 3.0)  # nothing ran beside it
+    assert decode_row() == pytest.approx(before + 0.5 * (3.0 - before))
 
 
 # ---- a running task behind the finisher -------------------------------------------------------------------
@@ -207,11 +272,14 @@ def test_a_kind_whose_decode_found_no_room_decodes_on_the_loop(repository: SqlTa
 @pytest.mark.parametrize(
     ("second", "mode", "expected", "later"),
     [
-        # B (1 step): its own stages take 1.0 s before its decode and write (1.5 s), which wait for a's 5 s;
-        # 3 s on, at its first step, 0.5 s before its decode and write, a's write has 2 s left.
-        ("b", "t2v", 5.0 + 1.5, 2.0 + 1.5),
-        # Ten steps of B: 5.5 s before its decode, after a's output is done: nothing to wait for.
-        ("b10", "t2v", 0.5 + 5.0 + 1.0 + 0.5, 5.0 + 1.5),
+        # B (1 step): its own stages take 1.0 s before its decode and write (1.5 s), which wait for a's 5 s, and
+        # 0.5 s more: its step beside a's decode (from 0.5 s, 2.5 s of it left) slows that decode so much (and
+        # takes 0.33 s longer itself). 3 s on, at its first step, 0.5 s before its decode and write, a's write
+        # has 2 s left.
+        ("b", "t2v", 5.0 + 0.5 + 1.5, 2.0 + 1.5),
+        # Ten steps of B (5 s) from 0.5 s: beside a's decode (2.5 s of it left) for 6.25 s, which so ends at
+        # 6.75 s (a's output at 8.75 s) and slows the steps by 2.5 s; its decode and write after a's output.
+        ("b10", "t2v", 8.75 + 1.0 + 0.5, 5.0 + 1.5),
         # The same needing the VAE: its encode (0.5 s) runs beside a's decode (3 s), then it waits 2.5 s.
         ("b10", "vace", 3.0 + 5.0 + 1.0 + 0.5, 5.0 + 1.5),
     ],
@@ -236,8 +304,11 @@ def test_a_running_task_waits_for_the_output_in_hand_and_the_vae(
     ("second", "mode", "expected"),
     [
         ("v", "vace", 1.0 + 2.0 + 4.0 + 5.0),  # its encode beside a's decode, 2 s for the VAE, steps, its own
-        ("b", "t2v", 5.0 + 1.5),  # its 1 s hold, then its hand-off waits for a's output (5 s)
-        ("c", "t2v", 10.0),  # long enough to wait for nothing
+        # Its hold (its step beside a's decode: 0.33 s longer), then its hand-off waits for a's output, 0.5 s
+        # later than alone (5.5 s).
+        ("b", "t2v", 5.5 + 1.5),
+        # Its steps from 1 s beside a's decode (2 s left): 2 s longer (hand-off 7 s), a's output 3 s later (8 s).
+        ("c", "t2v", 8.0 + 5.0),
     ],
 )
 def test_a_task_claimed_beside_a_pending_decode_is_estimated_with_its_waits(

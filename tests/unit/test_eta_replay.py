@@ -13,10 +13,13 @@ from the H200 / H100 measurements of docs/BENCHMARKS.md and issue 15 (not from t
   step, the guide video encoded in step 1 (+0.6 s); the stitch as in the H200 queue run 2 (its first frame out
   0.15 s after the claim, 6.24 ms a frame at 832x480, Complete 0.11 s after the last);
 - loads from disk at 2.4 GB/s (+3.7 s attention probe at the process's first load, +3.0 s for the 14B
-  head layout), parking the resident model in pinned host RAM at 2.5 GB/s the first time and ~50 GB/s
-  after, restoring a parked model at ~45 GB/s; LoRA file 0.35 s, fused in step 1 (+0.10 s);
+  head layout), parking the resident model in pinned host RAM at ~37 GB/s (the engine pins its slab in the
+  background after each load, wan_engine.model_cache `reserve`: 3.9 GB in 0.11 s, 5.3 GB in 0.13-0.14 s in
+  bench/results/h200_worker_queue_run3.json), restoring a parked model at ~45 GB/s, each recorded in
+  result_data `model_transfers`; LoRA file 0.35 s, fused in step 1 (+0.10 s);
 - the worker writes a task's video on its finisher thread while the next task runs (issue 15), so a
-  dependant (the next travel segment) waits for that write.
+  dependant (the next travel segment) waits for that write; with the decode there too, the next task's steps
+  share the GPU with it at the rates bench/results/h200_vae_overlap_run1.json measured (`shared_step`).
 
 The queue: a first task (load + compile), the same again, a LoRA task, the same without, a 1-frame task,
 a new shape, a 14B task (a switch) and, submitted while it runs, a 1.3B task (back), then a travel
@@ -83,13 +86,32 @@ COMPILED_STEP = {  # (model, frames, width) -> seconds per compiled CFG step
 }
 EAGER = 1.0 / 0.84
 FIRST_COMPILE_S, LATER_COMPILE_S, NEW_SHAPE_S = 10.7, 4.0, 0.11
-DISK_BPS, PIN_BPS, REPARK_BPS, RESTORE_BPS = 2.4e9, 2.5e9, 50e9, 45e9
+DISK_BPS, PARK_BPS, RESTORE_BPS = 2.4e9, 37e9, 45e9
 PROBE_S = {"t2v_1.3B": 3.7, "t2v": 3.0}  # per new head layout (vace_1.3B shares the 1.3B one)
 LORA_FILE_S, LORA_FUSE_S = 0.35, 0.10
 ENCODE_S, INPUTS_S, CLAIM_S, COMPLETE_S = 0.25, 0.01, 0.02, 0.03
 VACE_GUIDE_S = 0.6
 ORCHESTRATOR_RUN_S = 0.15
 STITCH_START_S, STITCH_FRAME_S, STITCH_END_S = 0.15, 0.761 / 122, 0.11  # bench/results/h200_worker_queue_run2.json
+# A decode beside steps (bench/results/h200_vae_overlap_run1.json, two CUDA streams): the 832x480x81 decode, 2.78 s
+# alone, ends after 6.28 s beside 5 steps (6.07 s alone) that end at 8.71 s: 2.43 s of their work after the decode.
+DECODE_RATE, STEPS_RATE = 2.78 / 6.28, (6.07 - (8.71 - 6.28)) / 6.28
+
+
+def prep_s(timings: dict[str, Any]) -> float:
+    return float(timings["inputs"] + timings["loras"])
+
+
+def shared_step(now: float, seconds: float, decode_free: float) -> tuple[float, float]:
+    """A denoising step of `seconds` alone, started at `now` while a decode on the finisher has `decode_free - now`
+    seconds of its own work left: (how long the step takes, when the decode would end alone from then on). While
+    both run, the decode runs at DECODE_RATE of its speed and the steps at STEPS_RATE of theirs."""
+    pending = decode_free - now
+    shared = seconds / STEPS_RATE
+    if DECODE_RATE * shared < pending:  # the decode outlasts the step
+        return shared, now + shared + pending - DECODE_RATE * shared
+    together = pending / DECODE_RATE  # the decode ends within the step, which then runs alone
+    return together + seconds - STEPS_RATE * together, now + together
 
 
 def decode_s(frames: int) -> float:
@@ -107,21 +129,23 @@ class World:
     tracker: CompileTracker = field(default_factory=lambda: CompileTracker(dynamic="mark", disk_cache=False))
     resident: str | None = None
     loaded: set[str] = field(default_factory=set)
-    parked: set[str] = field(default_factory=set)
     probed: set[str] = field(default_factory=set)
     compiled_layouts: int = 0
     shapes: set[tuple[str, int]] = field(default_factory=set)
     jitter: random.Random = field(default_factory=lambda: random.Random(15))
 
-    def load(self, model: str) -> float | None:
+    def load(self, model: str) -> tuple[float, list[dict[str, Any]]] | None:
+        """(seconds, model_transfers) of making `model` resident; None when it is already."""
         if self.resident == model:
             return None
-        seconds = 0.0
+        seconds, transfers = 0.0, []
         if self.resident is not None:
-            bytes_out = SIZES[self.resident].weight_bytes
-            seconds += bytes_out / (REPARK_BPS if self.resident in self.parked else PIN_BPS)
-            self.parked.add(self.resident)
+            park = SIZES[self.resident].weight_bytes / PARK_BPS
+            transfers.append({"key": self.resident, "direction": "park", "seconds": round(park, 3)})
+            seconds += park
         weights = SIZES[model].weight_bytes
+        if model in self.loaded:
+            transfers.append({"key": model, "direction": "restore", "seconds": round(weights / RESTORE_BPS, 3)})
         seconds += weights / (RESTORE_BPS if model in self.loaded else DISK_BPS)
         probe = PROBE_S.get(model, 0.0)
         if probe and model not in self.probed:
@@ -129,7 +153,7 @@ class World:
             self.probed.add(model)
         self.loaded.add(model)
         self.resident = model
-        return seconds
+        return seconds, transfers
 
     def noisy(self, seconds: float) -> float:
         return seconds * self.jitter.uniform(0.995, 1.005)
@@ -140,7 +164,8 @@ def generation(world: World, params: dict[str, Any], vace: bool = False) -> tupl
     model = params["model"]
     width, height = (int(x) for x in params["resolution"].split("x"))
     frames, steps = params["frames"], params["num_inference_steps"]
-    load = world.load(model)
+    loaded = world.load(model)
+    load, transfers = loaded if loaded is not None else (None, [])
     tokens = (1 + (frames - 1) // 4) * (height // 16) * (width // 16)
     loras = params.get("lora_names") or []
     layout = LAYOUTS[model]
@@ -159,7 +184,6 @@ def generation(world: World, params: dict[str, Any], vace: bool = False) -> tupl
     world.tracker.ran(decision)
     world.shapes.add((model, tokens))
     step_times = [world.noisy(first)] + [world.noisy(step) for _ in range(steps - 1)]
-    prep = INPUTS_S + LORA_FILE_S * len(loras)
     timings = {
         "inputs": INPUTS_S,
         "loras": LORA_FILE_S * len(loras),
@@ -169,7 +193,7 @@ def generation(world: World, params: dict[str, Any], vace: bool = False) -> tupl
         "write": world.noisy(write_s(frames)),
         "step_times": step_times,
     }
-    timings["total"] = prep + sum(timings[k] for k in ("encode", "denoise", "decode", "write"))
+    timings["total"] = prep_s(timings) + sum(timings[k] for k in ("encode", "denoise", "decode", "write"))
     brief = {"dynamic": "mark", "cache_dir": None, **decision.to_dict()}
     result = {
         "model": model,
@@ -180,6 +204,7 @@ def generation(world: World, params: dict[str, Any], vace: bool = False) -> tupl
         "timings": timings,
         "model_loaded": load is not None,
         "load_seconds": round(load or 0.0, 3),
+        "model_transfers": transfers,
         "loras": [{"name": name} for name in loras],
         "extra": {
             "transformer_calls_per_step": [2] * steps,
@@ -271,6 +296,22 @@ def script_queue(decode_overlap: bool = False) -> tuple[list[Event], dict[str, R
     def progress(ts: float, row: Row, stage: str, step: int = 0, total: int = 0) -> None:
         emit(ts, "progress", row, {"stage": stage, "step": step, "total_steps": total})
 
+    tail: list[tuple[Row, dict[str, Any], float]] = []  # the output on the finisher: its decode may share the GPU
+
+    def finish_tail() -> None:
+        """The handed-off output's decode is over (at `vae_free`, as long as it really took): its write, Complete."""
+        nonlocal writer_free
+        if not tail:
+            return
+        row, result, hand_off = tail.pop()
+        timings = result["timings"]
+        timings["decode"] = vae_free - hand_off
+        timings["total"] = prep_s(timings) + sum(timings[k] for k in ("encode", "denoise", "decode", "write"))
+        progress(vae_free, row, "writing_video", 0, 1)
+        done = vae_free + timings["write"] + COMPLETE_S
+        emit(done, "record", row, result)
+        complete[row.task.id], writer_free = done, done
+
     while True:
         ready = []
         for task_id in order:
@@ -282,6 +323,7 @@ def script_queue(decode_overlap: bool = False) -> tuple[list[Event], dict[str, R
             if waiting is None or complete.get(waiting, float("inf")) <= now:
                 ready.append(row.task)
         if not ready:
+            finish_tail()
             future = [t for t in complete.values() if t > now] + [r.created for r in rows.values() if r.created > now]
             if not future:
                 break
@@ -350,6 +392,8 @@ def script_queue(decode_overlap: bool = False) -> tuple[list[Event], dict[str, R
         segment = task.task_type == "travel_segment"
         load, result = generation(world, params, vace=segment)
         timings = result["timings"]
+        if load is not None or segment:
+            finish_tail()  # it waits for the pending decode: that decode runs alone
         if load is not None:
             progress(now + 0.01, row, "loading_model")
             now = max(now, vae_free) + load  # parking the resident model waits for its decode
@@ -361,8 +405,13 @@ def script_queue(decode_overlap: bool = False) -> tuple[list[Event], dict[str, R
         steps = timings["step_times"]
         progress(now, row, "denoising", 0, len(steps))
         for index, seconds in enumerate(steps):
-            now += seconds
+            if tail and vae_free > now:  # the previous task's decode still runs on the finisher: they share the GPU
+                steps[index], vae_free = shared_step(now, seconds, vae_free)
+            now += steps[index]
             progress(now, row, "denoising", index + 1, len(steps))
+        timings["denoise"] = sum(steps)
+        timings["total"] = prep_s(timings) + sum(timings[k] for k in ("encode", "denoise", "decode", "write"))
+        finish_tail()
         if segment:  # written on the loop: the next segment's guide is its output
             progress(now, row, "decoding", 0, 1)
             now += timings["decode"]
@@ -375,15 +424,19 @@ def script_queue(decode_overlap: bool = False) -> tuple[list[Event], dict[str, R
             progress(now, row, "decoding", 0, 1)
             now += timings["decode"]
         hand_off = max(now, writer_free)  # one output pending at most: the hand-off waits for the last
-        if decode_overlap:
+        if decode_overlap:  # decoded (then written) on the finisher, perhaps beside the next task's steps
             progress(hand_off, row, "decoding", 0, 1)
             vae_free = hand_off + timings["decode"]
-        write_start = vae_free if decode_overlap else hand_off
-        progress(write_start, row, "writing_video", 0, 1)
-        done = write_start + timings["write"] + COMPLETE_S
+            result["extra"]["decode_overlap"] = {"overlapped": True}  # as wan_engine.decode_overlap records it
+            tail.append((row, result, hand_off))
+            now = hand_off + CLAIM_S
+            continue
+        progress(hand_off, row, "writing_video", 0, 1)
+        done = hand_off + timings["write"] + COMPLETE_S
         emit(done, "record", row, result)
         complete[task.id], writer_free = done, done
         now = hand_off + CLAIM_S
+    finish_tail()
     return sorted(events), rows
 
 

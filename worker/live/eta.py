@@ -4,7 +4,8 @@ A task's time is the sum of stages, each learned apart from the others, so a one
 charged to a stage that repeats:
 
 - **load / switch** (per model): the first load in this process (from disk) and a reload (from the
-  host-RAM cache), from result_data `model_loaded` / `load_seconds`;
+  host-RAM cache), from result_data `model_loaded` / `load_seconds`, less the parks of the model it replaced
+  (result_data `model_transfers`), which are learned as that model's **park**;
 - **compile** (per model): the first step's extra on a task whose speed brief (result_data
   `extra.speed.compile`) says it compiled code not there before; **new shape** (per model): the first
   step's extra at a token count this process had not run yet (dynamic-shape recompile, autotuning);
@@ -12,7 +13,8 @@ charged to a stage that repeats:
   step times, per transformer forward (a CFG step is two), as a compiled step (an eager one is scaled by
   the compile saving), so CFG and no-CFG tasks of a shape share one row, and a compile in step 1 never
   counts;
-- **encode, decode, write** (per kind), **LoRAs** (per model: loading, and the fuse in step 1).
+- **encode, decode, write** (per kind), **LoRAs** (per model: loading, and the fuse in step 1). A decode that
+  ran on the finisher beside the next task's steps is learned as it runs alone (see below).
 
 A shape never seen on a known model is predicted from that model's nearest learned shape, scaled by
 the ratio of their FLOP counts (worker.live.eta_static) or, without one, of their tokens; decode scales
@@ -21,8 +23,10 @@ with latent frames x pixels, write with frames x pixels. Before any history the 
 The estimator mirrors this process: which models it has loaded, which block layouts are compiled, which
 shapes have run. So it knows whether the next task will load or switch a model, compile (its layout is
 not compiled and, under the default policy, its forwards earn the compile back: wan_engine.compile_policy,
-with the policy's own per-layout cost, cached only for a layout compiled here or that the policy costed so,
-and the policy's own saving per forward once a brief of the layout told it) or pay a new shape.
+with the policy's own per-layout cost, cached only for a layout compiled here, that the policy costed so, or
+whose model has a learned (cold) compile on this device: an earlier process compiled it into the on-disk
+compile cache, which the policy's record finds; and the policy's own saving per forward once a brief of the
+layout told it) or pay a new shape (the first step's extra beyond what its kind's first step always takes).
 `queue_etas` walks the queue in the order the worker claims it (priority, age, the resident model
 preferred: worker.loop.scheduling.ModelAffinity), counting each task's loads and compiles; a travel
 orchestrator counts its segments (planned from its params, as the orchestrator plans them) and
@@ -35,9 +39,11 @@ the next; one output is finished at a time, and the hand-off waits for the one b
 `decode_overlaps` (wan_engine.decode_overlap, WAN_OVERLAP_DECODE) the VAE decode moves to the finisher too,
 before the write (unless the kind's last run found no VRAM for it beside the next task's steps); then a task
 whose pipeline call uses the VAE (every mode but text-to-video on a T2V model), or that switches models,
-waits for a pending decode first. Travel segments write on the loop (the next segment's guide is their
-output) and a task with a queued dependant is finished before the next claim (worker.loop.worker:
-`_finish_awaited_output`).
+waits for a pending decode first, and any other task's steps share the GPU with it (`share_gpu`: the decode at
+DECODE_SHARE of its speed, the steps at the rest, so the decode ends later and the steps take about the
+decode's own time longer); with nothing beside it a decode takes its own time. Travel segments write on the
+loop (the next segment's guide is their output) and a task with a queued dependant is finished before the
+next claim (worker.loop.worker: `_finish_awaited_output`).
 
 Learned rows live in `eta_stats` (one table, no extra columns): a kind's row under its key, with
 `step_s` per forward; a model's row under resolution "*", frames 0 (columns as in `MODEL_COLUMNS`); the
@@ -72,7 +78,9 @@ STATIC_PRIOR_STEPS = 1.0  # a static one is a guess: the task's own steps take o
 MODEL_ROW = ("*", 0)  # (resolution, frames) of a model's own row
 # Rows are keyed by device name plus this format tag: rows an older wan-worker wrote (step time per step,
 # not per forward, and no model rows) are then ignored and re-learned instead of skewing CFG tasks 2x.
-ROW_FORMAT = "eta2"
+# eta3: a load is learned without the parks in it (`park_s`), a decode as it runs alone (not beside the next
+# task's steps): an eta2 row's figures would be counted twice.
+ROW_FORMAT = "eta3"
 ANY_PROFILE = "*"
 STITCH_MODEL = "travel_stitch"
 # A model's row in eta_stats: which column holds what (the table has no columns of its own for these).
@@ -83,6 +91,7 @@ MODEL_COLUMNS = {
     "new_shape_s": "step_s",  # first step's extra at a token count the process had not run
     "lora_load_s": "encode_s",  # loading one LoRA (before the prompt is encoded)
     "lora_step_s": "decode_s",  # a LoRA task's first-step extra (fusing the LoRAs into the weights)
+    "park_s": "write_s",  # moving it into the host-RAM cache when another model is loaded (model_transfers)
 }
 TRAVEL_DEFAULT_MODEL = "vace_14B_cocktail_2_2"  # worker.tasks.travel.DEFAULT_TRAVEL_MODEL (a higher layer)
 TRAVEL_DEFAULT_OVERLAP = 8  # frame_overlap's default (worker.tasks.travel.TravelOrchestratorParams)
@@ -92,12 +101,21 @@ STATIC_NEW_SHAPE_S = 0.4  # a new token count with the dimension dynamic
 STATIC_PROBE_S = 3.7  # the attention-kernel probe, once per process at the first load ("Why ours is faster")
 STATIC_LORA_LOAD_S = 0.3  # per LoRA file
 # A reload guessed as this share of a first load until one is measured: from the pinned host-RAM cache on a
-# GPU machine (on by default there: ~45 GB/s against ~2 GB/s from disk), from disk again on a CPU one.
-RELOAD_SHARE = {"gpu": 0.1, "cpu": 1.0}
-# Parking the resident model before a load, as a share of its load: pinning new host memory (1.9 s for 1.3B,
-# 10.5 s for 14B), then ~0.1 / 0.6 s into the pinned memory it left (docs/BENCHMARKS.md "Switching").
-PARK_SHARE = 0.5
-PARK_AGAIN_SHARE = 0.03
+# GPU machine (on by default there: ~45 GB/s against ~2.4 GB/s from disk), from disk again on a CPU one. A
+# first load can also hold a process's one-time costs (imports, the compiler stack: t2v_1.3B's 10-12 s first
+# loads in bench/results/h200_worker_queue_run3.json read 1.3 s of weights; its restore took 0.09 s).
+RELOAD_SHARE = {"gpu": 0.05, "cpu": 1.0}
+# Parking the resident model before a load, as a share of its first load until a park of it is measured
+# (result_data `model_transfers`). The engine reserves the pinned host slab in the background after each load
+# (wan_engine.model_cache `reserve`), so a park is a copy into pinned memory: 0.11 / 0.13-0.14 s for the 1.3B
+# models' 3.9 / 5.3 GB on the H200 (queue runs 3 and 4) against first loads of 1.5-2.4 s from disk.
+PARK_SHARE = 0.03
+# A decode on the finisher beside the next task's denoising shares the GPU, the total work about conserved:
+# the decode runs at this share of its own speed, the steps at the rest. H200 (VAE float16): an 81-frame decode
+# takes 2.15-2.54 s alone and 5.9-6.25 s beside a 49-frame task's steps (0.37; queue runs 3 and 4), whose steps
+# take ~0.74 s instead of 0.50 meanwhile (0.67); bench/results/h200_vae_overlap_run1.json, two streams: decode
+# 2.78 s alone, 6.28 s beside 5 steps (0.44), the steps 6.07 s alone, 8.71 s beside it (0.58 while shared).
+DECODE_SHARE = 0.4
 ORCHESTRATOR_S = 0.2  # an orchestrator's own runs (plan and insert its children; wake and complete)
 ATTENTION_TOKENS = 20_000.0  # without FLOPs: work per forward ~ tokens x (1 + tokens / this)
 MAX_RUNNING = 4  # tasks remembered as running (a lost lease sends no event: the oldest are dropped)
@@ -216,6 +234,8 @@ class _Cost(NamedTuple):
     decode: float = 0.0  # the first part of `finish`: the VAE decode, when it overlaps
     needs_vae_at: float | None = None  # into its hold, where it needs the VAE (waits for a pending decode)
     handed_off: bool = False  # `finish` runs on the finisher (the hand-off waits for the output in hand)
+    denoise_at: float = 0.0  # into its hold, where its steps start (its load, LoRAs, encode and compile done)
+    denoise: float = 0.0  # its steps' seconds alone on the GPU (a pending decode beside them shares it)
 
 
 class _Start(NamedTuple):
@@ -269,14 +289,17 @@ def sample_from_result(result: dict[str, Any], wall_s: float | None = None) -> d
     `step_s` is the median step per transformer forward as a compiled one; `first_step_extra_s` the first
     step beyond that median, which is a compile (`compile_s`) when the speed brief says the task compiled
     code that was not there, a LoRA fuse (`lora_step_s`) on a LoRA task, else warm-up. `cold`: the model was
-    loaded for this task (`load_s`)."""
-    from wan_engine.compile_policy import COMPILED_SAVING
+    loaded for this task (`load_s`: its own load, less the parks of other models in it, which are `parks`:
+    (model, seconds) from result_data `model_transfers`)."""
+    from wan_engine.compile_policy import CACHED_COMPILE_S, COMPILED_SAVING
 
     timings = result.get("timings") or {}
     steps = [float(s) for s in timings.get("step_times") or []]
     median = statistics.median(steps[1:]) if len(steps) > 1 else (steps[0] if steps else None)
     brief = _compile_brief(result)
     compiled_new = bool(brief and brief.get("compiled") and float(brief.get("expected_compile_s") or 0) > 0)
+    # A compile from the on-disk caches (the policy costed it as cached) is not the cold compile `compile_s` is.
+    cold_compile = compiled_new and float((brief or {}).get("expected_compile_s") or 0) > CACHED_COMPILE_S
     eager_on_compiler = brief is not None and not brief.get("compiled")
     forwards = _forwards(result)
     per_forward = None if median is None else median / forwards
@@ -285,10 +308,13 @@ def sample_from_result(result: dict[str, Any], wall_s: float | None = None) -> d
     extra = max(0.0, steps[0] - median) if steps and median is not None and len(steps) > 1 else None
     cold = bool(result.get("model_loaded")) and result.get("load_seconds") is not None
     load_s = float(result["load_seconds"]) if cold else None
+    parks = _parks(result) if cold else []
     loras = len(result.get("loras") or [])
     other = float(timings.get("inputs") or 0.0)
     if wall_s is not None and timings.get("total") is not None:
         other += max(0.0, wall_s - float(timings["total"]) - (load_s or 0.0))
+    if load_s is not None:
+        load_s = max(0.0, load_s - sum(seconds for _model, seconds in parks))
     lora_time = float(timings.get("loras") or 0.0)
     return {
         "step_s": per_forward,
@@ -302,13 +328,34 @@ def sample_from_result(result: dict[str, Any], wall_s: float | None = None) -> d
         "steps": len(steps),
         "cold": cold,
         "compiled_new": compiled_new,
-        "compile_s": extra if compiled_new else None,
+        "compile_s": extra if cold_compile else None,
         "lora_load_s": lora_time / loras if loras else None,
         "lora_step_s": extra if loras and not compiled_new else None,
         "first_extra": extra,
         "forwards": forwards,
         "eager": eager_on_compiler,
+        "parks": parks,
     }
+
+
+def _decode_overlapped(result: dict[str, Any]) -> bool:
+    """Whether the task's decode ran on the output finisher (result_data extra.decode_overlap)."""
+    extra = result.get("extra")
+    overlap = extra.get("decode_overlap") if isinstance(extra, dict) else None
+    return isinstance(overlap, dict) and bool(overlap.get("overlapped"))
+
+
+def _parks(result: dict[str, Any]) -> list[tuple[str, float]]:
+    """The models this task's load parked in the host-RAM cache, with the seconds each took (its slab
+    allocation included): result_data `model_transfers` (wan_engine.model_cache.Transfer)."""
+    parks = []
+    for transfer in result.get("model_transfers") or []:
+        if isinstance(transfer, dict) and transfer.get("direction") == "park" and transfer.get("key"):
+            try:
+                parks.append((str(transfer["key"]), float(transfer.get("seconds") or 0.0)))
+            except (TypeError, ValueError):
+                continue
+    return parks
 
 
 def _average(previous: Any, value: Any, alpha: float) -> Any:
@@ -383,6 +430,7 @@ class _ModelTimes:
     new_shape_s: float | None = None
     lora_load_s: float | None = None
     lora_step_s: float | None = None
+    park_s: float | None = None
 
 
 @dataclass
@@ -552,7 +600,6 @@ class _Process:
     compiles: bool  # the speed path compiles here (a CPU never does; a result without a brief says so)
     resident: str | None = None
     loaded: set[str] = field(default_factory=set)  # models loaded at least once (a later load is a reload)
-    parked: set[str] = field(default_factory=set)  # models switched away from at least once
     layouts: dict[str, str] = field(default_factory=dict)  # model -> block layout (from speed briefs)
     covered: set[str] = field(default_factory=set)  # layouts (or models) whose compiled code covers all shapes
     compiled_shapes: set[tuple[str, int]] = field(default_factory=set)  # (layout, tokens) for dynamic "off"
@@ -573,7 +620,6 @@ class _Process:
         return replace(
             self,
             loaded=set(self.loaded),
-            parked=set(self.parked),
             layouts=dict(self.layouts),
             covered=set(self.covered),
             compiled_shapes=set(self.compiled_shapes),
@@ -587,10 +633,12 @@ class _Process:
     def layout(self, model: str) -> str:
         return self.layouts.get(model, model)
 
-    def expected_compile(self, model: str) -> tuple[float, bool]:
+    def expected_compile(self, model: str, compiled_before: bool = False) -> tuple[float, bool]:
         """(seconds, warm) the compile policy expects a compile of this model's layout to cost: the cached
         figure once the layout compiled in this process, else what the policy's brief said for it, else
-        a cold compile (the policy's rule: warmth per layout, never per cache folder)."""
+        the cached figure when an earlier process on this device compiled it (`compiled_before`: a learned
+        compile; the policy's record of layouts in the on-disk compile cache, on by default, says so to the
+        policy), else a cold compile (the policy's rule: warmth per layout, never per cache folder)."""
         from wan_engine.compile_policy import CACHED_COMPILE_S, cold_compile_estimate
 
         layout = self.layout(model)
@@ -599,6 +647,8 @@ class _Process:
         if layout in self.compile_costs:
             cost = self.compile_costs[layout]
             return cost, cost <= CACHED_COMPILE_S
+        if compiled_before:
+            return CACHED_COMPILE_S, True
         return cold_compile_estimate(), False
 
     def policy_saving(self, model: str, tokens: int, forwards: int) -> float | None:
@@ -672,9 +722,13 @@ class _Running:
     basis: str | None = None
     loaded_before: bool = False  # its model had been loaded in this process before (a load is a reload)
     new_shape: bool = False  # its token count had not run in this process
+    usual_extra: float = 0.0  # the first-step extra its kind pays every time (a VACE guide's encode, warm-up)
     travel_tail_s: float | None = None  # a segment: the later segments and the stitch
     stage: str | None = None
     stage_started: float = 0.0
+    steps_started: float | None = None  # when its first "denoising" report came
+    steps_ended: float | None = None  # when its first report after denoising came
+    decode_started: float | None = None  # when its "decoding" report came
     step_mark: tuple[int, float] | None = None  # (step, time) of the first step >= 1 seen
     observed_step_s: float | None = None
     observed_steps: int = 0  # steady-state steps behind observed_step_s
@@ -728,6 +782,7 @@ class EtaEstimator:
         self.decode_overlaps = decode_overlaps and write_overlaps  # the decode moves only with a deferred write
         self._segments: dict[str, StitchShape] = {}  # travel segments begun here: the stitch's length and size
         self._learned = _Learned()
+        self._read = False  # the rows were read at least once (a queue walk before any claim reads them)
         self._process = _Process(compiles=device != "cpu")
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
@@ -740,7 +795,7 @@ class EtaEstimator:
             return
         learned = _parse_learned(self.store.eta_stats(), self.device)
         with self._lock:
-            self._learned = learned
+            self._learned, self._read = learned, True
 
     def times_for(self, shape: TaskShape) -> StageTimes | None:
         """Stage times of a task of this shape run next, in this process (no load counted)."""
@@ -775,6 +830,18 @@ class EtaEstimator:
         if static is None:
             return None
         return replace(static, step_s=static.step_s / shape.forwards, source="static"), "static"
+
+    def _usual_extra(self, shape: TaskShape, learned: _Learned) -> float:
+        """The first-step extra a task of this shape pays every time (a VACE guide's encode, warm-up): its kind's
+        (learned, or static before any history), else its model's nearest kind that has one, carried over."""
+        base = self._base(shape, learned)
+        if base is not None and base[0].first_step_extra_s > 0:
+            return base[0].first_step_extra_s
+        known = [k for k in learned.by_model.get((shape.model, self.device), []) if k.times.first_step_extra_s > 0]
+        if not known:
+            return 0.0
+        near = min(known, key=lambda k: abs(math.log(max(k.shape.tokens, 1) / max(shape.tokens, 1))))
+        return self._scaled(near, replace(shape, steps=1)).first_step_extra_s
 
     def _scaled(self, near: _Kind, shape: TaskShape) -> StageTimes:
         """A learned kind's times carried over to another shape of the same model.
@@ -831,7 +898,7 @@ class EtaEstimator:
                 saving = process.policy_saving(shape.model, shape.tokens, forwards)
                 if saving is None:
                     saving = forwards * COMPILED_SAVING * per_forward / (1.0 - COMPILED_SAVING)
-                expected, warm = process.expected_compile(shape.model)
+                expected, warm = process.expected_compile(shape.model, model.compile_s is not None)
                 compiled = process.policy == "always" or saving * AMORTIZE_TASKS >= expected
                 if compiled:
                     # A cached compile is the policy's figure; a learned compile is a cold one.
@@ -852,11 +919,11 @@ class EtaEstimator:
                 static_load += STATIC_PROBE_S  # the first load of the process probes the attention kernels
         first_load = _first(model.load_s, learned.legacy_loads.get((shape.model, self.device)), static_load)
         if shape.model in process.loaded and model.reload_s is not None:
-            load = model.reload_s  # measured as a switch: the resident model's parking included
+            load = model.reload_s
         else:
             share = RELOAD_SHARE["cpu" if self.device == "cpu" else "gpu"]
             load = share * first_load if shape.model in process.loaded else first_load
-            load += self._park_guess(process, learned)
+        load += self._park_guess(process, learned)  # loads are learned without the parks in them
         predicted = replace(
             times,
             step_s=per_forward * shape.forwards,
@@ -868,19 +935,19 @@ class EtaEstimator:
         return predicted, basis, compiled
 
     def _park_guess(self, process: _Process, learned: _Learned) -> float:
-        """Seconds to move the resident model into the host-RAM cache before a load (the first time copies
-        it into newly pinned memory; later, into the pinned memory it left)."""
+        """Seconds to move the resident model into the host-RAM cache before a load: its parks as measured
+        (result_data `model_transfers`), else a share of its first load (a copy into the pinned slab the engine
+        reserved after that load)."""
         resident = process.resident
         if resident is None or self.device == "cpu":  # no host-RAM cache by default without a GPU
             return 0.0
         model = learned.models.get((resident, self.device)) or _ModelTimes()
+        if model.park_s is not None:
+            return model.park_s
         static = None if model.load_s is not None else self._static(TaskShape(resident, 832, 480, 81, 1, "gpu"))
-        load = _first(model.load_s, static.load_s if static else None)
-        return (PARK_AGAIN_SHARE if resident in process.parked else PARK_SHARE) * load
+        return PARK_SHARE * _first(model.load_s, static.load_s if static else None)
 
     def _after(self, process: _Process, shape: TaskShape, compiled: bool) -> None:
-        if process.resident is not None and process.resident != shape.model:
-            process.parked.add(process.resident)
         process.resident = shape.model
         process.loaded.add(shape.model)
         process.ran(shape.model, shape.tokens, compiled)
@@ -930,7 +997,11 @@ class EtaEstimator:
             return _Cost(duration, duration, needs_vae_at=needs_vae_at)
         decode = times.decode_s if self._decode_moves(process, shape) else 0.0
         finish = times.write_s + decode
-        return _Cost(duration - finish, duration, finish, decode, needs_vae_at, handed_off=True)
+        # Its steps start after its load, LoRA files, encode and compile (the GPU idles through a compile).
+        load = (times.load_s or 0.0) if switches else 0.0
+        denoise_at = load + times.prep_s + times.encode_s + times.compile_s
+        denoise = times.first_step_extra_s + shape.steps * times.step_s
+        return _Cost(duration - finish, duration, finish, decode, needs_vae_at, True, denoise_at, denoise)
 
     def _decode_moves(self, process: _Process, shape: TaskShape) -> bool:
         """Whether this task's decode runs on the finisher (the kind's last run found the VRAM for it)."""
@@ -988,8 +1059,7 @@ class EtaEstimator:
             if shape is not None:
                 run.loaded_before = shape.model in self._process.loaded
                 run.new_shape = (shape.model, shape.tokens) not in self._process.shapes
-                if with_load and self._process.resident not in (None, shape.model):
-                    self._process.parked.add(str(self._process.resident))
+                run.usual_extra = self._usual_extra(shape, learned) if run.new_shape else 0.0
                 self._process.loaded.add(shape.model)
                 self._process.resident = shape.model
                 self._process.shapes.add((shape.model, shape.tokens))
@@ -1062,11 +1132,26 @@ class EtaEstimator:
     def _behind_others(self, run: _Running, left: float, now: float) -> float:
         """A running task's remaining behind the outputs still being finished (every task begun before it
         has handed off: what it has left is finisher work): a decode it waits for (the VAE, or a switch's
-        park), and, when it hands off too, the output in hand. Under the lock."""
+        park), its steps beside a decode it does not wait for (both slower: `share_gpu`), and, when it hands off
+        too, the output in hand. Under the lock."""
         assert run.times is not None and run.shape is not None
         times, others = run.times, [other for other in self._running.values() if other is not run]
         if not others:
             return left
+        later = 0.0  # how much later the output in hand is done, its decode slowed by this task's steps
+        waits = run.needs_vae or (run.with_load and run.stage == "loading_model")
+        if self.decode_overlaps and not waits and run.stage in ("loading_model", "encoding_prompt", "denoising"):
+            after = times.decode_s + times.write_s  # its own stages after the steps
+            if run.stage == "denoising":
+                before, steps = 0.0, max(0.0, left - after)
+            else:
+                steps = times.first_step_extra_s + run.shape.steps * times.step_s
+                before = max(0.0, left - steps - after)  # its encode, LoRA files, then a compile (GPU idle)
+            pending = max(self._decode_left(other, now) for other in others) - before
+            if pending > 0:
+                decode_s, longer = share_gpu(pending, steps)
+                left += longer
+                later = decode_s - pending
         if self.decode_overlaps and run.stage in ("loading_model", "encoding_prompt"):
             # A switch's park, or a pipeline call that uses the VAE, waits for a decode still on the finisher.
             before = None  # seconds left before that point
@@ -1081,7 +1166,7 @@ class EtaEstimator:
         if run.defers and run.stage not in finishing:
             # One output is finished at a time: this task's (decode and) write start after the one in hand.
             own = times.write_s + (times.decode_s if run.decode_overlaps else 0.0)
-            busy = max(self._finish_left(other, now) for other in others)
+            busy = max(self._finish_left(other, now) for other in others) + later
             left += max(0.0, busy - (left - own))
         return left
 
@@ -1102,7 +1187,13 @@ class EtaEstimator:
         stage = progress.get("stage")
         step, total = int(progress.get("step") or 0), int(progress.get("total_steps") or 0)
         if stage != run.stage:
+            if run.stage == "denoising" and run.steps_ended is None:
+                run.steps_ended = now
             run.stage, run.stage_started = stage, now
+            if stage == "denoising" and run.steps_started is None:
+                run.steps_started = now
+            elif stage == "decoding" and run.decode_started is None:
+                run.decode_started = now
         if stage == "denoising" and step >= 1:
             if run.step_mark is None:
                 run.step_mark = (step, now)  # step 1's end: a compile in it is never observed as step time
@@ -1186,6 +1277,8 @@ class EtaEstimator:
             return
         sample = sample_from_result(result, wall)
         tokens = TaskShape(model, width, height, frames, 1, key["memory_profile"]).tokens
+        if run is not None and sample["decode_s"] is not None and _decode_overlapped(result):
+            sample = {**sample, "decode_s": self._alone_decode(run, sample["decode_s"])}
         with self._lock:
             loaded_before = run.loaded_before if run else model in self._process.loaded
             new_shape = run.new_shape if run else (model, tokens) not in self._process.shapes
@@ -1200,17 +1293,39 @@ class EtaEstimator:
         if sample["cold"]:
             model_sample["reload_s" if loaded_before else "load_s"] = sample["load_s"]
         if new_shape and sample["first_step_extra_s"] is not None:
-            # The first step at a token count this process had not run: a new-shape cost, not warm-up.
-            model_sample["new_shape_s"], sample = sample["first_step_extra_s"], {**sample, "first_step_extra_s": None}
+            # The first step at a token count this process had not run: a new-shape cost beyond what the kind's
+            # first step always takes (a VACE task encodes its guide in it), not warm-up.
+            usual, extra = (run.usual_extra if run else 0.0), sample["first_step_extra_s"]
+            model_sample["new_shape_s"] = max(0.0, extra - usual)
+            sample = {**sample, "first_step_extra_s": min(extra, usual) if usual > 0 else None}
         if new_shape:
             sample = {**sample, "cold": True}  # the kind's first run here: a stand-in until a warm one
         if self.store is None:
             return
         self.store.update_eta_stats(key, lambda old: merge_sample(old, sample))
+        model_key = {**key, "resolution": MODEL_ROW[0], "frames": MODEL_ROW[1], "memory_profile": ANY_PROFILE}
         if model_sample:
-            model_key = {**key, "resolution": MODEL_ROW[0], "frames": MODEL_ROW[1], "memory_profile": ANY_PROFILE}
             self.store.update_eta_stats(model_key, lambda old: merge_model_sample(old, model_sample))
+        for parked, seconds in sample["parks"]:  # the parked model's own row
+            park = {"park_s": seconds}
+            self.store.update_eta_stats({**model_key, "model": parked}, lambda old, p=park: merge_model_sample(old, p))
         self.refresh()  # the next estimate (queue ETAs on the page too) uses this task already
+
+    def _alone_decode(self, run: _Running, seconds: float) -> float:
+        """A decode that ran on the finisher, as it would have run alone: while another task's steps ran beside
+        it (their reports seen here), it ran at DECODE_SHARE of its speed."""
+        if run.decode_started is None:
+            return seconds
+        start, end = run.decode_started, run.decode_started + seconds
+        now = self.clock()
+        with self._lock:
+            windows = [
+                (other.steps_started, other.steps_ended if other.steps_ended is not None else now)
+                for other in self._running.values()
+                if other is not run and other.steps_started is not None
+            ]
+        shared = min(seconds, sum(max(0.0, min(end, stop) - max(start, begun)) for begun, stop in windows))
+        return seconds - (1.0 - DECODE_SHARE) * shared
 
     def _record_stitch(self, result: dict[str, Any], wall: float | None) -> None:
         try:
@@ -1240,7 +1355,13 @@ class EtaEstimator:
 
         Counts every task ahead of each, with the model loads, switches and compiles each one pays; an
         orchestrator not started yet counts its planned segments and stitch (its finish is the stitch's).
-        Assumes one worker serves the queue; with several, the real wait is shorter."""
+        Assumes one worker serves the queue; with several, the real wait is shorter. Reads the learned rows
+        the first time when no task has begun yet (a restarted worker's queue page before its first claim)."""
+        if not self._read and self.store is not None:
+            try:
+                self.refresh()
+            except Exception as exc:  # the database may be restarting: walk with what is known
+                log.debug("could not read ETA statistics: %s", exc.__class__.__name__)
         with self._lock:
             learned, process = self._learned, self._process.copy()
             start = self._walk_start(current_remaining)
@@ -1287,6 +1408,7 @@ class EtaEstimator:
             clock = max(clock, finisher_free)  # a queued task waits for the running task's output: it is finished first
         walked = 0.0
         affinity = ModelAffinity(clock=lambda: walked)
+        in_hand: str | None = None  # the walked task whose output the finisher holds
 
         def is_ready(task: Task) -> bool:
             after = task.dependant_on
@@ -1319,7 +1441,12 @@ class EtaEstimator:
             if clock is None or cost is None:
                 clock = None
             else:
-                clock, complete, decode_end, finisher_free = _schedule(cost, clock, decode_end, finisher_free)
+                clock, complete, decode_end, finisher_free, later = _schedule(cost, clock, decode_end, finisher_free)
+                if later and in_hand is not None and completes.get(in_hand) is not None:
+                    completes[in_hand] = float(completes[in_hand] or 0.0) + later  # its decode beside these steps
+                    if in_hand in etas:
+                        etas[in_hand] = QueueEta(etas[in_hand].start_in, completes[in_hand])
+                in_hand = task.id if cost.handed_off else in_hand
                 if cost.handed_off and any(t.dependant_on == task.id for t in pending):
                     clock = complete  # a task waits for this output: the loop finishes it first
             walked = clock if clock is not None else walked
@@ -1345,16 +1472,43 @@ class EtaEstimator:
         return etas
 
 
-def _schedule(cost: _Cost, begin: float, decode_end: float, finisher_free: float) -> tuple[float, float, float, float]:
-    """A task claimed at `begin` while the VAE is busy until `decode_end` and the finisher until `finisher_free`:
-    (its hand-off, its Complete, then when the VAE and the finisher are free)."""
+def share_gpu(decode_left: float, denoise: float) -> tuple[float, float]:
+    """A decode with `decode_left` seconds of its own work left (alone) beside steps of `denoise` seconds (alone)
+    that start now: (the decode's seconds until it ends, how much longer the steps take). Both run at their
+    share of the GPU (DECODE_SHARE) while both run, then the one left alone at full speed."""
+    if decode_left <= 0 or denoise <= 0:
+        return max(0.0, decode_left), 0.0
+    shared = min(decode_left / DECODE_SHARE, denoise / (1.0 - DECODE_SHARE))
+    return decode_left + (1.0 - DECODE_SHARE) * shared, DECODE_SHARE * shared
+
+
+class _Scheduled(NamedTuple):
+    hand_off: float
+    complete: float
+    decode_end: float  # the VAE free
+    finisher_free: float
+    later: float = 0.0  # how much later the output in hand is Complete (its decode slowed by this task's steps)
+
+
+def _schedule(cost: _Cost, begin: float, decode_end: float, finisher_free: float) -> _Scheduled:
+    """A task claimed at `begin` while the VAE is busy until `decode_end` and the finisher until `finisher_free`
+    (a decode alone): its hand-off, its Complete, then when the VAE and the finisher are free. A task that does
+    not wait for the VAE denoises beside the pending decode: both take longer (`share_gpu`)."""
     wait = 0.0 if cost.needs_vae_at is None else max(0.0, decode_end - begin - cost.needs_vae_at)
-    hand_off = begin + wait + cost.hold
+    hold, later = cost.hold, 0.0
+    steps_at = begin + cost.denoise_at
+    if cost.needs_vae_at is None and decode_end > steps_at:
+        decode_s, longer = share_gpu(decode_end - steps_at, cost.denoise)
+        hold += longer
+        later = steps_at + decode_s - decode_end
+        finisher_free += later
+        decode_end = steps_at + decode_s
+    hand_off = begin + wait + hold
     if not cost.handed_off:
-        return hand_off, hand_off, decode_end, finisher_free
+        return _Scheduled(hand_off, hand_off, decode_end, finisher_free, later)
     hand_off = max(hand_off, finisher_free)  # the hand-off waits for the output in hand
     complete = hand_off + cost.finish
-    return hand_off, complete, hand_off + cost.decode if cost.decode else decode_end, complete
+    return _Scheduled(hand_off, complete, hand_off + cost.decode if cost.decode else decode_end, complete, later)
 
 
 def _stitch_left(run: _Running, step: int, total: int, now: float) -> float:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wan_engine.errors import InvalidRequestError
+from wan_engine.vae_precision import vae_element_bytes
 from worker.live.eta import StageTimes, TaskShape
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,9 @@ H200_FLOPS = 5.5e14
 # VAE decode (float32 convolutions, not at the matmul rate): H200, 3.2 s for 832x480x81 (21 latent frames)
 # with the 127M-parameter Wan 2.1 VAE -> seconds per latent frame x pixel x VAE parameter at H200 speed.
 DECODE_S_PER_UNIT = 3.2 / (21 * 832 * 480 * 127e6)
+# A 16-bit VAE (WAN_VAE_PRECISION; float16 is the CUDA default) decodes in this share of float32's time on a
+# GPU: 1.84 s against 2.78 s for 832x480x81 on the H200 (bench/results/h200_vae_overlap_run1.json).
+HALF_VAE_DECODE_SHARE = 0.66
 VACE_ENCODE_SHARE = 0.4  # a VACE task encodes its guide and mask video first: ~this share of a decode
 # MP4 write (x264 veryfast, the host's CPU): ~2 s for 81 frames at 832x480; a 1-frame task writes a PNG.
 WRITE_FIXED_S = 0.15
@@ -133,6 +138,13 @@ class ModelSizes:
         return max(1, latent_frames // self.patch[0]) * max(1, h // self.patch[1]) * max(1, w // self.patch[2])
 
 
+def _half_vae_on_gpu() -> bool:
+    try:
+        return vae_element_bytes(device="cuda") == 2
+    except InvalidRequestError:  # a bad WAN_VAE_PRECISION stops the worker at start-up; not the ETA's to say
+        return False
+
+
 def static_times(sizes: ModelSizes, shape: TaskShape, device: str, flops_per_s: float | None = None) -> StageTimes:
     """Stage times of one task from the model's sizes on this device ("cpu" or a GPU name)."""
     kind = "cpu" if device == "cpu" else "gpu"
@@ -143,8 +155,10 @@ def static_times(sizes: ModelSizes, shape: TaskShape, device: str, flops_per_s: 
     step = step_flops(sizes.transformer_params, tokens, sizes.layers, sizes.dim, shape.cfg) / flops
     step += overhead["block"] * sizes.layers * passes
     latent_frames = 1 + (shape.frames - 1) // sizes.temporal
-    # The VAE runs in float32 convolutions: scaled from the H200 measurement by the device's matmul rate.
+    # Scaled from the H200's float32 measurement by the device's matmul rate; a GPU's 16-bit VAE is faster.
     decode = DECODE_S_PER_UNIT * latent_frames * shape.width * shape.height * sizes.vae_params * H200_FLOPS / flops
+    if kind == "gpu" and _half_vae_on_gpu():
+        decode *= HALF_VAE_DECODE_SHARE
     encode = overhead["encode"] + 2.0 * sizes.text_params * TEXT_TOKENS * passes / flops
     pixel_frames = shape.width * shape.height * shape.frames
     return StageTimes(
