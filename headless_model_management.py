@@ -292,17 +292,23 @@ class HeadlessTaskQueue:
 
     # ---- running ----------------------------------------------------------------------------------
 
+    def prepare(self) -> None:
+        """Build the orchestrator now, in this thread: it warms the process for its first load
+        (wan_engine.process_warmup); the worker loop builds it otherwise. `wan-worker run` calls this before
+        its HTTP server starts, so no other thread imports while the warm-up does."""
+        if self._orchestrator is None:
+            from headless_wgp import WanOrchestrator
+
+            self._orchestrator = WanOrchestrator(
+                self.settings.models_dir,
+                self.presets,
+                allow_download=self.settings.allow_download,
+                loras_dir=self.settings.loras_dirs or None,  # None: the worker's own loras/
+            )
+
     def _build_worker(self) -> Worker:
         if self.worker is None:
-            if self._orchestrator is None:
-                from headless_wgp import WanOrchestrator
-
-                self._orchestrator = WanOrchestrator(
-                    self.settings.models_dir,
-                    self.presets,
-                    allow_download=self.settings.allow_download,
-                    loras_dir=self.settings.loras_dirs or None,  # None: the worker's own loras/
-                )
+            self.prepare()
             self.runner = GenerationRunner(
                 self._orchestrator,
                 self.settings.outputs_dir,

@@ -74,7 +74,7 @@ from wan_engine.pipeline_runtime import (
     load_pipeline,
 )
 from wan_engine.presets import BUILTIN_PRESETS_DIR, PresetRegistry, load_presets, split_dirs
-from wan_engine.process_warmup import ProcessWarmup, speed_path_compiles
+from wan_engine.process_warmup import WarmupReport, speed_path_compiles, warm_process
 from wan_engine.vae_precision import vae_dtype_from_env
 from wan_engine.video_io import OpenedInput
 from wan_engine.vram import estimate_vram
@@ -98,8 +98,8 @@ class WanOrchestrator:
     `device` defaults to CUDA when available, else CPU; `dtype` to bfloat16 on CUDA and float32 on
     CPU. Methods are serialised by a lock: one load or generation at a time (a `PendingWrite.finish`
     runs outside it). `supports_deferred_write` tells the worker's runner it may pass `deferred_write=True`.
-    `warm_up`: import the engine's lazy modules and warm CUDA on a background thread from creation on, so
-    the first load does not pay for them (wan_engine.process_warmup).
+    `warm_up`: import the engine's lazy modules and warm CUDA and the compiler stack now, so the first load
+    does not pay for them (wan_engine.process_warmup; `warmup` reports it).
     """
 
     supports_deferred_write = True
@@ -140,8 +140,10 @@ class WanOrchestrator:
         self._loaded: LoadedModel | None = None
         self._lock = threading.RLock()
         self.model_cache = ModelCache.from_env(self.device)  # recently used models in pinned RAM (WAN_PINNED_CACHE_GB)
-        # Imports, CUDA handles and the compiler stack of the first load, warmed while the worker starts.
-        self._warmup = ProcessWarmup.start(self.device, compiler=speed_path_compiles()) if warm_up else None
+        # Imports, CUDA handles and the compiler stack of the first load, paid here: in a worker, at start-up.
+        self.warmup: WarmupReport | None = (
+            warm_process(self.device, compiler=speed_path_compiles()) if warm_up else None
+        )
 
     @property
     def loras_dir(self) -> Path:
@@ -193,9 +195,6 @@ class WanOrchestrator:
                 )
             gen.emit(progress, "loading_model")
             started = time.perf_counter()
-            if self._warmup is not None:  # the first load: what the warm-up has not done yet, the load would do
-                self._warmup.wait()
-                self._warmup = None
             # Free the device before the new weights arrive: park the old model in pinned RAM if it fits
             # (only a resident one: an offloaded model's weights already live in host RAM).
             old = self._loaded

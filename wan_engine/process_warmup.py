@@ -1,46 +1,39 @@
-"""Warm a fresh process for its first model load, on a background thread, while the worker starts.
+"""Warm a fresh process for its first model load, when the orchestrator is created.
 
 A model load in a new process pays, besides reading the weights, for what only the first load needs:
 diffusers' Wan pipeline and model modules (diffusers imports them lazily; seconds), on CUDA the device
 context and the cuBLAS / cuDNN handles, and torch's compiler stack (dynamo, inductor, triton) that the
-speed path imports. A worker that warms these while it migrates the database, checks its models and
-starts its HTTP server hands its first task a process that only has weights left to read.
+speed path imports. On the H200 a fresh process's first load of Wan 2.1 1.3B took 22.8 s without this and
+1.35 s after it (plain diffusers: 1.3-1.9 s; bench/first_load_bench.py). `WanOrchestrator` runs it when it
+is created, so a worker pays it during its start-up instead of inside its first task.
 
-`WanOrchestrator` starts one `ProcessWarmup` when it is created and waits for it at its first load, so a
-task claimed at once waits for nothing it would not have waited for anyway. A failed warm-up step is
-logged and skipped: the load then does that step itself, as it always did.
+It runs in the caller's thread, not beside it: diffusers' lazy imports are not thread-safe (two threads
+importing its modules at once can each see the other's half-initialised module and fail with `module
+'diffusers' has no attribute ...`; wan_engine.pipeline_runtime.import_diffusers_classes), and a worker
+starting up imports its HTTP stack meanwhile. A failed step is logged and skipped: the load then does that
+step itself, as it always did.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from wan_engine.pipeline_runtime import import_diffusers_classes
 from wan_engine.speed import SpeedSettings
 
 log = logging.getLogger(__name__)
 
-# What the first load and the first task resolve lazily (module, attributes): the Wan pipeline modules (the
-# first costs ~2 s on a 2-core CPU; the i2v pipeline adds ~0.02 s and a torchvision notice, so it is left to
-# its first load), the text encoder and tokenizer, and peft's LoRA layers.
-CLASS_IMPORTS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    (
-        "diffusers",
-        (
-            "WanPipeline",
-            "WanVACEPipeline",
-            "AutoencoderKLWan",
-            "WanTransformer3DModel",
-            "WanVACETransformer3DModel",
-            "UniPCMultistepScheduler",
-            "FlowMatchEulerDiscreteScheduler",
-        ),
-    ),
+# Besides diffusers' classes (wan_engine.pipeline_runtime.ENGINE_DIFFUSERS_CLASSES), what the first load and
+# the first task resolve lazily (module, attributes): the text encoder and tokenizer, diffusers' attention
+# dispatcher (the speed path's kernel choice) and peft's LoRA layers.
+OTHER_IMPORTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("transformers", ("UMT5EncoderModel", "AutoTokenizer")),
     ("diffusers.models.attention_dispatch", ()),
     ("peft", ("LoraConfig",)),
@@ -58,66 +51,54 @@ def speed_path_compiles() -> bool:
     return settings.enabled and settings.compile
 
 
-class ProcessWarmup:
-    """One background warm-up of this process for `device`; `wait()` joins it (at the first load)."""
+@dataclass
+class WarmupReport:
+    """What `warm_process` did: seconds per step, and the steps it skipped with why."""
 
-    def __init__(self, device: torch.device, *, compiler: bool) -> None:
-        self.device = device
-        self.compiler = compiler
-        self.seconds: dict[str, float] = {}  # step -> seconds it took
-        self.errors: dict[str, str] = {}  # step -> why it was skipped
-        self._thread = threading.Thread(target=self._run, name="wan-process-warmup", daemon=True)
-
-    @classmethod
-    def start(cls, device: torch.device, *, compiler: bool) -> ProcessWarmup:
-        warmup = cls(device, compiler=compiler)
-        warmup._thread.start()
-        return warmup
+    seconds: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
 
     @property
-    def done(self) -> bool:
-        return not self._thread.is_alive()
+    def total_s(self) -> float:
+        return round(sum(self.seconds.values()), 3)
 
-    def wait(self, timeout: float | None = None) -> float:
-        """Block until the warm-up ended (or `timeout`); returns the seconds spent waiting."""
-        started = time.perf_counter()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        return time.perf_counter() - started
 
-    def _run(self) -> None:
-        started = time.perf_counter()
-        self._step("imports", _import_classes)
-        if self.device.type == "cuda":
-            self._step("cuda", lambda: _warm_cuda(self.device))
-            if self.compiler:
-                self._step("compiler", _import_compiler)
-        total = time.perf_counter() - started
-        log.info(
-            "process warmed for the first load in %.2fs (%s)%s",
-            total,
-            ", ".join(f"{step} {seconds:.2f}s" for step, seconds in self.seconds.items()),
-            "".join(f"; {step} skipped: {why}" for step, why in self.errors.items()),
-            extra={"event": "process_warmup", "seconds": round(total, 3)},
-        )
+def warm_process(device: torch.device, *, compiler: bool) -> WarmupReport:
+    """Import the engine's lazy modules and, on CUDA, warm the device and (`compiler`) the compiler stack."""
+    report = WarmupReport()
+    _step(report, "imports", _import_classes)
+    if device.type == "cuda":
+        _step(report, "cuda", lambda: _warm_cuda(device))
+        if compiler:
+            _step(report, "compiler", _import_compiler)
+    log.info(
+        "process warmed for the first load in %.2fs (%s)%s",
+        report.total_s,
+        ", ".join(f"{step} {seconds:.2f}s" for step, seconds in report.seconds.items()),
+        "".join(f"; {step} skipped: {why}" for step, why in report.errors.items()),
+        extra={"event": "process_warmup", "seconds": report.total_s},
+    )
+    return report
 
-    def _step(self, name: str, step: Any) -> None:
-        started = time.perf_counter()
-        try:
-            step()
-        except Exception as exc:  # a warm-up must never fail the worker: the load does it instead
-            self.errors[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
-        self.seconds[name] = round(time.perf_counter() - started, 3)
+
+def _step(report: WarmupReport, name: str, step: Callable[[], Any]) -> None:
+    started = time.perf_counter()
+    try:
+        step()
+    except Exception as exc:  # a warm-up must never fail the worker: the load does it instead
+        report.errors[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    report.seconds[name] = round(time.perf_counter() - started, 3)
 
 
 def _import_classes() -> None:
-    for module_name, attributes in CLASS_IMPORTS:
+    import_diffusers_classes()  # the first Wan pipeline class alone imports for ~2 s on a 2-core CPU
+    for module_name, attributes in OTHER_IMPORTS:
         try:
             module = importlib.import_module(module_name)
         except ImportError:  # an optional package (peft) that is not installed: its users import it themselves
             continue
         for attribute in attributes:
-            getattr(module, attribute, None)  # diffusers / transformers import the class's module here
+            getattr(module, attribute, None)  # transformers imports the class's module here
 
 
 def _warm_cuda(device: torch.device) -> None:

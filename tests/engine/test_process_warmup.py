@@ -1,38 +1,40 @@
-"""The process warm-up (wan_engine.process_warmup): what it imports, that it never fails, that the first load
-waits for it and counts the wait as load time."""
+"""The process warm-up (wan_engine.process_warmup): what it imports, that it never fails, that the
+orchestrator runs it at creation (in a worker: its start-up) unless told not to."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from headless_wgp import WanOrchestrator
 from wan_engine import process_warmup
-from wan_engine.process_warmup import ProcessWarmup, speed_path_compiles
+from wan_engine.process_warmup import speed_path_compiles, warm_process
 
 REPO = Path(__file__).resolve().parents[2]
-# diffusers imports the Wan pipeline module lazily, at the first attribute access: the warm-up's job.
+# diffusers imports the Wan pipeline module lazily, at the first attribute access: the warm-up's job. A fresh
+# process each time, so the module is not already there from another test.
 PROBE = """
-import sys, torch
-from wan_engine.process_warmup import ProcessWarmup
+import sys
+from headless_wgp import WanOrchestrator
 before = "diffusers.pipelines.wan.pipeline_wan" in sys.modules
-warmup = ProcessWarmup.start(torch.device("cpu"), compiler=False) if sys.argv[1] == "warm" else None
-if warmup is not None:
-    warmup.wait()
-print(before, "diffusers.pipelines.wan.pipeline_wan" in sys.modules, warmup.errors if warmup else None)
+orchestrator = WanOrchestrator(sys.argv[2], device="cpu", warm_up=sys.argv[1] == "warm")
+report = orchestrator.warmup
+print(before, "diffusers.pipelines.wan.pipeline_wan" in sys.modules, report.errors if report else None)
 """
 
 
-@pytest.mark.parametrize(("mode", "imported"), [("warm", "True"), ("none", "False")])
-def test_a_fresh_process_warm_up_imports_the_lazy_wan_modules(mode: str, imported: str) -> None:
+@pytest.mark.parametrize(("mode", "imported"), [("warm", "True"), ("off", "False")])
+def test_the_orchestrator_warms_a_fresh_process_at_creation(mode: str, imported: str, tiny_models_dir: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, cwd=REPO, timeout=120, check=True
+        [sys.executable, "-c", PROBE, mode, str(tiny_models_dir)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=True,
     )
     assert done.stdout.split() == ["False", imported, "{}" if mode == "warm" else "None"]
 
@@ -42,35 +44,20 @@ def test_a_failing_step_is_recorded_and_skipped(monkeypatch: pytest.MonkeyPatch)
         raise RuntimeError("no such module")
 
     monkeypatch.setattr(process_warmup, "_import_classes", broken)
-    warmup = ProcessWarmup.start(torch.device("cpu"), compiler=True)
-    warmup.wait(timeout=30)
-    assert warmup.done
-    assert warmup.errors == {"imports": "RuntimeError: no such module"}
-    assert set(warmup.seconds) == {"imports"}  # CPU: no CUDA or compiler step
+    report = warm_process(torch.device("cpu"), compiler=True)
+    assert report.errors == {"imports": "RuntimeError: no such module"}
+    assert set(report.seconds) == {"imports"}  # a CPU: no CUDA or compiler step
 
 
-def test_the_first_load_waits_for_the_warm_up_and_counts_it(
-    monkeypatch: pytest.MonkeyPatch, tiny_models_dir: Path
-) -> None:
-    release = threading.Event()
-    monkeypatch.setattr(process_warmup, "_import_classes", lambda: release.wait(30))
-    orchestrator = WanOrchestrator(tiny_models_dir, device="cpu")
-    warmup = orchestrator._warmup
-    assert warmup is not None and not warmup.done
-    loaded: list[float] = []
-    loader = threading.Thread(target=lambda: loaded.append(orchestrator.load_model("tiny_t2v")))
-    loader.start()
-    time.sleep(0.5)
-    assert not loaded, "the first load must not start before the warm-up ends"
-    release.set()
-    loader.join(60)
-    assert loaded and loaded[0] >= 0.5  # the wait is load time: the ETA learns what the task waited for
-    assert warmup.done and orchestrator._warmup is None
-    orchestrator.unload_model()
-
-
-def test_warm_up_off_starts_no_thread(tiny_models_dir: Path) -> None:
-    assert WanOrchestrator(tiny_models_dir, device="cpu", warm_up=False)._warmup is None
+def test_cuda_steps_run_only_for_cuda_and_the_compiler_only_when_it_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[str] = []
+    monkeypatch.setattr(process_warmup, "_import_classes", lambda: ran.append("imports"))
+    monkeypatch.setattr(process_warmup, "_warm_cuda", lambda device: ran.append(f"cuda:{device}"))
+    monkeypatch.setattr(process_warmup, "_import_compiler", lambda: ran.append("compiler"))
+    warm_process(torch.device("cuda", 1), compiler=True)
+    warm_process(torch.device("cuda"), compiler=False)
+    warm_process(torch.device("cpu"), compiler=True)
+    assert ran == ["imports", "cuda:cuda:1", "compiler", "imports", "cuda:cuda", "imports"]
 
 
 @pytest.mark.parametrize(

@@ -252,6 +252,7 @@ def _serve(
     if orchestrator is not None:
         orchestrator.on_out_of_step = queue.request_stop  # finish recording the task, then exit 1: group restarts
     unavailable = _log_model_reports(queue.presets, settings.models_dir, settings.allow_download)
+    queue.prepare()  # the process warm-up runs here, before the HTTP server's threads start importing
     server = _start_live_server(queue, address, token, unavailable) if address else None
     stops.attach(queue)  # stops that came during start-up reach the queue now
     file_watch = _DatabaseFileWatch.start(settings, queue)
