@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wan_engine.errors import InvalidRequestError
-from wan_engine.vae_precision import vae_element_bytes
 from worker.live.eta import StageTimes, TaskShape
 
 log = logging.getLogger(__name__)
@@ -139,6 +137,10 @@ class ModelSizes:
 
 
 def _half_vae_on_gpu() -> bool:
+    """Whether WAN_VAE_PRECISION loads a 16-bit VAE on a GPU (imported here: this layer loads no model code)."""
+    from wan_engine.errors import InvalidRequestError
+    from wan_engine.vae_precision import vae_element_bytes
+
     try:
         return vae_element_bytes(device="cuda") == 2
     except InvalidRequestError:  # a bad WAN_VAE_PRECISION stops the worker at start-up; not the ETA's to say
